@@ -1,0 +1,71 @@
+"""Input checking at the public boundary ("public validates, private computes")."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Invalid input to a public function (shapes, dtypes, values)."""
+
+
+def as_float_array(x, name: str) -> np.ndarray:
+    """``x`` as a floating ndarray; raises :class:`InputError` otherwise."""
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
+    return arr
+
+
+def check_qkv(q, k, v):
+    """Validate and normalize ``q, k, v`` to ``(B, H, N, D)``.
+
+    Returns
+    -------
+    q, k, v : ndarray
+        Batched 4-d views in a common floating dtype (float32 stays float32,
+        float16 is computed in float32).
+    single : bool
+        True if the input was single-head ``(N, D)``.
+    """
+    q, k, v = as_float_array(q, "q"), as_float_array(k, "k"), as_float_array(v, "v")
+    if not (q.ndim == k.ndim == v.ndim) or q.ndim not in (2, 4):
+        raise InputError(
+            "q, k, v must all be (N, D) or all be (B, H, N, D); got shapes "
+            f"{q.shape}, {k.shape}, {v.shape}")
+    single = q.ndim == 2
+    if single:
+        q, k, v = q[None, None], k[None, None], v[None, None]
+    (b, h, nq, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise InputError(f"batch sizes differ: q {b}, k {bk}, v {bv}")
+    if hk != hv:
+        raise InputError(f"k and v must have the same number of heads, got {hk} and {hv}")
+    if hk == 0 or h % hk != 0:
+        raise InputError(f"key/value heads ({hk}) must divide query heads ({h})")
+    if d != dk:
+        raise InputError(f"q and k must have the same head dimension, got {d} and {dk}")
+    if nk != nv:
+        raise InputError(f"k and v must have the same length, got {nk} and {nv}")
+    if d == 0 or dv == 0:
+        raise InputError(f"head dimensions must be >= 1, got d={d}, dv={dv}")
+    if nk == 0 and nq > 0:
+        raise InputError("k and v are empty: attention needs at least one key")
+    for name, arr in (("q", q), ("k", k), ("v", v)):
+        if arr.size and not np.isfinite(arr).all():
+            raise InputError(f"{name} contains NaN or Inf")
+    dtype = np.result_type(q.dtype, k.dtype, v.dtype, np.float32)
+    return q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(dtype, copy=False), single
+
+
+def check_scale(scale, d: int) -> float:
+    """The softmax scale, default ``1/sqrt(d)``; must be a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise InputError(f"scale must be a real number, got {scale!r}")
+    if not math.isfinite(float(scale)):
+        raise InputError(f"scale must be finite, got {scale}")
+    return float(scale)

@@ -1,0 +1,195 @@
+"""Public entry points: exact and HyperAttention on ``(N, D)`` or ``(B, H, N, D)``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import InputError, check_qkv, check_scale
+from .causal import causal_head
+from .config import HyperConfig
+from .draws import Draws, make_draws
+from .estimators import noncausal_head
+from .exact import exact_head
+
+
+def _for_each_head(q, k, v, single, head_fn):
+    b, h, nq, _ = q.shape
+    group = h // k.shape[1]
+    out = np.zeros((b, h, nq, v.shape[3]), dtype=v.dtype)
+    lse = np.full((b, h, nq), -np.inf, dtype=v.dtype)
+    if nq:
+        for bi in range(b):
+            for hi in range(h):
+                hk = hi // group
+                out[bi, hi], lse[bi, hi] = head_fn((bi, hi), q[bi, hi], k[bi, hk], v[bi, hk])
+    if single:
+        out, lse = out[0, 0], lse[0, 0]
+    return out, lse
+
+
+def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Exact softmax attention, row-blocked (SPEC §1).
+
+    .. math:: \\mathrm{Att} = D^{-1} e^{s QK^\\top} V, \\qquad
+              \\mathrm{lse}_i = \\log \\sum_j e^{s\\, q_i \\cdot k_j}
+
+    Parameters
+    ----------
+    q : array, shape (N, D) or (B, H, N, D)
+    k : array, shape (Nk, D) or (B, Hk, Nk, D), ``Hk`` divides ``H``
+    v : array, shape (Nk, Dv) or (B, Hk, Nk, Dv)
+    causal : bool
+        Bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + Nk - N``.
+        Rows that see no key get output 0 and ``lse = -inf``.
+    scale : float, optional
+        Softmax scale ``s``, default ``1/sqrt(D)``.
+    return_lse : bool
+        Also return ``lse`` (natural log of the row sums, logit units).
+
+    Returns
+    -------
+    out : ndarray, shape (..., N, Dv)
+    lse : ndarray, shape (..., N), only if ``return_lse``
+
+    Raises
+    ------
+    InputError
+        Wrong shapes, non-floating dtypes, NaN/Inf, no keys.
+
+    Examples
+    --------
+    >>> q = k = v = np.eye(2)
+    >>> exact_attention(q, k, v, scale=0.0).tolist()
+    [[0.5, 0.5], [0.5, 0.5]]
+    """
+    q, k, v, single = check_qkv(q, k, v)
+    s = check_scale(scale, q.shape[3])
+    out, lse = _for_each_head(q, k, v, single,
+                              lambda _, qh, kh, vh: exact_head(qh, kh, vh, s, causal=causal))
+    return (out, lse) if return_lse else out
+
+
+def check_draws(draws: Draws, config: HyperConfig, q, k, causal: bool, single: bool) -> None:
+    """Raise :class:`InputError` unless ``draws`` were made for this call."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    want = () if single else (b, h)
+    if not isinstance(draws, Draws):
+        raise InputError(f"draws must be a hyperref.Draws, got {type(draws).__name__}")
+    if (draws.nq, draws.nk, draws.d, draws.causal, tuple(draws.batch_shape)) != (
+            nq, nk, d, bool(causal), want):
+        raise InputError(
+            "draws were made for (nq, nk, d, causal, batch_shape) = "
+            f"{(draws.nq, draws.nk, draws.d, draws.causal, tuple(draws.batch_shape))}, "
+            f"not {(nq, nk, d, bool(causal), want)}")
+    if draws.config != config:
+        raise InputError("draws were made for a different HyperConfig")
+
+
+def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None,
+                    return_lse=False, rng=None):
+    """HyperAttention (Han et al., ICLR 2024), the NumPy reference.
+
+    Non-causal: Algorithm 1 (sortLSH mask), Algorithm 2 (ApproxD, when
+    ``config.normalizer == "approxd"``) and Algorithm 3 (sampled product)
+    of SPEC §3–§5. Causal: the recursion of SPEC §6. Exact attention when
+    ``N <= config.min_seq_len``.
+
+    .. math::
+        \\widetilde{\\mathrm{Att}} = \\tilde D^{-1}\\Big( (A \\circ M) V
+            + \\big(A \\circ (1 - M)\\big) S^\\top S V \\Big)
+        \\quad (\\text{estimator } \\texttt{masked})
+
+    Parameters
+    ----------
+    q : array, shape (N, D) or (B, H, N, D)
+    k : array, shape (Nk, D) or (B, Hk, Nk, D), ``Hk`` divides ``H``
+    v : array, shape (Nk, Dv) or (B, Hk, Nk, Dv)
+    causal : bool
+        Bottom-right aligned causal mask (SPEC §1).
+    scale : float, optional
+        Softmax scale, default ``1/sqrt(D)``.
+    config : HyperConfig, optional
+        Defaults to ``HyperConfig()`` (the paper's settings).
+    draws : Draws, optional
+        The random choices (SPEC §8); made from ``rng`` if not given. Pass
+        the same draws to another engine to get the same answer.
+    return_lse : bool
+        Also return ``lse = log d̃`` (natural log of the normalizer used).
+    rng : None, int or numpy.random.Generator
+        Randomness for the draws, when ``draws`` is not given.
+
+    Returns
+    -------
+    out : ndarray, shape (..., N, Dv)
+    lse : ndarray, shape (..., N), only if ``return_lse``
+
+    Raises
+    ------
+    InputError
+        Invalid inputs, or draws made for another shape/config.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = rng.standard_normal((3, 512, 16))
+    >>> cfg = HyperConfig(block=64, samples=64, min_seq_len=128)
+    >>> hyper_attention(q, k, v, config=cfg, rng=1).shape
+    (512, 16)
+    """
+    q, k, v, single = check_qkv(q, k, v)
+    if config is None:
+        config = HyperConfig()
+    if not isinstance(config, HyperConfig):
+        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    s = check_scale(scale, q.shape[3])
+    b, h, nq, d = q.shape
+    if draws is None:
+        draws = make_draws(config, nq, k.shape[2], d, causal=causal,
+                           batch_shape=() if single else (b, h), rng=rng)
+    check_draws(draws, config, q, k, causal, single)
+    exact = nq <= config.min_seq_len
+
+    def head_fn(index, qh, kh, vh):
+        if exact:
+            return exact_head(qh, kh, vh, s, causal=causal)
+        head_draws = draws.head(() if single else index)
+        if causal:
+            return causal_head(qh, kh, vh, s, config, head_draws)
+        return noncausal_head(qh, kh, vh, s, config, head_draws.blocks[""])
+
+    out, lse = _for_each_head(q, k, v, single, head_fn)
+    return (out, lse) if return_lse else out
+
+
+def heavy_mask(q, k, *, causal=False, config=None, draws=None):
+    """The mask ``M`` of exactly computed entries for one head and its draws.
+
+    Parameters
+    ----------
+    q, k : array, shapes (N, D), (Nk, D)
+    causal : bool
+    config : HyperConfig, optional
+    draws : Draws
+        Single-head draws of the call (``draws.head((b, h))`` for batched).
+
+    Returns
+    -------
+    hyperref.mask.HeavyMask
+        All ones (one exact leaf) when ``N <= config.min_seq_len``.
+    """
+    from .mask import HeavyMask, block_structure
+    from .plan import causal_nodes
+
+    config = HyperConfig() if config is None else config
+    q, k = np.asarray(q), np.asarray(k)
+    nq, nk = len(q), len(k)
+    if nq <= config.min_seq_len:
+        return HeavyMask(nq, nk, [(0, nq, 0, nk)], ())
+    if not causal:
+        return HeavyMask.noncausal(block_structure(q, k, draws.blocks[""].lsh_planes, config.block))
+    offdiag, leaves = causal_nodes(nq, nk, config.min_seq_len)
+    blocks = [(n.q0, n.k0, block_structure(q[n.q0:n.q1], k[n.k0:n.k1],
+                                           draws.blocks[n.path].lsh_planes, config.block))
+              for n in offdiag]
+    return HeavyMask(nq, nk, [(lf.q0, lf.q1, lf.k0, lf.k1) for lf in leaves], blocks)

@@ -1,0 +1,215 @@
+"""The ``hyperref`` command: HyperAttention next to exact attention on one input.
+
+``hyperref`` alone is ``hyperref run`` with the defaults: a seeded planted
+workload (n = 16384, d = 64, float32), see :func:`hyperref.workloads.planted_workload`.
+Bad input gives a one-line error on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+
+from ._validation import InputError, check_qkv
+from .attention import exact_attention, heavy_mask, hyper_attention
+from .config import ESTIMATORS, NORMALIZERS, SAMPLERS, HyperConfig
+from .draws import make_draws
+from .workloads import planted_workload
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A one-line error for the user (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hyperref", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run HyperAttention and exact attention and compare")
+    run.error = parser.error
+    run.add_argument("--input", metavar="FILE.npz",
+                     help="arrays q, k, v of shape (N, D) or (B, H, N, D)")
+    run.add_argument("--n", type=_positive_int, default=16384, help="length of the default workload")
+    run.add_argument("--d", type=_positive_int, default=64, help="head dim of the default workload")
+    run.add_argument("--seed", type=_int, default=0, help="seed of the workload and the draws")
+    run.add_argument("--causal", action="store_true", help="bottom-right aligned causal mask")
+    defaults = HyperConfig()
+    run.add_argument("--block", type=_positive_int, default=defaults.block)
+    run.add_argument("--samples", type=_positive_int, default=defaults.samples)
+    run.add_argument("--bits", type=_positive_int, default=defaults.bits)
+    run.add_argument("--min-seq-len", type=_positive_int, default=defaults.min_seq_len)
+    run.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator)
+    run.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler)
+    run.add_argument("--normalizer", choices=NORMALIZERS, default=defaults.normalizer)
+    run.add_argument("--save", metavar="OUT.npz", help="write out and lse to an .npz file")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _load_input(path: str):
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ("q", "k", "v") if name not in data.files]
+            if missing:
+                raise UsageError(f"{path}: missing array(s) {', '.join(missing)} (need q, k, v)")
+            return data["q"], data["k"], data["v"]
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int) -> tuple[dict, tuple]:
+    """Run both attentions and measure the error and the parameters.
+
+    Returns the report dict and ``(out, lse)`` of HyperAttention. For batched
+    input each parameter and error is the maximum over (batch, head).
+    """
+    from theory.parameters import attention_parameters, spectral_error
+
+    q, k, v, single = check_qkv(q, k, v)
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    draws = make_draws(config, nq, nk, d, causal=causal,
+                       batch_shape=() if single else (b, h), rng=seed)
+    unb = (lambda x: x[0, 0]) if single else (lambda x: x)
+    (out, lse), t_hyper = _timed(lambda: hyper_attention(
+        unb(q), unb(k), unb(v), causal=causal, config=config, draws=draws, return_lse=True))
+    exact, t_exact = _timed(lambda: exact_attention(unb(q), unb(k), unb(v), causal=causal))
+    out4 = out[None, None] if single else out
+    exact4 = exact[None, None] if single else exact
+    keys = ("alpha", "kappa", "srank_p", "srank_v", "op_p", "op_v", "heavy_mass_mean",
+            "max_abs_logit", "error_op", "error_fro")
+    worst = {key: -math.inf for key in keys}
+    group = h // k.shape[1]
+    for bi in range(b):
+        for hi in range(h):
+            qh, kh, vh = q[bi, hi], k[bi, hi // group], v[bi, hi // group]
+            mask = heavy_mask(qh, kh, causal=causal, config=config,
+                              draws=draws if single else draws.head((bi, hi)))
+            par = attention_parameters(qh, kh, vh, causal=causal, mask=mask, residual_norm=False)
+            e = exact4[bi, hi].astype(np.float64)
+            diff = out4[bi, hi].astype(np.float64) - e
+            fro = float(np.linalg.norm(e))
+            row = dict(par.as_dict(),
+                       error_op=spectral_error(out4[bi, hi], e, par.op_p, par.op_v),
+                       error_fro=float(np.linalg.norm(diff)) / fro if fro > 0 else 0.0)
+            for key in keys:
+                value = row[key]
+                if not (isinstance(value, float) and math.isnan(value)):
+                    worst[key] = max(worst[key], value)
+    report = {
+        "n": nq, "nk": nk, "d": d, "dv": v.shape[3],
+        "batch_shape": [] if single else [b, h],
+        "dtype": str(q.dtype), "causal": causal, "seed": seed,
+        "config": config.as_dict(),
+        "exact_fallback": nq <= config.min_seq_len,
+    }
+    for key in keys:
+        report[key] = worst[key] if math.isfinite(worst[key]) else None
+    report["time_hyper_s"] = t_hyper
+    report["time_exact_s"] = t_exact
+    report["speedup"] = t_exact / t_hyper if t_hyper > 0 else None
+    return report, (out, lse)
+
+
+def _format_table(report: dict) -> str:
+    rows = [
+        ("n (queries) / nk (keys)", f"{report['n']} / {report['nk']}"),
+        ("d / dv", f"{report['d']} / {report['dv']}"),
+        ("batch (B, H)", str(tuple(report["batch_shape"])) if report["batch_shape"] else "single head"),
+        ("dtype", report["dtype"]),
+        ("causal", str(report["causal"])),
+        ("config", ", ".join(f"{k}={v}" for k, v in report["config"].items())),
+        ("exact fallback (n <= min_seq_len)", str(report["exact_fallback"])),
+        ("alpha (column-norm parameter)", f"{report['alpha']:.4g}"),
+        ("kappa (row ratio, unmasked)", "n/a" if report["kappa"] is None else f"{report['kappa']:.4g}"),
+        ("srank(P)", f"{report['srank_p']:.4g}"),
+        ("srank(V)", f"{report['srank_v']:.4g}"),
+        ("heavy mass captured (mean)", f"{report['heavy_mass_mean']:.4f}"),
+        ("max |logit|", f"{report['max_abs_logit']:.4g}"),
+        ("error_op  ‖Ã−A‖op/(‖P‖op‖V‖op)", f"{report['error_op']:.4e}"),
+        ("error_fro ‖Ã−A‖F/‖A‖F", f"{report['error_fro']:.4e}"),
+        ("time HyperAttention (s)", f"{report['time_hyper_s']:.3f}"),
+        ("time exact (s)", f"{report['time_exact_s']:.3f}"),
+        ("speedup", f"{report['speedup']:.1f}x" if report["speedup"] else "n/a"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def run(args) -> int:
+    if args.input is not None:
+        q, k, v = _load_input(args.input)
+    else:
+        q, k, v = planted_workload(args.n, args.d, rng=args.seed)
+    try:
+        config = HyperConfig(bits=args.bits, block=args.block, samples=args.samples,
+                             min_seq_len=args.min_seq_len, estimator=args.estimator,
+                             sampler=args.sampler, normalizer=args.normalizer)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    report, (out, lse) = evaluate(q, k, v, causal=args.causal, config=config, seed=args.seed)
+    if args.save:
+        try:
+            np.savez(args.save, out=out, lse=lse)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.save}: {exc}") from None
+        report["saved"] = args.save
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_format_table(report))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run"] + argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command != "run":
+            raise UsageError("unknown command; use 'hyperref run' (see 'hyperref --help')")
+        return run(args)
+    except (UsageError, InputError) as exc:
+        print(f"hyperref: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""All randomness of HyperAttention, drawn up front into one frozen record (SPEC §8).
+
+Every engine (NumPy, Numba, torch, Triton) is a deterministic function of
+``(inputs, draws)``. The draws depend only on the *shapes* of the problem and
+the configuration, never on the data: the data-dependent sample indices
+``j_t`` are obtained from the uniforms ``sample_u`` by the inverse CDF of the
+sampling distribution (:func:`hyperref.sampling.resolve_samples`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .config import HyperConfig
+from .plan import causal_nodes
+
+
+@dataclass(frozen=True)
+class BlockDraws:
+    """Draws of one non-causal HyperAttention call, for every head at once.
+
+    Arrays carry the leading ``batch_shape`` (``()`` for one head, ``(B, H)``
+    for batched input).
+
+    Attributes
+    ----------
+    lsh_planes : ndarray, shape ``batch_shape + (d, r)``
+        Gaussian projections ``W`` of the angular LSH (SPEC §3).
+    approxd_rows : ndarray of int64, shape ``batch_shape + (m_d',)``
+        Rows ``T`` of ApproxD, uniform without replacement, ``m_d' = min(m_d, nq)``.
+    approxd_cols : ndarray of int64, shape ``batch_shape + (m_d,)``
+        Keys ``ℓ_t`` of ApproxD, i.i.d. uniform on ``[nk]``.
+    sample_u : ndarray of float64, shape ``batch_shape + (m,)``
+        Uniforms on ``[0, 1)`` that select the ``m`` sampled keys.
+    nq, nk : int
+        Query and key lengths of the block these draws were made for.
+    """
+
+    lsh_planes: np.ndarray
+    approxd_rows: np.ndarray
+    approxd_cols: np.ndarray
+    sample_u: np.ndarray
+    nq: int
+    nk: int
+
+    def head(self, index: tuple) -> "BlockDraws":
+        """The draws of one head, ``index`` into the batch shape."""
+        return BlockDraws(
+            self.lsh_planes[index],
+            self.approxd_rows[index],
+            self.approxd_cols[index],
+            self.sample_u[index],
+            self.nq,
+            self.nk,
+        )
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The frozen record of all random choices of one HyperAttention call.
+
+    Attributes
+    ----------
+    nq, nk, d : int
+        Shapes the draws were made for.
+    causal : bool
+        Whether the call is causal.
+    batch_shape : tuple of int
+        ``()`` or ``(B, H)``.
+    config : HyperConfig
+        The configuration the draws were made for.
+    blocks : mapping of str to BlockDraws
+        Non-causal: one entry, ``""``. Causal: one entry per off-diagonal
+        block of the recursion, keyed by its path (:mod:`hyperref.plan`).
+        Empty when the call is computed exactly (``nq <= min_seq_len``).
+    """
+
+    nq: int
+    nk: int
+    d: int
+    causal: bool
+    batch_shape: tuple
+    config: HyperConfig
+    blocks: Mapping[str, BlockDraws] = field(default_factory=dict)
+
+    def head(self, index: tuple) -> "Draws":
+        """The draws of one head (``batch_shape`` becomes ``()``)."""
+        return Draws(
+            self.nq, self.nk, self.d, self.causal, (), self.config,
+            {path: blk.head(index) for path, blk in self.blocks.items()},
+        )
+
+
+def _block_draws(nq, nk, d, batch_shape, config, rng) -> BlockDraws:
+    planes = rng.standard_normal(batch_shape + (d, config.bits))
+    n_rows = min(config.approxd_samples, nq)
+    heads = int(np.prod(batch_shape, dtype=np.int64))
+    rows = np.empty((heads, n_rows), dtype=np.int64)
+    for h in range(heads):
+        rows[h] = rng.choice(nq, size=n_rows, replace=False)
+    cols = rng.integers(0, nk, size=batch_shape + (config.approxd_samples,), dtype=np.int64)
+    u = rng.random(batch_shape + (config.samples,))
+    return BlockDraws(planes, rows.reshape(batch_shape + (n_rows,)), cols, u, nq, nk)
+
+
+def make_draws(
+    config: HyperConfig,
+    nq: int,
+    nk: int,
+    d: int,
+    *,
+    causal: bool = False,
+    batch_shape: tuple = (),
+    rng=None,
+) -> Draws:
+    """Draw every random choice of one HyperAttention call up front.
+
+    Parameters
+    ----------
+    config : HyperConfig
+    nq, nk, d : int
+        Query length, key length, head dimension.
+    causal : bool
+        Draw for the causal recursion (one :class:`BlockDraws` per
+        off-diagonal block) instead of one non-causal call.
+    batch_shape : tuple of int
+        ``()`` for a single head, ``(B, H)`` for batched input (H query heads).
+    rng : None, int or numpy.random.Generator
+        Source of randomness, normalized by :func:`numpy.random.default_rng`.
+
+    Returns
+    -------
+    Draws
+
+    Examples
+    --------
+    >>> dr = make_draws(HyperConfig(min_seq_len=4, block=2, samples=3), 8, 8, 4, rng=0)
+    >>> dr.blocks[""].sample_u.shape
+    (3,)
+    """
+    rng = np.random.default_rng(rng)
+    batch_shape = tuple(int(s) for s in batch_shape)
+    blocks: dict[str, BlockDraws] = {}
+    if nq > config.min_seq_len and nk > 0:
+        if causal:
+            offdiag, _ = causal_nodes(nq, nk, config.min_seq_len)
+            for node in offdiag:
+                blocks[node.path] = _block_draws(node.nq, node.nk, d, batch_shape, config, rng)
+        else:
+            blocks[""] = _block_draws(nq, nk, d, batch_shape, config, rng)
+    return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks)

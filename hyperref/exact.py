@@ -1,0 +1,67 @@
+"""Exact attention, computed in row blocks (SPEC §1).
+
+Memory is ``O(chunk · nk)`` for the logits of one row block, never
+``O(nq · nk)``: at ``n = 65536, d = 64`` float64 the working set stays near
+``max_block_bytes`` (64 MiB by default).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .merge import partial_softmax
+
+#: bytes of the logits of one row block
+DEFAULT_BLOCK_BYTES = 64 * 2**20
+
+
+def row_chunk(nk: int, itemsize: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
+    """Number of rows whose ``rows × nk`` logits fit in ``max_block_bytes``."""
+    return max(1, max_block_bytes // max(1, nk * itemsize * 2))
+
+
+def causal_logit_mask(rows: np.ndarray, nk: int, offset: int) -> np.ndarray:
+    """Boolean ``(len(rows), nk)``: True where key ``j`` is *hidden* from row ``i``.
+
+    Query ``i`` sees key ``j`` iff ``j <= i + offset`` with ``offset = nk − nq``.
+    """
+    return np.arange(nk)[None, :] > (rows[:, None] + offset)
+
+
+def logit_blocks(q, k, scale, *, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES) -> Iterator:
+    """Yield ``(start, stop, logits)`` row blocks of ``S = scale · QKᵀ``.
+
+    Causally hidden entries are ``-inf``. Used by exact attention and by the
+    parameters in :mod:`theory.parameters`.
+    """
+    nq, nk = len(q), len(k)
+    chunk = row_chunk(nk, q.dtype.itemsize, max_block_bytes)
+    offset = nk - nq
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        logits = (q[start:stop] @ k.T) * q.dtype.type(scale)
+        if causal:
+            logits[causal_logit_mask(np.arange(start, stop), nk, offset)] = -np.inf
+        yield start, stop, logits
+
+
+def exact_head(q, k, v, scale, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES):
+    """Exact softmax attention of one head; returns ``(out, lse)``.
+
+    .. math:: \\mathrm{Att} = D^{-1} A V,\\quad A = e^{s QK^\\top},\\quad
+              \\mathrm{lse}_i = \\log d_i
+
+    Rows that see no key (causal with ``nq > nk``) get ``out = 0`` and
+    ``lse = −∞``.
+    """
+    nq, dv = len(q), v.shape[1]
+    out = np.zeros((nq, dv), dtype=v.dtype)
+    lse = np.full(nq, -np.inf, dtype=v.dtype)
+    if len(k) == 0:
+        return out, lse
+    for start, stop, logits in logit_blocks(q, k, scale, causal=causal,
+                                            max_block_bytes=max_block_bytes):
+        out[start:stop], lse[start:stop] = partial_softmax(logits, v)
+    return out, lse

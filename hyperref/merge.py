@@ -1,0 +1,51 @@
+"""Partial softmax results over key sets and their merge (SPEC §1).
+
+A *partial* over a key set ``J`` (with additive logit bias) is the pair
+``(o, l)``: ``l_i = log Σ_{j∈J} exp(L_ij)`` and
+``o_i = Σ_{j∈J} exp(L_ij − l_i) v_j``. Rows with an empty set have
+``l_i = −∞`` and ``o_i = 0``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def partial_softmax(logits: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Partial ``(o, l)`` of rows of ``logits`` (``-inf`` marks excluded keys).
+
+    Parameters
+    ----------
+    logits : ndarray, shape (rows, keys)
+    values : ndarray, shape (keys, dv)
+
+    Returns
+    -------
+    o : ndarray, shape (rows, dv)
+    lse : ndarray, shape (rows,)
+    """
+    peak = logits.max(axis=1, initial=-np.inf)
+    finite = np.isfinite(peak)
+    shift = np.where(finite, peak, 0.0)
+    weights = np.exp(logits - shift[:, None])
+    total = weights.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(finite, shift + np.log(total), -np.inf)
+        o = (weights @ values) / np.where(finite, total, 1.0)[:, None]
+    return o.astype(values.dtype, copy=False), lse.astype(values.dtype, copy=False)
+
+
+def merge_partials(o1, l1, o2, l2):
+    """Merge partials over disjoint key sets.
+
+    .. math:: l = \\log(e^{l_1} + e^{l_2}),\\quad o = e^{l_1 - l} o_1 + e^{l_2 - l} o_2
+
+    Equivalent to adding un-normalized sums and normalizers
+    (``approxd``: ``D̃ = D̃_1 + D̃_2``). Rows empty in both stay ``(0, −∞)``.
+    """
+    lse = np.logaddexp(l1, l2)
+    finite = np.isfinite(lse)
+    safe = np.where(finite, lse, 0.0)
+    w1 = np.where(finite, np.exp(l1 - safe), 0.0)[..., None]
+    w2 = np.where(finite, np.exp(l2 - safe), 0.0)[..., None]
+    return w1 * o1 + w2 * o2, lse
