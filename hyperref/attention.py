@@ -86,8 +86,20 @@ def check_draws(draws: Draws, config: HyperConfig, q, k, causal: bool, single: b
         raise InputError("draws were made for a different HyperConfig")
 
 
+ENGINES = ("numpy", "numba")
+
+
+def default_engine() -> str:
+    """``"numba"`` when Numba imports, else ``"numpy"``."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:  # pragma: no cover - numba is a dependency
+        return "numpy"
+    return "numba"
+
+
 def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None,
-                    return_lse=False, rng=None):
+                    return_lse=False, engine=None, rng=None):
     """HyperAttention (Han et al., ICLR 2024), the NumPy reference.
 
     Non-causal: Algorithm 1 (sortLSH mask), Algorithm 2 (ApproxD, when
@@ -116,6 +128,10 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         the same draws to another engine to get the same answer.
     return_lse : bool
         Also return ``lse = log d̃`` (natural log of the normalizer used).
+    engine : {"numba", "numpy"}, optional
+        ``numpy``: the readable reference; ``numba``: the parallel kernels of
+        :mod:`hyperref.numba_kernels` (default when Numba is installed). Both
+        compute the same function of (inputs, draws).
     rng : None, int or numpy.random.Generator
         Randomness for the draws, when ``draws`` is not given.
 
@@ -138,6 +154,9 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     (512, 16)
     """
     q, k, v, single = check_qkv(q, k, v)
+    engine = default_engine() if engine is None else engine
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     if config is None:
         config = HyperConfig()
     if not isinstance(config, HyperConfig):
@@ -149,6 +168,13 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
                            batch_shape=() if single else (b, h), rng=rng)
     check_draws(draws, config, q, k, causal, single)
     exact = nq <= config.min_seq_len
+    if not exact and engine == "numba" and nq:
+        from .engine_numba import hyper_heads
+
+        out, lse = hyper_heads(q, k, v, s, config, draws, causal)
+        if single:
+            out, lse = out[0, 0], lse[0, 0]
+        return (out, lse) if return_lse else out
 
     def head_fn(index, qh, kh, vh):
         if exact:
