@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from ._validation import InputError, check_qkv
-from .attention import exact_attention, heavy_mask, hyper_attention
+from .attention import ENGINES, default_engine, exact_attention, heavy_mask, hyper_attention
 from .config import ESTIMATORS, NORMALIZERS, SAMPLERS, HyperConfig
 from .draws import make_draws
 from .workloads import planted_workload
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator)
     run.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler)
     run.add_argument("--normalizer", choices=NORMALIZERS, default=defaults.normalizer)
+    run.add_argument("--engine", choices=ENGINES, default=default_engine(),
+                     help="numba kernels (default when installed) or the NumPy reference")
     run.add_argument("--save", metavar="OUT.npz", help="write out and lse to an .npz file")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -93,7 +95,8 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int) -> tuple[dict, tuple]:
+def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
+             engine: str | None = None) -> tuple[dict, tuple]:
     """Run both attentions and measure the error and the parameters.
 
     Returns the report dict and ``(out, lse)`` of HyperAttention. For batched
@@ -108,7 +111,8 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int) -> tuple[
                        batch_shape=() if single else (b, h), rng=seed)
     unb = (lambda x: x[0, 0]) if single else (lambda x: x)
     (out, lse), t_hyper = _timed(lambda: hyper_attention(
-        unb(q), unb(k), unb(v), causal=causal, config=config, draws=draws, return_lse=True))
+        unb(q), unb(k), unb(v), causal=causal, config=config, draws=draws, return_lse=True,
+        engine=engine))
     exact, t_exact = _timed(lambda: exact_attention(unb(q), unb(k), unb(v), causal=causal))
     out4 = out[None, None] if single else out
     exact4 = exact[None, None] if single else exact
@@ -137,6 +141,7 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int) -> tuple[
         "batch_shape": [] if single else [b, h],
         "dtype": str(q.dtype), "causal": causal, "seed": seed,
         "config": config.as_dict(),
+        "engine": engine or default_engine(),
         "exact_fallback": nq <= config.min_seq_len,
     }
     for key in keys:
@@ -153,6 +158,7 @@ def _format_table(report: dict) -> str:
         ("d / dv", f"{report['d']} / {report['dv']}"),
         ("batch (B, H)", str(tuple(report["batch_shape"])) if report["batch_shape"] else "single head"),
         ("dtype", report["dtype"]),
+        ("engine", report["engine"]),
         ("causal", str(report["causal"])),
         ("config", ", ".join(f"{k}={v}" for k, v in report["config"].items())),
         ("exact fallback (n <= min_seq_len)", str(report["exact_fallback"])),
@@ -183,7 +189,8 @@ def run(args) -> int:
                              sampler=args.sampler, normalizer=args.normalizer)
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    report, (out, lse) = evaluate(q, k, v, causal=args.causal, config=config, seed=args.seed)
+    report, (out, lse) = evaluate(q, k, v, causal=args.causal, config=config, seed=args.seed,
+                                  engine=args.engine)
     if args.save:
         try:
             np.savez(args.save, out=out, lse=lse)

@@ -9,6 +9,7 @@ Same draws ⇒ same answer as the reference up to floating-point rounding.
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import numba_kernels as nk_
 from .config import HyperConfig
@@ -119,8 +120,11 @@ def hyper_heads(q, k, v, scale, config: HyperConfig, draws: Draws, causal: bool)
     kv_of = np.array([bi * hk + hi // group for bi in range(b) for hi in range(h)], dtype=np.int64)
     n_heads = b * h
     blocks = {path: _stacked(bd, n_heads) for path, bd in draws.blocks.items()}
-    if causal:
-        out, lse = causal_heads(qs, ks, vs, kv_of, scale, config, blocks)
-    else:
-        out, lse = noncausal_heads(qs, ks, vs, kv_of, scale, config, blocks[""])
+    # the kernels parallelize over tasks and call BLAS inside each task: one BLAS
+    # thread per task, or OpenBLAS's own threads oversubscribe the cores
+    with threadpool_limits(limits=1, user_api="blas"):
+        if causal:
+            out, lse = causal_heads(qs, ks, vs, kv_of, scale, config, blocks)
+        else:
+            out, lse = noncausal_heads(qs, ks, vs, kv_of, scale, config, blocks[""])
     return out.reshape(b, h, nq, -1), lse.reshape(b, h, nq)

@@ -61,7 +61,20 @@ def exact_head(q, k, v, scale, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES
     lse = np.full(nq, -np.inf, dtype=v.dtype)
     if len(k) == 0:
         return out, lse
-    for start, stop, logits in logit_blocks(q, k, scale, causal=causal,
-                                            max_block_bytes=max_block_bytes):
-        out[start:stop], lse[start:stop] = partial_softmax(logits, v)
+    if not causal:
+        for start, stop, logits in logit_blocks(q, k, scale, max_block_bytes=max_block_bytes):
+            out[start:stop], lse[start:stop] = partial_softmax(logits, v)
+        return out, lse
+    # causal: a row block needs only the keys its last row sees
+    nk = len(k)
+    offset = nk - nq
+    chunk = row_chunk(nk, q.dtype.itemsize, max_block_bytes)
+    for start in range(0, nq, chunk):
+        stop = min(nq, start + chunk)
+        kend = min(nk, stop - 1 + offset + 1)
+        if kend <= 0:
+            continue  # these rows see no key: out 0, lse -inf
+        logits = (q[start:stop] @ k[:kend].T) * q.dtype.type(scale)
+        logits[causal_logit_mask(np.arange(start, stop), kend, offset)] = -np.inf
+        out[start:stop], lse[start:stop] = partial_softmax(logits, v[:kend])
     return out, lse

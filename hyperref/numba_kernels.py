@@ -20,13 +20,13 @@ from numba import njit, prange
 ROW_CHUNK = 256
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
 def _softmax_rows(logits, values, out_o, out_l):
     """Partial softmax of each row of ``logits`` (``-inf`` = excluded) into ``out_o, out_l``."""
     rows, keys = logits.shape
     for r in range(rows):
-        peak = -np.inf
-        for t in range(keys):
+        peak = logits[r, 0]  # the row's dtype, so float32 rows use expf
+        for t in range(1, keys):
             if logits[r, t] > peak:
                 peak = logits[r, t]
         if peak == -np.inf:
