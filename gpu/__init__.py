@@ -1,0 +1,10 @@
+"""gpu — HyperAttention in torch with fused Triton kernels, forward and backward.
+
+Same structure as the reference: ``structure`` (LSH, sorting, samples),
+``kernels`` (Triton), ``function`` (autograd), ``attention`` (public API).
+Needs ``torch`` and ``triton`` (the ``gpu`` extra).
+"""
+
+from .attention import HyperAttention, hyper_attention
+
+__all__ = ["HyperAttention", "hyper_attention"]
