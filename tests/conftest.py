@@ -2,6 +2,14 @@
 
 import os
 
+try:  # without CUDA, the Triton kernels run through the interpreter
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
