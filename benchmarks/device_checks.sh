@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# What one device call runs (see the device tool): versions, the GPU tests, the benchmark.
+# Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full smoke bench
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+for stage in "$@"; do
+  case $stage in
+    env) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env.txt"
+         python3 -c "import torch, triton, numpy, numba; print(torch.__version__, triton.__version__, numpy.__version__, numba.__version__, torch.backends.cudnn.version())" | tee -a "$OUT/env.txt" ;;
+    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+    full) HYPERREF_GPU_FULL=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests_full.log" | tail -5 ;;
+    smoke) python3 benchmarks/gpu_bench.py --d 64 --min-n 8192 --max-n 32768 --rows 64 2>&1 | tee "$OUT/smoke.log" | tail -12 ;;
+    bench) python3 benchmarks/gpu_bench.py --long --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
+  esac
+done
