@@ -24,10 +24,10 @@ def lsh_sort(x: torch.Tensor, planes: torch.Tensor, exact_hash: bool) -> torch.T
     r = planes.shape[-1]
     weights = (1 << torch.arange(r, device=x.device, dtype=torch.int64))
     if exact_hash:
-        codes = torch.stack([((x[h].double() @ planes[h].double()) > 0).long() @ weights
-                             for h in range(x.shape[0])])
+        bits = torch.stack([(x[h].double() @ planes[h].double()) > 0 for h in range(x.shape[0])])
     else:
-        codes = ((torch.matmul(x.float(), planes.float())) > 0).long() @ weights
+        bits = torch.matmul(x.float(), planes.float()) > 0
+    codes = (bits.long() * weights).sum(-1)  # integer matmul is not implemented on CUDA
     return torch.argsort(gray_inverse(codes), dim=-1, stable=True)
 
 
