@@ -30,9 +30,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG = -1.0e30
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # for the launchers (Python floats)
+NEG = tl.constexpr(-1.0e30)  # "masked" logit; finite, so fully masked tiles give no NaN
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -92,7 +93,7 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, O, LSE,
             ks = tl.load(K + kvh * s_kb + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
             bias = tl.load(BIAS + bh * s_ib + ts, mask=tmask, other=0.0)
             stag = tl.load(STAG + bh * s_ib + ts, mask=tmask, other=-2)
-            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * LOG2E
+            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
             valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
             s = tl.where(valid, s, NEG)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -105,7 +106,7 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, O, LSE,
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(has, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(O + bh * s_ob + qi[:, None] * s_on + offv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None])
     tl.store(LSE + bh * s_lb + qi, lse, mask=rmask)
 
@@ -133,7 +134,7 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, DO, L
     offv = tl.arange(0, DV)
     q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
     delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
@@ -165,7 +166,7 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, DO, L
             vs = tl.load(V + kvh * s_vb + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
             bias = tl.load(BIAS + bh * s_ib + ts, mask=tmask, other=0.0)
             stag = tl.load(STAG + bh * s_ib + ts, mask=tmask, other=-2)
-            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * LOG2E
+            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
             valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
             p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(vs), input_precision=PREC)
@@ -209,7 +210,7 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
             qi = rows.to(tl.int64)
         q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * LOG2E
+        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
         delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
         lo = tl.load(LO + rows, mask=rmask, other=0)
         hi = tl.load(HI + rows, mask=rmask, other=0)
@@ -256,10 +257,10 @@ def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, DO, LSE, DELTA, 
         qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
         q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
         do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * LOG2E
+        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
         delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * LOG2E
+        s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
         valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
