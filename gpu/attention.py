@@ -47,9 +47,14 @@ def _check(q, k, v, config, backend):
     if config.estimator != "masked" or config.normalizer != "self":
         raise ValueError("the GPU path implements estimator='masked' with normalizer='self'; "
                          "use hyperref (the NumPy reference) for the others")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+    # one device sync for all three: amax/amin propagate NaN and show ±Inf
+    tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
+    if tensors:
+        extremes = torch.stack([torch.stack([t.amax().float(), t.amin().float()]) for _, t in tensors])
+        finite = torch.isfinite(extremes).all(dim=1).tolist()
+        for (name, _), ok in zip(tensors, finite):
+            if not ok:
+                raise ValueError(f"{name} contains NaN or Inf")
 
 
 def _device_draws(config, nq, nk, d, causal, b, h, device, generator):
@@ -87,7 +92,7 @@ def _lsh_plan(qf, kf, vf, planes, u, config, b, h, hk, exact_hash):
     heads = torch.arange(bh, device=qf.device)
     kv_of = (heads // h) * hk + (heads % h) // group
     perm_q = lsh_sort(qf, planes, exact_hash)
-    perm_k = lsh_sort(kf[kv_of], planes, exact_hash)
+    perm_k = lsh_sort(kf if group == 1 else kf[kv_of], planes, exact_hash)
     lo, hi, rtag = lsh_intervals(nq, nk, config.block, qf.device)
     idx, bias = sample_keys(vf, u, kv_of, config.sampler, exact_hash)
     position = torch.empty_like(perm_k)
@@ -173,7 +178,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if nq <= config.min_seq_len or causal:
         leaves = causal_nodes(nq, nk, config.min_seq_len)[1] if causal else None
         if causal:
-            lo, hi = leaf_intervals(leaves, nq, q.device)
+            lo, hi = leaf_intervals(tuple(leaves), nq, q.device)
         else:
             lo = torch.zeros(nq, dtype=torch.int32, device=q.device)
             hi = torch.full((nq,), nk, dtype=torch.int32, device=q.device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 
@@ -31,6 +33,7 @@ def lsh_sort(x: torch.Tensor, planes: torch.Tensor, exact_hash: bool) -> torch.T
     return torch.argsort(gray_inverse(codes), dim=-1, stable=True)
 
 
+@lru_cache(maxsize=64)
 def lsh_intervals(nq: int, nk: int, block: int, device):
     """Per sorted row ``p``: key interval ``[lo, hi)`` of its block and its block tag (int32)."""
     n_blocks = -(-nk // block)
@@ -41,7 +44,8 @@ def lsh_intervals(nq: int, nk: int, block: int, device):
     return lo.int(), hi.int(), g.int()
 
 
-def leaf_intervals(leaves, nq: int, device):
+@lru_cache(maxsize=64)
+def leaf_intervals(leaves: tuple, nq: int, device):
     """Per row ``i``: keys ``[lo, hi)`` it sees inside its causal leaf (SPEC §6)."""
     lo = torch.zeros(nq, dtype=torch.int64)
     hi = torch.zeros(nq, dtype=torch.int64)
