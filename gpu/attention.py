@@ -50,7 +50,7 @@ def _check(q, k, v, config, backend):
     # one device sync for all three: amax/amin propagate NaN and show ±Inf
     tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
     if tensors:
-        extremes = torch.stack([torch.stack([t.amax().float(), t.amin().float()]) for _, t in tensors])
+        extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for _, t in tensors])
         finite = torch.isfinite(extremes).all(dim=1).tolist()
         for (name, _), ok in zip(tensors, finite):
             if not ok:

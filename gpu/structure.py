@@ -28,9 +28,15 @@ def lsh_sort(x: torch.Tensor, planes: torch.Tensor, exact_hash: bool) -> torch.T
     if exact_hash:
         bits = torch.stack([(x[h].double() @ planes[h].double()) > 0 for h in range(x.shape[0])])
     else:
-        bits = torch.matmul(x.float(), planes.float()) > 0
+        bits = torch.matmul(x, planes.to(x.dtype)) > 0  # in the input dtype: no upcast copy
     codes = (bits.long() * weights).sum(-1)  # integer matmul is not implemented on CUDA
-    return torch.argsort(gray_inverse(codes), dim=-1, stable=True)
+    bucket = gray_inverse(codes)
+    n = x.shape[1]
+    if r + max(1, (n - 1).bit_length()) <= 31:
+        # unique int32 keys bucket·n + index: an unstable radix sort gives the stable order
+        key = (bucket * n + torch.arange(n, device=x.device)).int()
+        return torch.sort(key, dim=-1).values.long() % n
+    return torch.argsort(bucket, dim=-1, stable=True)
 
 
 @lru_cache(maxsize=64)
