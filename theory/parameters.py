@@ -152,6 +152,9 @@ class Parameters:
         ``max |S_ij|`` over visible entries.
     nnz_mask : int
         Number of ones of ``M``.
+    col_sq, col_sq_res : ndarray, shape (nk,)
+        Squared column norms ``‖P e_j‖²`` and ``‖(P∘(1−M)) e_j‖²`` (the latter
+        ``None`` without a mask), for :func:`theory.bounds.product_bound`.
     """
 
     nq: int
@@ -173,9 +176,12 @@ class Parameters:
     heavy_mass_mean: float
     max_abs_logit: float
     nnz_mask: int
+    col_sq: np.ndarray | None = None
+    col_sq_res: np.ndarray | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The scalar parameters (the column-norm arrays left out)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("col_sq", "col_sq_res")}
 
 
 def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask | None = None,
@@ -282,6 +288,7 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
         fro_p=math.sqrt(fro_sq), fro_res=fro_res,
         heavy_mass_min=hmin, heavy_mass_mean=hmean,
         max_abs_logit=max_logit, nnz_mask=nnz,
+        col_sq=col_sq, col_sq_res=col_sq_res if mask is not None else None,
     )
 
 

@@ -1,0 +1,191 @@
+"""theory/: the bounds, their symbolic identities, and the guarantees tested as SPEC §7 says."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import binom
+
+from hyperref import HyperConfig, make_draws
+from hyperref.mask import block_structure, dense_mask
+from hyperref.sampling import resolve_samples, sampling_probabilities
+from theory import bounds, symbolic
+from theory.parameters import attention_parameters
+
+from .strategies import attention_inputs
+
+QUANTILE = 1 - 1e-6
+
+
+def test_symbolic_identities():
+    assert symbolic.g2_variance_identity() == 0
+    assert symbolic.g2_variance_identity(1, 3, 1, 3) == 0
+    assert symbolic.g4_composition_identity().is_zero_matrix
+    assert symbolic.g1_identity().is_zero_matrix
+    assert symbolic.g5_bernstein_exponent() == 0
+
+
+def test_bound_functions_and_sample_sizes():
+    assert bounds.g2_bound(bounds.g2_samples(0.3, 0.1, 5.0, 7.0), 0.1, 5.0, 7.0) <= 0.3
+    assert bounds.g2_samples_alpha(0.3, 0.1, 2.0, 7.0, 100, 100) == bounds.g2_samples(0.3, 0.1, 2.0, 7.0)
+    m_d = bounds.g5_samples(0.2, 0.05, 3.0, 1000)
+    assert bounds.g5_failure(m_d, 0.2, 3.0, 1000) <= 0.05
+    assert bounds.g5_failure(m_d - 1, 0.2, 3.0, 1000) > 0.05 * 0.9
+    assert bounds.g4_bound(0.1, 0.0) == 0.1 and bounds.g4_bound(0.0, 0.2) == 0.2
+    paper = bounds.paper_sample_sizes(0.1, 2.0, 1.5, 10.0, 64, 4096)
+    assert paper["lemma2_product"] == pytest.approx(64 * 10 / 0.01)
+    with pytest.raises(ValueError):
+        bounds.g2_bound(10, 1.5, 1, 1)
+
+
+def _dense(q, k, v, scale):
+    A = np.exp(scale * (q @ k.T) - (scale * (q @ k.T)).max())
+    return A, A.sum(1)
+
+
+@given(attention_inputs())
+def test_parameters_equal_brute_force(inp):
+    q, k, v, _ = inp
+    par = attention_parameters(q, k, v)
+    A, d = _dense(q, k, v, 8**-0.5)
+    P = A / d[:, None]
+    assert par.alpha == pytest.approx(len(k) * (P**2).sum(0).max(), rel=1e-8)
+    assert par.op_p == pytest.approx(np.linalg.norm(P, 2), rel=1e-6)
+    assert par.srank_v == pytest.approx((v**2).sum() / np.linalg.norm(v, 2) ** 2, rel=1e-8)
+    assert par.op_p >= math.sqrt(len(q) / len(k)) * (1 - 1e-9)  # SPEC §2 facts
+    assert par.fro_p**2 <= par.alpha * (1 + 1e-9)
+
+
+@given(attention_inputs(), st.floats(0.5, 2.0), st.integers(0, 2**31 - 1))
+def test_g1_holds_deterministically(inp, spread, seed):
+    q, k, v, _ = inp
+    A, d = _dense(q, k, v, 8**-0.5)
+    P = A / d[:, None]
+    rng = np.random.default_rng(seed)
+    d_tilde = d * np.exp(spread * rng.uniform(-1, 1, len(d)))
+    eta = np.abs(d / d_tilde - 1).max()
+    err = np.linalg.norm((A / d_tilde[:, None] - P) @ v, 2)
+    assert err <= bounds.g1_bound(eta) * np.linalg.norm(P, 2) * np.linalg.norm(v, 2) * (1 + 1e-9)
+
+
+def _product_error(P, v, M, u, sampler, masked):
+    """Spectral error of the product with exact D: ‖X SᵀS V − X V‖ (X = P or P∘(1−M))."""
+    p = sampling_probabilities(v, sampler)
+    idx = resolve_samples(u, p)
+    counts = np.bincount(idx, minlength=len(v)) / (len(u) * np.where(p > 0, p, 1))
+    X = P * (1 - M) if masked else P
+    return np.linalg.norm(X @ (counts[:, None] * v) - X @ v, 2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("sampler", ["rownorm", "uniform", "mixed"])
+@pytest.mark.parametrize("regime", ["planted", "clustered", "uniform"])
+def test_g2_g3_failures_within_binomial_quantile(masked, sampler, regime):
+    # fixed inputs (n = 512), R independent seeds, ε in [0.1, 0.5] where the bound is not vacuous
+    n, d, R, delta = 512, 8, 200, 0.2
+    rng = np.random.default_rng({"planted": 1, "clustered": 2, "uniform": 3}[regime])
+    q, k, v = rng.standard_normal((3, n, d))
+    if regime == "planted":
+        direction = rng.standard_normal(d)
+        q = 0.3 * q + 3 * direction / np.linalg.norm(direction)
+        k[:8] += 3 * direction / np.linalg.norm(direction)
+    elif regime == "clustered":
+        centers = 3 * rng.standard_normal((4, d))
+        q = centers[rng.integers(0, 4, n)] + 0.2 * q
+        k = centers[rng.integers(0, 4, n)] + 0.2 * k
+    else:
+        q *= 0.05
+    A, dsum = _dense(q, k, v, d**-0.5)
+    P = A / dsum[:, None]
+    st_ = block_structure(q, k, rng.standard_normal((d, 7)), 64)
+    M = dense_mask(st_).astype(float)
+    op_p, op_v = np.linalg.norm(P, 2), np.linalg.norm(v, 2)
+    col = ((P * (1 - M)) ** 2 if masked else P**2).sum(0)
+    # choose m so that the bound is ε = 0.3
+    p = sampling_probabilities(v, sampler)
+    second = float((col * (v**2).sum(1) / p).sum())
+    m = max(1, math.ceil(second / (delta * (0.3 * op_p * op_v) ** 2)))
+    bound = bounds.product_bound(m, delta, col, v, p, op_p, op_v)
+    assert 0.1 <= bound <= 0.5
+    failures = sum(_product_error(P, v, M, np.random.default_rng(seed).random(m), sampler, masked)
+                   > bound * op_p * op_v for seed in range(R))
+    assert failures <= binom.ppf(QUANTILE, R, delta)
+
+
+def test_paper_estimator_is_unbiased():
+    # E[P SᵀS V] = P V: mean over many draws within a CLT tolerance (5 standard errors per entry)
+    rng = np.random.default_rng(0)
+    n, d, m, R = 64, 4, 16, 4000
+    q, k, v = rng.standard_normal((3, n, d))
+    A, dsum = _dense(q, k, v, 0.5)
+    P = A / dsum[:, None]
+    p = sampling_probabilities(v, "mixed")
+    draws = np.empty((R, n, d))
+    for r in range(R):
+        idx = resolve_samples(rng.random(m), p)
+        counts = np.bincount(idx, minlength=n) / (m * p)
+        draws[r] = P @ (counts[:, None] * v)
+    mean, se = draws.mean(0), draws.std(0, ddof=1) / math.sqrt(R)
+    assert np.all(np.abs(mean - P @ v) <= 5 * se + 1e-12)
+
+
+def test_masked_not_worse_than_paper_in_mse():
+    rng = np.random.default_rng(4)
+    n, d, m, R = 256, 8, 32, 300
+    centers = 3 * rng.standard_normal((4, d))
+    q = centers[rng.integers(0, 4, n)] + 0.2 * rng.standard_normal((n, d))
+    k = centers[rng.integers(0, 4, n)] + 0.2 * rng.standard_normal((n, d))
+    v = rng.standard_normal((n, d))
+    A, dsum = _dense(q, k, v, d**-0.5)
+    P = A / dsum[:, None]
+    M = dense_mask(block_structure(q, k, rng.standard_normal((d, 7)), 32)).astype(float)
+    p = sampling_probabilities(v, "rownorm")
+    se_paper, se_masked = [], []
+    for r in range(R):
+        idx = resolve_samples(rng.random(m), p)
+        c = (np.bincount(idx, minlength=n) / (m * p))[:, None] * v
+        se_paper.append(((P @ c - P @ v) ** 2).sum())
+        se_masked.append((((P * (1 - M)) @ c - (P * (1 - M)) @ v) ** 2).sum())
+    diff = np.array(se_masked) - np.array(se_paper)
+    # one-sided: the mean difference is not significantly positive (z < 4.75, p ≈ 1e-6)
+    assert diff.mean() <= 4.75 * diff.std(ddof=1) / math.sqrt(R)
+
+
+@pytest.mark.parametrize("r", [3, 7])
+@pytest.mark.parametrize("theta", [0.3, 1.0, 2.0])
+def test_lsh_collision_and_adjacency_frequencies(r, theta):
+    from hyperref.lsh import buckets
+
+    R, d = 4000, 6
+    rng = np.random.default_rng(int(100 * theta) + r)
+    x = np.zeros(d)
+    x[0] = 1
+    y = np.zeros(d)
+    y[0], y[1] = math.cos(theta), math.sin(theta)
+    same = adjacent = 0
+    for _ in range(R):
+        planes = rng.standard_normal((d, r))
+        hx, hy = buckets(np.stack([x, y]), planes)
+        same += hx == hy
+        adjacent += (hx - hy) % 2**r in (1, 2**r - 1)
+    t = theta / math.pi
+    for count, prob in ((same, (1 - t) ** r), (adjacent, 2 * t * (1 - t) ** (r - 1))):
+        lo, hi = binom.ppf(1e-6 / 2, R, prob), binom.ppf(1 - 1e-6 / 2, R, prob)
+        assert lo <= count <= hi
+
+
+def test_cli_reports_bounds(capsys):
+    import json
+
+    from hyperref.cli import main
+
+    assert main(["run", "--n", "1024", "--d", "16", "--block", "64", "--samples", "64",
+                 "--min-seq-len", "256", "--sampler", "uniform", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    b = report["bounds"]
+    assert {"eta", "g1", "g2_srank", "g3_srank", "product", "g4", "delta"} <= set(b)
+    assert b["g4"] == pytest.approx((1 + b["eta"]) * b["product"] + b["eta"])
+    assert isinstance(report["guarantee_held"], bool)
+    assert report["guarantee_held"] == (report["error_op"] <= b["g4"])
