@@ -189,3 +189,56 @@ def test_cli_reports_bounds(capsys):
     assert b["g4"] == pytest.approx((1 + b["eta"]) * b["product"] + b["eta"])
     assert isinstance(report["guarantee_held"], bool)
     assert report["guarantee_held"] == (report["error_op"] <= b["g4"])
+
+
+@given(attention_inputs(n_min=40, n_max=80), st.sampled_from(["paper", "masked"]),
+       st.sampled_from(["approxd", "self"]), st.integers(0, 2**31 - 1))
+def test_g4_holds_on_the_pipeline(inp, estimator, normalizer, seed):
+    """Deterministic: err ≤ (1 + η) ε_prod + η for the actual outputs of hyper_attention."""
+    from hyperref import exact_attention, hyper_attention
+
+    q, k, v, _ = inp
+    n = len(q)
+    cfg = HyperConfig(bits=3, block=8, samples=16, min_seq_len=4, approxd_samples=8,
+                      estimator=estimator, normalizer=normalizer)
+    out, lse = hyper_attention(q, k, v, config=cfg, rng=seed, return_lse=True, engine="numpy")
+    ref, ref_lse = exact_attention(q, k, v, return_lse=True)
+    par = attention_parameters(q, k, v, residual_norm=False)
+    unit = par.op_p * par.op_v
+    ratio = np.exp(lse - ref_lse)  # d̃ / d
+    eta = float(np.abs(1 / ratio - 1).max())
+    eps_prod = np.linalg.norm(out * ratio[:, None] - ref, 2) / unit  # D⁻¹N − PV
+    err = np.linalg.norm(out - ref, 2) / unit
+    assert err <= bounds.g4_bound(eps_prod, eta) * (1 + 1e-9) + 1e-12
+    assert n == len(out)
+
+
+def test_g5_failures_within_binomial_quantile():
+    """ApproxD with κ = κ_true: Pr[η > ε/(1−ε)] ≤ the G5 bound, over R seeds."""
+    from hyperref.approxd import approx_d
+
+    rng = np.random.default_rng(11)
+    n, d, R, eps, delta = 512, 8, 100, 0.4, 0.2
+    # moderate logits keep the residual entry ratio ρ small, where G5 is not vacuous (m_d < n·ρ)
+    q = 0.5 * rng.standard_normal((n, d))
+    k = rng.standard_normal((n, d))
+    st_ = block_structure(q, k, rng.standard_normal((d, 7)), 64)
+    M = dense_mask(st_)
+    S = d**-0.5 * q @ k.T
+    A = np.exp(S)
+    res = np.where(M, 0.0, A)
+    r = res.sum(1)
+    d_true = A.sum(1)
+    kappa = r.max() / r.min()
+    rho = float((n * res.max(1) / r).max())
+    m_d = bounds.g5_samples(eps, delta, rho, n)
+    fail_prob = bounds.g5_failure(m_d, eps, rho, n)
+    assert fail_prob <= delta and m_d <= 4 * n
+    failures = 0
+    for seed in range(R):
+        g = np.random.default_rng(seed)
+        est = approx_d(q, k, d**-0.5, st_, g.choice(n, 32, replace=False),
+                       g.integers(0, n, m_d), kappa=kappa)
+        eta = np.abs(d_true / np.exp(est.log_d) - 1).max()
+        failures += eta > bounds.g5_eta(eps)
+    assert failures <= binom.ppf(QUANTILE, R, fail_prob)
