@@ -77,3 +77,18 @@ def test_spectral_error_definition():
     a, b = rng.standard_normal((2, 30, 4))
     assert np.isclose(spectral_error(a, b, 2.0, 3.0), np.linalg.norm(a - b, 2) / 6.0)
     assert spectral_error(a, a, 1.0, 1.0) == 0.0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_op_norm_near_rank_one(seed):
+    # regression: every query on the same few heavy keys makes P nearly rank one; the Krylov
+    # basis then meets directions it already holds, which must be dropped, not normalized
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(32, 97)), 8
+    q, k, v = rng.standard_normal((3, n, d))
+    direction = rng.standard_normal(d)
+    direction /= np.linalg.norm(direction)
+    q = 0.3 * q + rng.uniform(2, 8) * direction
+    k[: int(rng.integers(1, 5))] += rng.uniform(2, 8) * direction
+    P, _ = _dense_p(q, k, 8**-0.5, False)
+    assert attention_parameters(q, k, v).op_p == pytest.approx(np.linalg.norm(P, 2), rel=1e-6)

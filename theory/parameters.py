@@ -116,11 +116,16 @@ class SoftmaxOperator:
             new = images[-1]
             for _ in range(2):  # re-orthogonalize against the whole basis
                 new = new - v @ (v.T @ new)
+            # drop directions that were (numerically) inside the basis already: their
+            # remainder is rounding noise, and normalizing it would break orthogonality
+            scale_ = float(np.linalg.norm(images[-1], axis=0).max())
             q_new, r_new = np.linalg.qr(new)
-            keep = np.abs(np.diag(r_new)) > 1e-12 * max(1.0, float(np.abs(r_new).max()))
+            keep = np.abs(np.diag(r_new)) > 1e-8 * max(scale_, 1e-300)
             if not keep.any():
                 break
-            basis.append(q_new[:, keep])
+            q_new = q_new[:, keep]
+            q_new, _ = np.linalg.qr(q_new - v @ (v.T @ q_new))
+            basis.append(q_new)
         return math.sqrt(theta), resid
 
 
