@@ -65,6 +65,15 @@ def _logsumexp_row(row):
     return peak + np.log(total)
 
 
+@njit(cache=True)
+def _gather_rows(x, head, order, start, stop):
+    """Rows ``x[head, order[head, start:stop]]`` as a contiguous array."""
+    out = np.empty((stop - start, x.shape[2]), dtype=x.dtype)
+    for r in range(stop - start):
+        out[r] = x[head, order[head, start + r]]
+    return out
+
+
 @njit(parallel=True, cache=True)
 def masked_partial(q, k, v, kv_of, scale, perm_q, q_starts, perm_k, block, k_block,
                    samp_idx, samp_logw, out, lse):
@@ -91,9 +100,7 @@ def masked_partial(q, k, v, kv_of, scale, perm_q, q_starts, perm_k, block, k_blo
         ke = min(ks + block, nk)
         nb = ke - ks
         rows = qe - qs
-        qg = np.empty((rows, d), dtype=q.dtype)
-        for r in range(rows):
-            qg[r] = q[h, perm_q[h, qs + r]]
+        qg = _gather_rows(q, h, perm_q, qs, qe)
         keys = np.empty((nb + m, d), dtype=q.dtype)
         vals = np.empty((nb + m, dv), dtype=v.dtype)
         bias = np.empty(nb + m, dtype=q.dtype)
@@ -164,9 +171,7 @@ def masked_row_sums(q, k, kv_of, scale, perm_q, q_starts, perm_k, block, log_a):
         hk = kv_of[h]
         ks = g * block
         ke = min(ks + block, nk)
-        qg = np.empty((qe - qs, d), dtype=q.dtype)
-        for r in range(qe - qs):
-            qg[r] = q[h, perm_q[h, qs + r]]
+        qg = _gather_rows(q, h, perm_q, qs, qe)
         keys = np.empty((ke - ks, d), dtype=q.dtype)
         for t in range(ke - ks):
             keys[t] = k[hk, perm_k[h, ks + t]]
