@@ -61,9 +61,13 @@ def test_one_block_holding_every_key_is_exact(setup):
 
 
 def test_patched_embeddings_keep_cosine(setup):
-    # stated in benchmarks/REAL_MODEL.md: with b = m = 128 in all layers the mean cosine stays >= 0.9
+    # the stated level (benchmarks/REAL_MODEL.md): on these texts, seed 0, HyperAttention in all
+    # layers with b = m = 128 keeps cosine >= 0.85 on average and >= 0.8 for every text (measured
+    # 0.93 / 0.90); in layer 0 alone with b = m = 64 it keeps >= 0.97 (measured 0.99)
     cos = _cosines(setup, HyperConfig(block=128, samples=128, min_seq_len=64))
-    assert cos.mean() >= 0.9 and cos.min() >= 0.8, cos
+    assert cos.mean() >= 0.85 and cos.min() >= 0.8, cos
+    cos = _cosines(setup, HyperConfig(block=64, samples=64, min_seq_len=64), layers={0})
+    assert cos.min() >= 0.97, cos
 
 
 def test_layers_outside_the_set_stay_exact(setup):
