@@ -64,9 +64,13 @@ def main():
         attn = lambda a, b, c: hyper_attention_distributed(a, b, c, group=group, causal=True, config=cfg,
                                                            generator=gen)
     result = {"world": world, "n": args.n, "heads": args.heads, "d": args.d, "device": torch.cuda.get_device_name()}
-    with torch.no_grad():
-        result["fwd_ms"] = timed(lambda: attn(q, k, v), args.reps)
-    result["peak_mem_gib_fwd"] = torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with torch.no_grad():
+            result["fwd_ms"] = timed(lambda: attn(q, k, v), args.reps)
+        result["peak_mem_gib_fwd"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError:
+        result["fwd_ms"] = "out of memory"
+        args.no_backward = True
     if not args.no_backward:
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
 
@@ -75,8 +79,11 @@ def main():
             out.float().square().mean().backward()
             qq.grad = kk.grad = vv.grad = None
         torch.cuda.reset_peak_memory_stats()
-        result["fwdbwd_ms"] = timed(step, max(1, args.reps - 1))
-        result["peak_mem_gib_fwdbwd"] = torch.cuda.max_memory_allocated() / 2**30
+        try:
+            result["fwdbwd_ms"] = timed(step, max(1, args.reps - 1))
+            result["peak_mem_gib_fwdbwd"] = torch.cuda.max_memory_allocated() / 2**30
+        except torch.cuda.OutOfMemoryError:
+            result["fwdbwd_ms"] = "out of memory"
     if rank == 0:
         print(json.dumps(result), flush=True)
     if not args.single:
