@@ -1,8 +1,8 @@
 """Head-parallel HyperAttention on several GPUs (NCCL) against one GPU.
 
-Run with ``torchrun --nproc_per_node=W benchmarks/dist_bench.py --n 1048576`` for the
+Run with ``torchrun --nproc_per_node=W benchmarks/dist_bench.py --seq-len 1048576`` for the
 distributed time (each rank holds n/W tokens of all H heads), and with
-``python benchmarks/dist_bench.py --single --n N`` for one GPU. Causal,
+``python benchmarks/dist_bench.py --single --seq-len N`` for one GPU. Causal,
 B = 1, H = 32, d = 128, bf16, default HyperConfig; CUDA-event medians of
 ``--reps`` calls after one warm-up; prints one JSON line per measurement.
 Keep NVLink multicast off (NCCL_NVLS_ENABLE=0).
@@ -36,7 +36,7 @@ def timed(fn, reps):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=1048576)
+    parser.add_argument("--seq-len", dest="n", type=int, default=1048576)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--d", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
