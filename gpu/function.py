@@ -13,7 +13,6 @@ autograd: the backward kernels are tested against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import math
 import os
 
 import torch

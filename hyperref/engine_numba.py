@@ -46,7 +46,7 @@ def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraw
     out : ndarray (H, nq, dv); lse : ndarray (H, nq)
     """
     n_heads, nq, _ = q.shape
-    n_keys, dv = k.shape[1], v.shape[2]
+    dv = v.shape[2]
     structures = [block_structure(q[h], k[kv_of[h]], draws.lsh_planes[h], config.block)
                   for h in range(n_heads)]
     perm_q = np.stack([s.perm_q for s in structures])

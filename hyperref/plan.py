@@ -18,7 +18,6 @@ Otherwise the rows split at ``qm = nq // 2`` and the keys at
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ on the device, at full size when ``HYPERREF_GPU_FULL=1``.
 
 import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -155,3 +154,15 @@ def test_unsupported_estimator_is_an_error():
     q = torch.randn(1, 1, 64, 16, device=DEVICE)
     with pytest.raises(ValueError, match="masked"):
         gpu.hyper_attention(q, q, q, config=HyperConfig(estimator="paper"))
+
+
+def test_torch_compile_dense_matches_eager():
+    # torch.compile runs the call with graph breaks (README): same answer as eager
+    q, k, v = (torch.randn(1, 2, 96, 16) for _ in range(3))
+    cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
+
+    def f(q, k, v):
+        return gpu.hyper_attention(q, k, v, config=cfg, causal=True, backend="dense",
+                                   generator=torch.Generator().manual_seed(0))
+
+    torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-6)

@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from scipy.stats import binom
 
-from hyperref import HyperConfig, make_draws
+from hyperref import HyperConfig
 from hyperref.mask import block_structure, dense_mask
 from hyperref.sampling import resolve_samples, sampling_probabilities
 from theory import bounds, symbolic
