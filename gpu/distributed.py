@@ -49,26 +49,18 @@ def _head_to_seq(x: torch.Tensor, world: int, group) -> torch.Tensor:
     return received.movedim(0, 1).reshape(b, world * hw, n, *rest)
 
 
-class _SeqToHead(torch.autograd.Function):
+class _Exchange(torch.autograd.Function):
+    """One all-to-all exchange; its gradient is the opposite exchange."""
+
     @staticmethod
-    def forward(ctx, x, world, group):
-        ctx.world, ctx.group = world, group
-        return _seq_to_head(x, world, group)
+    def forward(ctx, x, world, group, to_heads: bool):
+        ctx.world, ctx.group, ctx.to_heads = world, group, to_heads
+        return (_seq_to_head if to_heads else _head_to_seq)(x, world, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.world, ctx.group), None, None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, world, group):
-        ctx.world, ctx.group = world, group
-        return _head_to_seq(x, world, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.world, ctx.group), None, None
+        back = _head_to_seq if ctx.to_heads else _seq_to_head
+        return back(grad, ctx.world, ctx.group), None, None, None
 
 
 def _head_slice(draws: Draws, h0: int, h1: int) -> Draws:
@@ -124,17 +116,15 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
     if any(not torch.equal(g, lengths) for g in gathered):
         raise ValueError("every rank must hold sequence shards of the same length; got "
                          f"{[tuple(g.tolist()) for g in gathered]}")
-    qh = _SeqToHead.apply(q, world, group)
-    kh = _SeqToHead.apply(k, world, group)
-    vh = _SeqToHead.apply(v, world, group)
+    qh, kh, vh = (_Exchange.apply(x, world, group, True) for x in (q, k, v))
     per = h // world
     local_draws = _head_slice(draws, rank * per, (rank + 1) * per) if draws is not None else None
     out, lse = hyper_attention(qh, kh, vh, causal=causal, scale=scale, config=config, draws=local_draws,
                                generator=generator, return_lse=True, exact_hash=exact_hash, backend=backend)
-    out = _HeadToSeq.apply(out, world, group)
+    out = _Exchange.apply(out, world, group, False)
     if not return_lse:
         return out
-    return out, _HeadToSeq.apply(lse[..., None], world, group)[..., 0]
+    return out, _Exchange.apply(lse[..., None], world, group, False)[..., 0]
 
 
 class DistributedHyperAttention(torch.nn.Module):
