@@ -79,6 +79,18 @@ def _dummy(device):
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
+def _index_args(plan: Plan, device):
+    """The plan's index pointers, in the order the forward and dq kernels take them
+    (PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG), absent ones replaced by a dummy,
+    and their row strides (s_pqb, s_pkb, s_ib)."""
+    dummy = _dummy(device)
+    pick = lambda t: dummy if t is None else t  # noqa: E731
+    pointers = (pick(plan.perm_q), pick(plan.perm_k), pick(plan.idx), pick(plan.bias),
+                pick(plan.stag), plan.lo, plan.hi, pick(plan.rtag))
+    strides = tuple(0 if t is None else t.stride(0) for t in (plan.perm_q, plan.perm_k, plan.idx))
+    return pointers, strides
+
+
 class _IntervalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: Plan, scale: float):
@@ -89,21 +101,14 @@ class _IntervalAttention(torch.autograd.Function):
         BM, BN, warps, stages = _tiles(d, q.dtype, q.device)
         has_perm = plan.perm_q is not None
         has_samples = plan.idx is not None
-        dummy = _dummy(q.device)
         m = plan.idx.shape[1] if has_samples else 0
-        group = plan.H // plan.Hk
+        pointers, index_strides = _index_args(plan, q.device)
         grid = (triton.cdiv(nq, BM), bh)
         K._fwd_kernel[grid](
-            q, k, v,
-            plan.perm_q if has_perm else dummy, plan.perm_k if has_perm else dummy,
-            plan.idx if has_samples else dummy, plan.bias if has_samples else dummy,
-            plan.stag if has_samples else dummy,
-            plan.lo, plan.hi, plan.rtag if plan.rtag is not None else dummy, out, lse,
-            nq, nk, m, plan.H, plan.Hk, group, scale * K.LOG2E,
+            q, k, v, *pointers, out, lse,
+            nq, nk, m, plan.H, plan.Hk, plan.H // plan.Hk, scale * K.LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            plan.perm_q.stride(0) if has_perm else 0, plan.perm_k.stride(0) if has_perm else 0,
-            plan.idx.stride(0) if has_samples else 0,
+            out.stride(0), out.stride(1), lse.stride(0), *index_strides,
             D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=has_samples, HAS_PERM=has_perm,
             PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -130,17 +135,12 @@ class _IntervalAttention(torch.autograd.Function):
         prec = _prec(q.dtype)
         sq = (plan.perm_q.stride(0) if has_perm else 0, plan.perm_k.stride(0) if has_perm else 0)
         dq = torch.empty_like(q)
+        pointers, index_strides = _index_args(plan, q.device)
         K._bwd_dq_kernel[(triton.cdiv(nq, BM), bh)](
-            q, k, v,
-            plan.perm_q if has_perm else dummy, plan.perm_k if has_perm else dummy,
-            plan.idx if has_samples else dummy, plan.bias if has_samples else dummy,
-            plan.stag if has_samples else dummy,
-            plan.lo, plan.hi, plan.rtag if plan.rtag is not None else dummy,
-            dout, lse, delta, dq,
+            q, k, v, *pointers, dout, lse, delta, dq,
             nq, nk, m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0), sq[0], sq[1],
-            plan.idx.stride(0) if has_samples else 0,
+            dout.stride(0), dout.stride(1), lse.stride(0), *index_strides,
             D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=has_samples, HAS_PERM=has_perm, PREC=prec,
             num_warps=warps, num_stages=stages)
         # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
