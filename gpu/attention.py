@@ -10,10 +10,10 @@ import torch
 
 from hyperref.config import HyperConfig
 from hyperref.draws import Draws
-from hyperref.plan import causal_nodes
+from hyperref.plan import OffDiagonal, causal_nodes
 
-from .function import Plan, interval_attention, interval_attention_dense
-from .structure import leaf_intervals, lsh_intervals, lsh_sort, sample_keys
+from .function import Plan, pieces_attention, pieces_attention_dense
+from .structure import Layout, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes, sorted_order
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -57,20 +57,15 @@ def _check(q, k, v, config, backend):
                 raise ValueError(f"{name} contains NaN or Inf")
 
 
-def _device_draws(config, nq, nk, d, causal, b, h, device, generator):
-    """Draw the LSH planes and sample uniforms on the device: {path: (planes, u)}."""
-    paths = []
-    if nq > config.min_seq_len and nk > 0:
-        if causal:
-            paths = [(n.path) for n in causal_nodes(nq, nk, config.min_seq_len)[0]]
-        else:
-            paths = [""]
-    out = {}
-    for path in paths:
-        planes = torch.randn((b * h, d, config.bits), device=device, generator=generator)
-        u = torch.rand((b * h, config.samples), device=device, generator=generator, dtype=torch.float64)
-        out[path] = (planes, u)
-    return out
+def _device_draws(config, b, h, d, device, generator):
+    """A function drawing one piece's LSH planes (BH, T, d, r) and sample uniforms (BH, T, m)
+    on the device, one call per piece."""
+    def draw(nodes):
+        planes = torch.randn((b * h, len(nodes), d, config.bits), device=device, generator=generator)
+        u = torch.rand((b * h, len(nodes), config.samples), device=device, generator=generator,
+                       dtype=torch.float64)
+        return planes, u
+    return draw
 
 
 def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device):
@@ -79,40 +74,38 @@ def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device)
     if (draws.nq, draws.nk, draws.d, draws.causal) != (nq, nk, d, bool(causal)) or \
             tuple(draws.batch_shape) != (b, h) or draws.config != config:
         raise ValueError("draws were made for another shape, causality or config")
-    return {path: (torch.as_tensor(np.asarray(bd.lsh_planes).reshape(b * h, d, -1), device=device),
-                   torch.as_tensor(np.asarray(bd.sample_u).reshape(b * h, -1), device=device))
-            for path, bd in draws.blocks.items()}
+    blocks = {path: (torch.as_tensor(np.asarray(bd.lsh_planes).reshape(b * h, d, -1), device=device),
+                     torch.as_tensor(np.asarray(bd.sample_u).reshape(b * h, -1), device=device))
+              for path, bd in draws.blocks.items()}
+
+    def draw(nodes):
+        return (torch.stack([blocks[n.path][0] for n in nodes], dim=1),
+                torch.stack([blocks[n.path][1] for n in nodes], dim=1))
+    return draw
 
 
-def _lsh_plan(qf, kf, vf, planes, u, config, b, h, hk, exact_hash):
-    """Index tensors of a non-causal sortLSH piece over flattened heads (SPEC §3, §5)."""
-    bh, nq, d = qf.shape
-    nk = kf.shape[1]
+def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton):
+    """Index tensors of one sortLSH piece (SPEC §3, §5): all nodes of ``layout`` at once.
+
+    ``planes`` (BH, T, d, r) and ``u`` (BH, T, m) are the nodes' draws, ``sq``
+    the squared row norms of ``v`` (float64, or ``None`` for the uniform sampler).
+    """
+    bh = qf.shape[0]
     group = h // hk
     heads = torch.arange(bh, device=qf.device)
     kv_of = (heads // h) * hk + (heads % h) // group
-    perm_q = lsh_sort(qf, planes, exact_hash)
-    perm_k = lsh_sort(kf if group == 1 else kf[kv_of], planes, exact_hash)
-    lo, hi, rtag = lsh_intervals(nq, nk, config.block, qf.device)
-    idx, bias = sample_keys(vf, u, kv_of, config.sampler, exact_hash)
-    position = torch.empty_like(perm_k)
-    position.scatter_(1, perm_k, torch.arange(nk, device=qf.device).expand(bh, nk))
-    stag = (position.gather(1, idx) // config.block).int()
-    return Plan(perm_q.int().contiguous(), perm_k.int().contiguous(), lo, hi, rtag,
-                idx.int().contiguous(), bias.contiguous(), stag.contiguous(), h, hk)
-
-
-def _merge(o1, l1, o2, l2):
-    """LSE merge (SPEC §1), safe for rows empty in both (autograd-friendly)."""
-    top = torch.maximum(l1, l2)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
-    total = w1 + w2
-    has = total > 0
-    safe = torch.where(has, total, torch.ones_like(total))
-    lse = torch.where(has, top + torch.log(safe), torch.full_like(top, float("-inf")))
-    out = (w1 / safe)[..., None].to(o1.dtype) * o1 + (w2 / safe)[..., None].to(o2.dtype) * o2
-    return out, lse
+    arrays = layout_arrays(layout, config.block, qf.device)
+    rb, cb = layout.row_bounds, layout.col_bounds
+    q_starts = [n[0] for n in layout.nodes]
+    k_starts = [n[2] for n in layout.nodes]
+    perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton)
+    perm_k = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash, use_triton)
+    idx, bias = sample_nodes(sq, u, kv_of, config.sampler, layout, arrays)
+    position = torch.empty((bh, kf.shape[1]), dtype=torch.int64, device=qf.device)
+    position.scatter_(1, perm_k.long(), torch.arange(cb[-1], device=qf.device).expand(bh, -1))
+    stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1))].reshape(idx.shape)
+    return Plan(perm_q, perm_k, arrays["lo"], arrays["hi"], arrays["rtag"], idx.int().contiguous(),
+                bias.contiguous(), stag.contiguous(), rb, h, hk)
 
 
 def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None, generator=None,
@@ -168,66 +161,42 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if nq == 0:
         out = q.new_zeros((b, h, 0, dv))
         return (out, q.new_zeros((b, h, 0), dtype=torch.float32)) if return_lse else out
-    fn = interval_attention if backend == "triton" else interval_attention_dense
+    fn = pieces_attention if backend == "triton" else pieces_attention_dense
     qf, kf, vf = q.reshape(b * h, nq, d), k.reshape(b * hk, nk, d), v.reshape(b * hk, nk, dv)
     if draws is not None:
-        dev_draws = _from_reference_draws(draws, config, nq, nk, d, causal, b, h, q.device)
+        draw = _from_reference_draws(draws, config, nq, nk, d, causal, b, h, q.device)
     else:
-        dev_draws = _device_draws(config, nq, nk, d, causal, b, h, q.device, generator)
-
+        draw = _device_draws(config, b, h, d, q.device, generator)
+    pieces = []
     if nq <= config.min_seq_len or causal:
-        leaves = causal_nodes(nq, nk, config.min_seq_len)[1] if causal else None
         if causal:
-            lo, hi = leaf_intervals(tuple(leaves), nq, q.device)
+            lo, hi = leaf_intervals(tuple(causal_nodes(nq, nk, config.min_seq_len)[1]), nq, q.device)
         else:
             lo = torch.zeros(nq, dtype=torch.int32, device=q.device)
             hi = torch.full((nq,), nk, dtype=torch.int32, device=q.device)
-        out, lse = fn(qf, kf, vf, Plan(None, None, lo, hi, None, None, None, None, h, hk), scale)
-    if nq > config.min_seq_len and not causal:
-        planes, u = dev_draws[""]
-        out, lse = fn(qf, kf, vf, _lsh_plan(qf, kf, vf, planes, u, config, b, h, hk, exact_hash), scale)
-    elif nq > config.min_seq_len:
-        out, lse = _causal_offdiag(qf, kf, vf, out, lse, dev_draws, config, b, h, hk,
-                                   scale, exact_hash, fn)
+        pieces.append(Plan(None, None, lo, hi, None, None, None, None, (0, nq), h, hk))
+    if nq > config.min_seq_len:
+        sq = None if config.sampler == "uniform" else \
+            row_sq_norms(vf, exact_hash, use_triton=backend == "triton")
+        for nodes in _levels(nq, nk, causal, config.min_seq_len):
+            layout = Layout(tuple((n.q0, n.q1, n.k0, n.k1) for n in nodes))
+            planes, u = draw(nodes)
+            pieces.append(_piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash,
+                                      use_triton=backend == "triton"))
+    out, lse = fn(qf, kf, vf, pieces, scale)
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
     return (out, lse) if return_lse else out
 
 
-def _causal_offdiag(qf, kf, vf, out, lse, dev_draws, config, b, h, hk, scale, exact_hash, fn):
-    """Add the off-diagonal blocks of the recursion (SPEC §6), one launch per level and shape."""
-    nq, nk = qf.shape[1], kf.shape[1]
-    offdiag, _ = causal_nodes(nq, nk, config.min_seq_len)
-    groups = defaultdict(list)
-    for node in offdiag:
-        groups[(node.depth, node.nq, node.nk)].append(node)
+def _levels(nq, nk, causal, n_min):
+    """Nodes of each sortLSH piece: the whole matrix, or each level's off-diagonal blocks."""
+    if not causal:
+        return [[OffDiagonal("", 0, nq, 0, nk)]]
     levels = defaultdict(list)
-    for (depth, nqn, nkn), nodes in sorted(groups.items()):
-        qg = torch.cat([qf[:, n.q0:n.q1] for n in nodes], dim=0)
-        kg = torch.cat([kf[:, n.k0:n.k1] for n in nodes], dim=0)
-        vg = torch.cat([vf[:, n.k0:n.k1] for n in nodes], dim=0)
-        planes = torch.cat([dev_draws[n.path][0] for n in nodes], dim=0)
-        u = torch.cat([dev_draws[n.path][1] for n in nodes], dim=0)
-        og, lg = fn(qg, kg, vg, _lsh_plan(qg, kg, vg, planes, u, config, b * len(nodes), h, hk,
-                                          exact_hash), scale)
-        bh = qf.shape[0]
-        for i, n in enumerate(nodes):
-            levels[depth].append((n.q0, n.q1, og[i * bh:(i + 1) * bh], lg[i * bh:(i + 1) * bh]))
-    for depth in sorted(levels):
-        pieces = sorted(levels[depth], key=lambda t: t[0])
-        o_parts, l_parts, cursor = [], [], 0
-        for q0, q1, o, l in pieces:
-            if q0 > cursor:
-                o_parts.append(out.new_zeros((out.shape[0], q0 - cursor, out.shape[2])))
-                l_parts.append(lse.new_full((lse.shape[0], q0 - cursor), float("-inf")))
-            o_parts.append(o)
-            l_parts.append(l)
-            cursor = q1
-        if cursor < nq:
-            o_parts.append(out.new_zeros((out.shape[0], nq - cursor, out.shape[2])))
-            l_parts.append(lse.new_full((lse.shape[0], nq - cursor), float("-inf")))
-        out, lse = _merge(out, lse, torch.cat(o_parts, dim=1), torch.cat(l_parts, dim=1))
-    return out, lse
+    for node in causal_nodes(nq, nk, n_min)[0]:
+        levels[node.depth].append(node)
+    return [sorted(levels[depth], key=lambda n: n.q0) for depth in sorted(levels)]
 
 
 class HyperAttention(torch.nn.Module):

@@ -1,11 +1,13 @@
 """The autograd Function around the Triton kernels, and its dense torch twin.
 
-``interval_attention(q, k, v, plan)`` returns ``(out, lse)`` of one piece of
-HyperAttention: the sortLSH blocks with their samples, or the causal leaves
-(see :mod:`gpu.kernels`). Heads are flattened: ``q`` is (B·H, nq, D), ``k, v``
-are (B·Hk, nk, ·). ``plan`` holds the index tensors.
+``pieces_attention(q, k, v, pieces, scale)`` returns ``(out, lse)`` of a list of
+pieces of HyperAttention merged into one softmax: the sortLSH blocks with their
+samples (one piece; or one per level of the causal recursion) and the causal
+leaves (see :mod:`gpu.kernels`, :mod:`gpu.structure`). Heads are flattened:
+``q`` is (B·H, nq, D), ``k, v`` are (B·Hk, nk, ·). Each :class:`Plan` holds a
+piece's index tensors.
 
-:func:`interval_attention_dense` computes the same function with dense torch
+:func:`pieces_attention_dense` computes the same function with dense torch
 operations (``O(nq·nk)`` memory: small sizes only) and is differentiable by
 autograd: the backward kernels are tested against it.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 import os
 
 import torch
+
+from . import structure as S
 
 try:
     import triton
@@ -28,12 +32,15 @@ except ImportError:  # pragma: no cover - triton is an optional extra
 
 @dataclass
 class Plan:
-    """Index tensors of one piece (all on the device of ``q``).
+    """Index tensors of one piece (all on the device of ``q``; see :mod:`gpu.structure`).
 
-    ``perm_q`` (BH, nq) / ``perm_k`` (BH, nk): sorted orders (``None`` for the
-    causal leaves); ``lo, hi, rtag`` (nq,): per sorted row, its key interval
-    and block tag; ``idx, bias, stag`` (BH, m): sampled keys, their log
-    weights and block tags (``None`` without samples); ``H, Hk``: heads.
+    ``perm_q`` (BH, R) / ``perm_k`` (BH, C): original query / key of each virtual
+    row / key (``None`` for the causal leaves, whose virtual order is the
+    original one); ``lo, hi, rtag`` (R,): per virtual row, its interval of
+    virtual keys and its block tag; ``idx, bias, stag`` (BH, T, m): each node's
+    sampled keys (original indices), their log weights and block tags
+    (``None`` without samples); ``row_bounds``: virtual row offsets of the
+    ``T`` nodes (host ints); ``H, Hk``: heads.
     """
 
     perm_q: torch.Tensor | None
@@ -44,18 +51,34 @@ class Plan:
     idx: torch.Tensor | None
     bias: torch.Tensor | None
     stag: torch.Tensor | None
+    row_bounds: tuple
     H: int
     Hk: int
+
+    @property
+    def n_rows(self) -> int:
+        return self.row_bounds[-1]
+
+    def n_keys(self, nk: int) -> int:
+        """Number of virtual keys (``nk`` for the leaves, which have no permutation)."""
+        return self.perm_k.shape[1] if self.perm_k is not None else nk
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# (pass, d, dtype) -> (BM, BN, num_warps, num_stages): set by benchmarks/gpu_tiles.py to
+# sweep configurations; empty in normal use.
+TILE_OVERRIDES: dict = {}
+
+
 def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for the forward kernel."""
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
+    if ("fwd", d, dtype) in TILE_OVERRIDES:
+        return TILE_OVERRIDES[("fwd", d, dtype)]
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if d <= 64:
@@ -66,6 +89,8 @@ def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
 def _bwd_tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
+    if ("bwd", d, dtype) in TILE_OVERRIDES:
+        return TILE_OVERRIDES[("bwd", d, dtype)]
     if dtype == torch.float32 or d > 64:
         return 64, 64, 4, 2
     return 64, 64, 4, 3
@@ -91,34 +116,50 @@ def _index_args(plan: Plan, device):
     return pointers, strides
 
 
-class _IntervalAttention(torch.autograd.Function):
+def _samples(plan: Plan) -> int:
+    return plan.idx.shape[-1] if plan.idx is not None else 0
+
+
+def _sample_chunks(plan: Plan, BM: int, device):
+    """Row chunks for the sampled-key backward: about 32 per piece, never crossing a node."""
+    rows = max(BM, triton.cdiv(triton.cdiv(plan.n_rows, 32), BM) * BM)
+    return S.tile_map(plan.row_bounds, rows, device)
+
+
+class _PiecesAttention(torch.autograd.Function):
+    """``(out, lse)`` of a list of pieces merged into one softmax (SPEC §1, §6).
+
+    The first piece must cover every row (the LSH piece, or the causal leaves);
+    the others are merged into it in place by the forward kernel. Only ``q, k,
+    v, out, lse`` and the index tensors are kept for backward: memory ``O(n·d)``.
+    """
+
     @staticmethod
-    def forward(ctx, q, k, v, plan: Plan, scale: float):
+    def forward(ctx, q, k, v, pieces, scale: float):
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
         out = torch.empty((bh, nq, dv), device=q.device, dtype=q.dtype)
         lse = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
         BM, BN, warps, stages = _tiles(d, q.dtype, q.device)
-        has_perm = plan.perm_q is not None
-        has_samples = plan.idx is not None
-        m = plan.idx.shape[1] if has_samples else 0
-        pointers, index_strides = _index_args(plan, q.device)
-        grid = (triton.cdiv(nq, BM), bh)
-        K._fwd_kernel[grid](
-            q, k, v, *pointers, out, lse,
-            nq, nk, m, plan.H, plan.Hk, plan.H // plan.Hk, scale * K.LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0), *index_strides,
-            D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=has_samples, HAS_PERM=has_perm,
-            PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+        for i, plan in enumerate(pieces):
+            pointers, index_strides = _index_args(plan, q.device)
+            t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
+            K._fwd_kernel[(t_r0.shape[0], bh)](
+                q, k, v, *pointers, t_r0, t_r1, t_node, out, lse,
+                plan.n_keys(nk), _samples(plan), plan.H, plan.Hk, plan.H // plan.Hk, scale * K.LOG2E,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0), *index_strides,
+                D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=plan.idx is not None,
+                HAS_PERM=plan.perm_q is not None, MERGE=i > 0, PREC=_prec(q.dtype),
+                num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.pieces, ctx.scale = pieces, scale
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
+        scale = ctx.scale
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
         dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
@@ -127,70 +168,75 @@ class _IntervalAttention(torch.autograd.Function):
             delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
         delta = delta.contiguous()
         BM, BN, warps, stages = _bwd_tiles(d, q.dtype, q.device)
-        has_perm = plan.perm_q is not None
-        has_samples = plan.idx is not None
-        dummy = _dummy(q.device)
-        m = plan.idx.shape[1] if has_samples else 0
-        group = plan.H // plan.Hk
         prec = _prec(q.dtype)
-        sq = (plan.perm_q.stride(0) if has_perm else 0, plan.perm_k.stride(0) if has_perm else 0)
-        dq = torch.empty_like(q)
-        pointers, index_strides = _index_args(plan, q.device)
-        K._bwd_dq_kernel[(triton.cdiv(nq, BM), bh)](
-            q, k, v, *pointers, dout, lse, delta, dq,
-            nq, nk, m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0), *index_strides,
-            D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=has_samples, HAS_PERM=has_perm, PREC=prec,
-            num_warps=warps, num_stages=stages)
-        # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
-        tiles = torch.arange(0, nk, BN, device=q.device, dtype=torch.int32)
-        rstart = torch.searchsorted(plan.hi, tiles, right=True).int()
-        rend = torch.searchsorted(plan.lo, torch.clamp(tiles + BN, max=nk), right=False).int()
-        dk_h = torch.zeros((bh, nk, d), device=q.device, dtype=torch.float32)
-        dv_h = torch.zeros((bh, nk, dv), device=q.device, dtype=torch.float32)
-        K._bwd_dkdv_kernel[(triton.cdiv(nk, BN), bh)](
-            q, k, v, plan.perm_q if has_perm else dummy, plan.perm_k if has_perm else dummy,
-            plan.lo, plan.hi, rstart, rend, dout, lse, delta, dk_h, dv_h,
-            nq, nk, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0), sq[0], sq[1],
-            dk_h.stride(0), dk_h.stride(1), dv_h.stride(0), dv_h.stride(1),
-            D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm, PREC=prec,
-            num_warps=warps, num_stages=stages)
-        if has_samples:
-            chunk_rows = max(BM, triton.cdiv(triton.cdiv(nq, 32), BM) * BM)
-            n_chunks = triton.cdiv(nq, chunk_rows)
-            dks = torch.empty((bh, n_chunks, m, d), device=q.device, dtype=torch.float32)
-            dvs = torch.empty((bh, n_chunks, m, dv), device=q.device, dtype=torch.float32)
-            K._bwd_samples_kernel[(triton.cdiv(m, BN), n_chunks, bh)](
-                q, k, v, plan.perm_q, plan.idx, plan.bias, plan.stag, plan.rtag,
-                dout, lse, delta, dks, dvs,
-                nq, m, plan.H, plan.Hk, group, chunk_rows, scale * K.LOG2E, scale,
+        dq = torch.empty((bh, nq, d), device=q.device, dtype=torch.float32)
+        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+        dvv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+        dummy = _dummy(q.device)
+        for i, plan in enumerate(ctx.pieces):
+            group = plan.H // plan.Hk
+            has_perm = plan.perm_q is not None
+            m = _samples(plan)
+            pointers, index_strides = _index_args(plan, q.device)
+            t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
+            K._bwd_dq_kernel[(t_r0.shape[0], bh)](
+                q, k, v, *pointers, t_r0, t_r1, t_node, dout, lse, delta, dq,
+                plan.n_keys(nk), m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1), lse.stride(0), sq[0], plan.idx.stride(0),
-                dks.stride(0), dks.stride(1), dks.stride(2), dvs.stride(0), dvs.stride(1), dvs.stride(2),
-                D=d, DV=dv, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
-            index = plan.idx.long()
-            dk_h.scatter_add_(1, index[..., None].expand(-1, -1, d), dks.sum(1))
-            dv_h.scatter_add_(1, index[..., None].expand(-1, -1, dv), dvs.sum(1))
-        n_kv = k.shape[0]
-        dk = dk_h.view(n_kv, group, nk, d).sum(1).to(k.dtype)
-        dvv = dv_h.view(n_kv, group, nk, dv).sum(1).to(v.dtype)
-        return dq, dk, dvv, None, None
+                dout.stride(0), dout.stride(1), lse.stride(0), *index_strides,
+                D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=m > 0, HAS_PERM=has_perm, ACCUM=i > 0,
+                PREC=prec, num_warps=warps, num_stages=stages)
+            # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
+            n_keys = plan.n_keys(nk)
+            tiles = torch.arange(0, n_keys, BN, device=q.device, dtype=torch.int32)
+            rstart = torch.searchsorted(plan.hi, tiles, right=True).int()
+            rend = torch.searchsorted(plan.lo, torch.clamp(tiles + BN, max=n_keys), right=False).int()
+            K._bwd_dkdv_kernel[(tiles.shape[0], bh)](
+                q, k, v, plan.perm_q if has_perm else dummy, plan.perm_k if has_perm else dummy,
+                plan.lo, plan.hi, rstart, rend, dout, lse, delta, dk, dvv,
+                n_keys, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[1],
+                dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
+                D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm, ATOMIC=group > 1, PREC=prec,
+                num_warps=warps, num_stages=stages)
+            if m > 0:
+                c_r0, c_r1, c_node = _sample_chunks(plan, BM, q.device)
+                K._bwd_samples_kernel[(triton.cdiv(m, BN), c_r0.shape[0], bh)](
+                    q, k, v, plan.perm_q, plan.idx, plan.bias, plan.stag, plan.rtag,
+                    c_r0, c_r1, c_node, dout, lse, delta, dk, dvv,
+                    m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[2],
+                    dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
+                    D=d, DV=dv, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
-def interval_attention(q, k, v, plan: Plan, scale: float):
-    """``(out, lse)`` of one piece through the Triton kernels (differentiable)."""
+def pieces_attention(q, k, v, pieces, scale: float):
+    """``(out, lse)`` of the merged pieces through the Triton kernels (differentiable)."""
     if K is None:
         raise RuntimeError("the Triton kernels need the 'triton' package (pip install triton)")
     if q.device.type != "cuda" and not _interpret():
         raise RuntimeError("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-    return _IntervalAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), plan, scale)
+    return _PiecesAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), list(pieces), scale)
 
 
-def interval_attention_dense(q, k, v, plan: Plan, scale: float):
-    """The same ``(out, lse)`` by dense torch operations (autograd-differentiable)."""
+def merge(o1, l1, o2, l2):
+    """LSE merge (SPEC §1), safe for rows empty in both (autograd-friendly)."""
+    top = torch.maximum(l1, l2)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
+    total = w1 + w2
+    has = total > 0
+    safe = torch.where(has, total, torch.ones_like(total))
+    lse = torch.where(has, top + torch.log(safe), torch.full_like(top, float("-inf")))
+    out = (w1 / safe)[..., None].to(o1.dtype) * o1 + (w2 / safe)[..., None].to(o2.dtype) * o2
+    return out, lse
+
+
+def _piece_dense(q, k, v, plan: Plan, scale: float):
+    """One piece by dense torch operations: (out, lse) over all rows (−inf where absent)."""
     bh, nq, d = q.shape
     nk = k.shape[1]
     group = plan.H // plan.Hk
@@ -204,25 +250,40 @@ def interval_attention_dense(q, k, v, plan: Plan, scale: float):
         vs = vv.gather(1, pk[..., None].expand(-1, -1, vv.shape[2]))
     else:
         qs, ks, vs = q, kk, vv
-    cols = torch.arange(nk, device=q.device)
+    cols = torch.arange(ks.shape[1], device=q.device)
     valid = (cols[None, :] >= plan.lo.long()[:, None]) & (cols[None, :] < plan.hi.long()[:, None])
     logits = torch.einsum("bid,bjd->bij", qs, ks) * scale
     logits = logits.masked_fill(~valid[None], float("-inf"))
-    values = vs
-    if plan.idx is not None:
-        idx = plan.idx.long()
-        ksmp = kk.gather(1, idx[..., None].expand(-1, -1, d))
-        vsmp = vv.gather(1, idx[..., None].expand(-1, -1, vv.shape[2]))
-        ls = torch.einsum("bid,bjd->bij", qs, ksmp) * scale + plan.bias.to(q.dtype)[:, None, :]
-        keep = plan.stag[:, None, :] != plan.rtag[None, :, None]
-        logits = torch.cat([logits, ls.masked_fill(~keep, float("-inf"))], dim=2)
-        values = torch.cat([vs, vsmp], dim=1)
     lse = torch.logsumexp(logits, dim=2)
+    if plan.idx is not None:
+        rb = plan.row_bounds
+        sizes = torch.tensor([b - a for a, b in zip(rb[:-1], rb[1:])], device=q.device)
+        node = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)
+        idx = plan.idx.long()[:, node]  # (BH, R, m): each row's node's samples
+        ksmp = kk.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, d)).reshape(*idx.shape, d)
+        vsmp = vv.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, vv.shape[2])).reshape(*idx.shape, -1)
+        ls = torch.einsum("bid,bijd->bij", qs, ksmp) * scale + plan.bias[:, node].to(q.dtype)
+        keep = plan.stag[:, node] != plan.rtag[None, :, None]
+        ls = ls.masked_fill(~keep, float("-inf"))
+        lse = torch.logsumexp(torch.cat([logits, ls], dim=2), dim=2)
     seen = torch.isfinite(lse)
-    prob = torch.exp(logits - torch.where(seen, lse, torch.zeros_like(lse))[..., None])
-    out = prob @ values
-    if plan.perm_q is not None:
-        inv = torch.argsort(plan.perm_q.long(), dim=1)
-        out = out.gather(1, inv[..., None].expand(-1, -1, out.shape[2]))
-        lse = lse.gather(1, inv)
+    shift = torch.where(seen, lse, torch.zeros_like(lse))[..., None]
+    out = torch.exp(logits - shift) @ vs
+    if plan.idx is not None:
+        out = out + torch.einsum("bij,bijd->bid", torch.exp(ls - shift), vsmp)
+    if plan.perm_q is None:
+        return out, lse
+    full = out.new_zeros((bh, nq, out.shape[2]))
+    full_lse = lse.new_full((bh, nq), float("-inf"))
+    full = full.scatter(1, plan.perm_q.long()[..., None].expand(-1, -1, out.shape[2]), out)
+    full_lse = full_lse.scatter(1, plan.perm_q.long(), lse)
+    return full, full_lse
+
+
+def pieces_attention_dense(q, k, v, pieces, scale: float):
+    """The same ``(out, lse)`` by dense torch operations (autograd-differentiable)."""
+    out, lse = None, None
+    for plan in pieces:
+        o, l = _piece_dense(q, k, v, plan, scale)
+        out, lse = (o, l) if out is None else merge(out, lse, o, l)
     return out, lse

@@ -1,28 +1,40 @@
 """Triton kernels of the GPU path: attention over per-row key intervals plus sampled keys.
 
-One forward kernel serves both parts of HyperAttention (SPEC §3–§6):
+One launch computes one *piece* of HyperAttention (SPEC §3–§6): a list of
+nodes, node ``t`` with query rows ``[q0, q1)`` and key rows ``[k0, k1)``.
+Rows and keys are enumerated in *virtual* order: the nodes' rows one after the
+other (``perm_q[p]`` is the query of virtual row ``p``), likewise the keys.
 
-* sortLSH blocks (``HAS_PERM``): row ``p`` *in sorted order* is query
-  ``perm_q[p]``; it attends to the sorted keys ``perm_k[lo_p:hi_p]`` of its
-  block and to the ``m`` sampled keys ``idx_t`` whose block tag differs from
-  the row's (``masked`` estimator, ``self`` normalizer), each with the
-  additive logit bias ``log w_t = −log(m p_t)``;
-* causal leaves (no perm): row ``i`` attends to keys ``[lo_i, hi_i)`` (the
-  keys it sees inside its leaf); no samples.
+* sortLSH nodes (``HAS_PERM``): the virtual order is the node's sorted order;
+  row ``p`` attends to the virtual keys ``[lo_p, hi_p)`` of its block and to the
+  ``m`` sampled keys of its node whose block tag differs from the row's
+  (``masked`` estimator, ``self`` normalizer), each with the additive logit
+  bias ``log w_t = −log(m p_t)``;
+* causal leaves (no perm): virtual = original order; row ``i`` attends to the
+  keys ``[lo_i, hi_i)`` it sees inside its leaf; no samples.
 
-Intervals are nondecreasing in the row index and shared by all heads, so a
-tile of rows needs keys ``[lo_first, hi_last)`` only. Rows and keys are
-gathered through the permutations inside the kernels and results are written
-at the original positions, so every tensor the caller sees is in original
-order. Query head ``bh`` reads key/value head ``(bh // H)·Hk + (bh % H) // G``
-(grouped-query attention). Online softmax in base 2 (FlashAttention-2), fp32
-accumulation; ``lse`` is returned in natural-log units.
+Intervals are nondecreasing in the virtual row and shared by all heads, so a
+tile of rows needs keys ``[min lo, max hi)`` only, and key tiles inside
+``[max lo, min hi)`` need no mask. Row tiles never cross nodes (a tile map
+``T_R0, T_R1, T_NODE`` gives each program its rows). Results go to the
+original positions (``nk`` in the kernels' arguments is the number of virtual
+keys of the piece). With ``MERGE`` the kernel combines its piece with the
+``(out, lse)`` already there (SPEC §1's merge): the causal recursion is one
+launch per level, each query appearing at most once per level, so no two
+programs touch the same row. Query head ``bh`` reads key/value head
+``(bh // H)·Hk + (bh % H) // G`` (grouped-query attention). Online softmax in
+base 2 (FlashAttention-2), fp32 accumulation; ``lse`` in natural-log units.
 
-Backward (recomputing the probabilities from ``lse``; ``Δ_i = do_i·o_i − dlse_i``):
-``dq`` per row tile; ``dk, dv`` of the interval keys per key tile (rows
-``[rstart, rend)`` of the tile precomputed by the caller), written per query
-head; partial ``dk, dv`` of the sampled keys per (sample tile, row chunk),
-summed and scattered by the caller.
+Backward (recomputing the probabilities from the final ``lse`` of the whole
+attention — every piece is a part of one softmax; ``Δ_i = do_i·o_i − dlse_i``):
+``dq`` per row tile, accumulated over pieces in an fp32 buffer; ``dk, dv`` of
+the interval keys per key tile (rows ``[rstart, rend)`` of the tile
+precomputed by the caller), added into fp32 buffers of the key/value heads
+(atomically when several query heads share one); ``dk, dv`` of the sampled
+keys per (sample tile, row chunk), added atomically.
+
+The hash kernel computes the sortLSH sort keys of SPEC §3:
+``node_base + gray⁻¹(c(x))·n_node + local_index`` (unique, so any sort is stable).
 """
 
 from __future__ import annotations
@@ -42,16 +54,111 @@ def _kv_head(bh, H, HK, G):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, O, LSE,
-                nq, nk, m, H, HK, G, scale_log2,
+def _sq_norm_kernel(X, OUT, rows, n, s_xb, s_xn, D: tl.constexpr, BM: tl.constexpr):
+    """``OUT[i] = ‖x_i‖²`` (fp32 accumulation) of the rows of X (B, n, D), flattened."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = r < rows
+    offd = tl.arange(0, D)
+    x = tl.load(X + (r // n).to(tl.int64)[:, None] * s_xb + (r % n).to(tl.int64)[:, None] * s_xn
+                + offd[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + r, tl.sum(x * x, axis=1), mask=rmask)
+
+
+@triton.jit
+def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N,
+                 H, HK, G, r, s_xb, s_xn, s_pb, s_pn, s_kb,
+                 D: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Sort keys of one tile of virtual rows: ``(R0_t << r) + bucket·n_t + local``.
+
+    ``PLANES`` is (BH, nodes, D, r) contiguous in its last two dims; ``X`` row
+    ``x0_t + local`` of head ``kv_head(bh)`` is hashed with node ``t``'s planes.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    xh = _kv_head(bh, H, HK, G)
+    node = tl.load(T_NODE + tile)
+    r0 = tl.load(T_R0 + tile)
+    r1 = tl.load(T_R1 + tile)
+    nr0 = tl.load(NODE_R0 + node).to(tl.int64)
+    x0 = tl.load(NODE_X0 + node).to(tl.int64)
+    n = tl.load(NODE_N + node).to(tl.int64)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
+    local = rows.to(tl.int64) - nr0
+    offd = tl.arange(0, D)
+    cols = tl.arange(0, RP)
+    x = tl.load(X + xh * s_xb + (x0 + local)[:, None] * s_xn + offd[None, :], mask=rmask[:, None], other=0.0)
+    planes = tl.load(PLANES + bh * s_pb + node * s_pn + offd[:, None] * r + cols[None, :],
+                     mask=cols[None, :] < r, other=0.0)
+    proj = tl.dot(x, planes.to(x.dtype), input_precision=PREC)
+    weights = tl.where(cols < r, tl.full([RP], 1, tl.int64) << cols.to(tl.int64), 0)
+    code = tl.sum(tl.where(proj > 0, weights[None, :], 0), axis=1)
+    code ^= code >> 1
+    code ^= code >> 2
+    code ^= code >> 4
+    code ^= code >> 8
+    code ^= code >> 16
+    key = (nr0 << r) + code * n + local
+    tl.store(KEYS + bh * s_kb + rows, key.to(KEYS.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask, nk,
+              s_kn, s_vn, scale_log2, offd, offv,
+              BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """One key tile ``[j0, j0 + BN)`` of the online softmax (masked or known-inside)."""
+    cols = j0 + tl.arange(0, BN)
+    if MASK:
+        cmask = cols < nk
+    else:
+        cmask = cols >= 0
+    if HAS_PERM:
+        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0).to(tl.int64)
+    else:
+        kj = cols.to(tl.int64)
+    k = tl.load(K + k_head + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    if MASK:
+        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
+        s = tl.where(valid, s, NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    if MASK:
+        p = tl.where(valid, p, 0.0)
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(V + v_head + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _key_ranges(lo, hi, rmask, nk, BN: tl.constexpr):
+    """Key tiles of a row tile: masked ``[start, a)``, unmasked ``[a, b)``, masked ``[b, end)``."""
+    start = tl.min(tl.where(rmask, lo, nk), axis=0)
+    end = tl.max(tl.where(rmask, hi, 0), axis=0)
+    lo_max = tl.max(tl.where(rmask, lo, 0), axis=0)
+    hi_min = tl.min(tl.where(rmask, hi, nk), axis=0)
+    a = start + tl.cdiv(tl.maximum(lo_max - start, 0), BN) * BN
+    a = tl.minimum(a, tl.maximum(end, start))
+    b = a + tl.maximum(hi_min - a, 0) // BN * BN
+    return start, a, b, end
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_R1, T_NODE, O, LSE,
+                nk, m, H, HK, G, scale_log2,
                 s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb, s_ib,
                 D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, PREC: tl.constexpr):
+                HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, MERGE: tl.constexpr,
+                PREC: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
-    rows = tile * BM + tl.arange(0, BM)
-    rmask = rows < nq
+    r0 = tl.load(T_R0 + tile)
+    r1 = tl.load(T_R1 + tile)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
     if HAS_PERM:
         qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
     else:
@@ -61,38 +168,33 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, O, LSE,
     q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
-    start = tl.min(tl.where(rmask, lo, nk), axis=0)
-    end = tl.max(tl.where(rmask, hi, 0), axis=0)
+    start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
     m_i = tl.full([BM], NEG, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, DV], tl.float32)
-    for j0 in range(start, end, BN):
-        cols = j0 + tl.arange(0, BN)
-        cmask = cols < nk
-        if HAS_PERM:
-            kj = tl.load(PERM_K + bh * s_pkb + cols, mask=cmask, other=0).to(tl.int64)
-        else:
-            kj = cols.to(tl.int64)
-        k = tl.load(K + kvh * s_kb + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
-        s = tl.where(valid, s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + kvh * s_vb + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+    pk_row = bh * s_pkb
+    k_head = kvh * s_kb
+    v_head = kvh * s_vb
+    for j0 in range(start, a, BN):
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi,
+                                  rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
+    for j0 in range(a, b, BN):
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi,
+                                  rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, False, PREC)
+    for j0 in range(b, end, BN):
+        acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi,
+                                  rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
     if HAS_SAMPLES:
+        node = tl.load(T_NODE + tile).to(tl.int64)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
+        smp = bh * s_ib + node * m
         for t0 in range(0, m, BN):
             ts = t0 + tl.arange(0, BN)
             tmask = ts < m
-            sj = tl.load(IDX + bh * s_ib + ts, mask=tmask, other=0).to(tl.int64)
-            ks = tl.load(K + kvh * s_kb + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
-            bias = tl.load(BIAS + bh * s_ib + ts, mask=tmask, other=0.0)
-            stag = tl.load(STAG + bh * s_ib + ts, mask=tmask, other=-2)
+            sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
+            ks = tl.load(K + k_head + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
+            bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+            stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
             s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
             valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
             s = tl.where(valid, s, NEG)
@@ -100,32 +202,76 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, O, LSE,
             p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
             alpha = tl.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vs = tl.load(V + kvh * s_vb + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
+            vs = tl.load(V + v_head + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vs.dtype), vs, input_precision=PREC)
             m_i = m_new
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has, (m_i + tl.log2(l_safe)) * _LN2, float("-inf"))
-    tl.store(O + bh * s_ob + qi[:, None] * s_on + offv[None, :], out.to(O.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + bh * s_lb + qi, lse, mask=rmask)
+    lse2 = tl.where(has, m_i + tl.log2(l_safe), float("-inf"))
+    o_ptr = O + bh * s_ob + qi[:, None] * s_on + offv[None, :]
+    l_ptr = LSE + bh * s_lb + qi
+    if MERGE:
+        prev2 = tl.load(l_ptr, mask=rmask, other=float("-inf")) * _LOG2E
+        o_prev = tl.load(o_ptr, mask=rmask[:, None], other=0.0).to(tl.float32)
+        top = tl.maximum(prev2, lse2)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_prev = tl.exp2(prev2 - top)
+        w_new = tl.exp2(lse2 - top)
+        total = w_prev + w_new
+        seen = total > 0.0
+        t_safe = tl.where(seen, total, 1.0)
+        out = (w_prev[:, None] * o_prev + w_new[:, None] * out) / t_safe[:, None]
+        lse2 = tl.where(seen, top + tl.log2(t_safe), float("-inf"))
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(l_ptr, lse2 * _LN2, mask=rmask)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, DO, LSE, DELTA, DQ,
-                   nq, nk, m, H, HK, G, scale_log2, scale,
+def _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask, nk,
+             s_kn, s_vn, scale_log2, offd, offv,
+             BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    cols = j0 + tl.arange(0, BN)
+    if MASK:
+        cmask = cols < nk
+    else:
+        cmask = cols >= 0
+    if HAS_PERM:
+        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0).to(tl.int64)
+    else:
+        kj = cols.to(tl.int64)
+    k = tl.load(K + k_head + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
+    v = tl.load(V + v_head + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    p = tl.exp2(s - lse2[:, None])
+    if MASK:
+        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
+        p = tl.where(valid, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_R1, T_NODE,
+                   DO, LSE, DELTA, DQ,
+                   nk, m, H, HK, G, scale_log2, scale,
                    s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb, s_ib,
                    D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                   HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, PREC: tl.constexpr):
-    """dq_i = scale Σ_j P_ij (dP_ij − Δ_i) k_j over the row's interval keys and samples.
+                   HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, ACCUM: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dq_i (+)= scale Σ_j P_ij (dP_ij − Δ_i) k_j over the row's interval keys and samples.
 
-    ``DO`` shares the strides of the output (``s_ob, s_on``), ``DQ`` those of ``Q``.
+    ``DO`` shares the strides of the output (``s_ob, s_on``); ``DQ`` is fp32 with
+    the strides of ``Q``; with ``ACCUM`` the piece's dq is added to it.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
-    rows = tile * BM + tl.arange(0, BM)
-    rmask = rows < nq
+    r0 = tl.load(T_R0 + tile)
+    r1 = tl.load(T_R1 + tile)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
     if HAS_PERM:
         qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
     else:
@@ -138,34 +284,32 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, DO, L
     delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
-    start = tl.min(tl.where(rmask, lo, nk), axis=0)
-    end = tl.max(tl.where(rmask, hi, 0), axis=0)
+    start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
+    pk_row = bh * s_pkb
+    k_head = kvh * s_kb
+    v_head = kvh * s_vb
     dq = tl.zeros([BM, D], tl.float32)
-    for j0 in range(start, end, BN):
-        cols = j0 + tl.arange(0, BN)
-        cmask = cols < nk
-        if HAS_PERM:
-            kj = tl.load(PERM_K + bh * s_pkb + cols, mask=cmask, other=0).to(tl.int64)
-        else:
-            kj = cols.to(tl.int64)
-        k = tl.load(K + kvh * s_kb + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(V + kvh * s_vb + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    for j0 in range(start, a, BN):
+        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
+    for j0 in range(a, b, BN):
+        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, False, PREC)
+    for j0 in range(b, end, BN):
+        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
     if HAS_SAMPLES:
+        node = tl.load(T_NODE + tile).to(tl.int64)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
+        smp = bh * s_ib + node * m
         for t0 in range(0, m, BN):
             ts = t0 + tl.arange(0, BN)
             tmask = ts < m
-            sj = tl.load(IDX + bh * s_ib + ts, mask=tmask, other=0).to(tl.int64)
-            ks = tl.load(K + kvh * s_kb + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
-            vs = tl.load(V + kvh * s_vb + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
-            bias = tl.load(BIAS + bh * s_ib + ts, mask=tmask, other=0.0)
-            stag = tl.load(STAG + bh * s_ib + ts, mask=tmask, other=-2)
+            sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
+            ks = tl.load(K + k_head + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
+            vs = tl.load(V + v_head + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
+            bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+            stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
             s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
             valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
             p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
@@ -173,22 +317,35 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, DO, L
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC)
     dq = dq * scale
-    tl.store(DQ + bh * s_qb + qi[:, None] * s_qn + offd[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+    dq_ptr = DQ + bh * s_qb + qi[:, None] * s_qn + offd[None, :]
+    if ACCUM:
+        dq += tl.load(dq_ptr, mask=rmask[:, None], other=0.0)
+    tl.store(dq_ptr, dq, mask=rmask[:, None])
+
+
+@triton.jit
+def _add_rows(PTR, rows_off, val, mask, ATOMIC: tl.constexpr):
+    """``PTR[rows_off] += val``: atomically, or by read-add-write when rows are private."""
+    if ATOMIC:
+        tl.atomic_add(PTR + rows_off, val, mask=mask)
+    else:
+        tl.store(PTR + rows_off, tl.load(PTR + rows_off, mask=mask, other=0.0) + val, mask=mask)
 
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DELTA, DK, DV_,
-                     nq, nk, H, HK, G, scale_log2, scale,
+                     nkv, H, HK, G, scale_log2, scale,
                      s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb,
                      s_dkb, s_dkn, s_dvb, s_dvn,
                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     HAS_PERM: tl.constexpr, PREC: tl.constexpr):
-    """dk, dv of one tile of interval keys, per query head (``DK``, ``DV_`` are (B·H, nk, ·))."""
+                     HAS_PERM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+    """dk, dv of one tile of virtual interval keys (``nkv`` of them), added into the
+    fp32 buffers ``DK``, ``DV_`` (B·Hk, Nk, ·) at the key/value head of ``bh``."""
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
     cols = tile * BN + tl.arange(0, BN)
-    cmask = cols < nk
+    cmask = cols < nkv
     if HAS_PERM:
         kj = tl.load(PERM_K + bh * s_pkb + cols, mask=cmask, other=0).to(tl.int64)
     else:
@@ -222,35 +379,38 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
-    tl.store(DK + bh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, mask=cmask[:, None])
-    tl.store(DV_ + bh * s_dvb + kj[:, None] * s_dvn + offv[None, :], dv, mask=cmask[:, None])
+    _add_rows(DK, kvh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, cmask[:, None], ATOMIC)
+    _add_rows(DV_, kvh * s_dvb + kj[:, None] * s_dvn + offv[None, :], dv, cmask[:, None], ATOMIC)
 
 
 @triton.jit
-def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, DO, LSE, DELTA, DKS, DVS,
-                        nq, m, H, HK, G, chunk_rows, scale_log2, scale,
+def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, C_R0, C_R1, C_NODE, DO, LSE, DELTA,
+                        DK, DV_, m, H, HK, G, scale_log2, scale,
                         s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_ib,
-                        s_pb, s_pc, s_pn, s_pvb, s_pvc, s_pvn,
+                        s_dkb, s_dkn, s_dvb, s_dvn,
                         D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         PREC: tl.constexpr):
-    """Partial dk, dv of the sampled keys over one chunk of sorted rows."""
+    """dk, dv of one tile of a node's sampled keys over one chunk of its rows,
+    added atomically into ``DK``, ``DV_`` (a key can be sampled twice)."""
     tile = tl.program_id(0)
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
+    node = tl.load(C_NODE + chunk).to(tl.int64)
+    smp = bh * s_ib + node * m
     ts = tile * BN + tl.arange(0, BN)
     tmask = ts < m
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
-    sj = tl.load(IDX + bh * s_ib + ts, mask=tmask, other=0).to(tl.int64)
+    sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
     ks = tl.load(K + kvh * s_kb + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
     vs = tl.load(V + kvh * s_vb + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
-    bias = tl.load(BIAS + bh * s_ib + ts, mask=tmask, other=0.0)
-    stag = tl.load(STAG + bh * s_ib + ts, mask=tmask, other=-2)
+    bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+    stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
-    r0 = chunk * chunk_rows
-    r1 = tl.minimum(r0 + chunk_rows, nq)
+    r0 = tl.load(C_R0 + chunk)
+    r1 = tl.load(C_R1 + chunk)
     for i0 in range(r0, r1, BM):
         rows = i0 + tl.arange(0, BM)
         rmask = rows < r1
@@ -268,5 +428,5 @@ def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, DO, LSE, DELTA, 
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
-    tl.store(DKS + bh * s_pb + chunk * s_pc + ts[:, None] * s_pn + offd[None, :], dk, mask=tmask[:, None])
-    tl.store(DVS + bh * s_pvb + chunk * s_pvc + ts[:, None] * s_pvn + offv[None, :], dv, mask=tmask[:, None])
+    tl.atomic_add(DK + kvh * s_dkb + sj[:, None] * s_dkn + offd[None, :], dk, mask=tmask[:, None])
+    tl.atomic_add(DV_ + kvh * s_dvb + sj[:, None] * s_dvn + offv[None, :], dv, mask=tmask[:, None])

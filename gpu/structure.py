@@ -1,10 +1,43 @@
-"""Hashing, sorting, intervals and samples in torch (mirrors hyperref.lsh/mask/sampling)."""
+"""Geometry, hashing, sorting and sampling of one piece (mirrors hyperref.lsh/mask/sampling).
+
+A *piece* is what one kernel launch computes: a list of nodes, node ``t`` with
+query rows ``[q0, q1)`` and key rows ``[k0, k1)`` (the non-causal call is one
+node; a level of the causal recursion is all its off-diagonal blocks). Its rows
+and keys are numbered in *virtual* order, node after node: virtual row
+``R_t + i`` is the node's ``i``-th row in sorted order, likewise keys from
+``C_t``. Everything here is per piece, batched over heads and nodes: one hash
+launch and one sort for the queries, the same for the keys, one inverse-CDF
+search for the samples of all nodes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Nodes ``((q0, q1, k0, k1), ...)`` of one piece, in increasing ``q0`` and ``k0``."""
+
+    nodes: tuple
+
+    @property
+    def row_bounds(self) -> tuple:
+        """Virtual row offsets ``(R_0 = 0, R_1, ..., R_T)``."""
+        out = [0]
+        for q0, q1, _, _ in self.nodes:
+            out.append(out[-1] + q1 - q0)
+        return tuple(out)
+
+    @property
+    def col_bounds(self) -> tuple:
+        out = [0]
+        for _, _, k0, k1 in self.nodes:
+            out.append(out[-1] + k1 - k0)
+        return tuple(out)
 
 
 def gray_inverse(code: torch.Tensor) -> torch.Tensor:
@@ -17,40 +50,56 @@ def gray_inverse(code: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def lsh_sort(x: torch.Tensor, planes: torch.Tensor, exact_hash: bool) -> torch.Tensor:
-    """Stable sort order of the rows of ``x`` (BH, n, d) by bucket ``gray⁻¹(c(x))``.
+def _arange_segments(bounds, starts, device):
+    """For each node ``t``: ``starts[t] + 0, 1, …`` over its ``bounds[t+1] − bounds[t]`` entries."""
+    sizes = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], dtype=torch.int64)
+    node = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    local = torch.arange(bounds[-1], dtype=torch.int64) - torch.tensor(bounds[:-1], dtype=torch.int64)[node]
+    return node, local, torch.tensor(starts, dtype=torch.int64)[node] + local
 
-    ``planes`` is (BH, d, r). With ``exact_hash`` the projections are computed in
-    float64 (a head at a time), as the reference does; else in float32.
+
+@lru_cache(maxsize=128)
+def layout_arrays(layout: Layout, block: int, device) -> dict:
+    """Per virtual row / key arrays of a piece (cached; shared by all heads).
+
+    ``lo, hi, rtag`` (int32, R): the row's key interval of its sortLSH block in
+    virtual key coordinates and the block's tag (tags are unique across nodes);
+    ``ktag`` (int32, C): the tag of each virtual key position;
+    ``row_node``/``col_node`` (int64): node of each virtual row / key;
+    ``row_x0, row_n``/``col_x0, col_n``: first original index and size of that node;
+    ``col_orig`` (int64, C): original key of virtual key ``c`` *before* sorting;
+    ``{row,col}_{starts,ends,orig0}`` (int64, T): per node, its virtual range
+    and its first original index.
     """
-    r = planes.shape[-1]
-    weights = (1 << torch.arange(r, device=x.device, dtype=torch.int64))
-    if exact_hash:
-        bits = torch.stack([(x[h].double() @ planes[h].double()) > 0 for h in range(x.shape[0])])
-    else:
-        bits = torch.matmul(x, planes.to(x.dtype)) > 0  # in the input dtype: no upcast copy
-    codes = (bits.long() * weights).sum(-1)  # integer matmul is not implemented on CUDA
-    bucket = gray_inverse(codes)
-    n = x.shape[1]
-    if r + max(1, (n - 1).bit_length()) <= 31:
-        # unique int32 keys bucket·n + index: an unstable radix sort gives the stable order
-        key = (bucket * n + torch.arange(n, device=x.device)).int()
-        return torch.sort(key, dim=-1).values.long() % n
-    return torch.argsort(bucket, dim=-1, stable=True)
+    rb, cb = layout.row_bounds, layout.col_bounds
+    r_node, r_local, _ = _arange_segments(rb, [n[0] for n in layout.nodes], device)
+    c_node, c_local, c_orig = _arange_segments(cb, [n[2] for n in layout.nodes], device)
+    nq = torch.tensor([n[1] - n[0] for n in layout.nodes], dtype=torch.int64)
+    nk = torch.tensor([n[3] - n[2] for n in layout.nodes], dtype=torch.int64)
+    n_blocks = (nk + block - 1) // block
+    tag0 = torch.cumsum(n_blocks, 0) - n_blocks
+    g = torch.clamp((r_local * nk[r_node]) // (nq[r_node] * block), max=n_blocks[r_node] - 1)
+    c0 = torch.tensor(cb[:-1], dtype=torch.int64)
+    lo = c0[r_node] + g * block
+    hi = torch.minimum(lo + block, c0[r_node] + nk[r_node])
+    arrays = dict(lo=lo, hi=hi, rtag=tag0[r_node] + g, ktag=tag0[c_node] + c_local // block,
+                  row_node=r_node, col_node=c_node, col_orig=c_orig,
+                  row_x0=torch.tensor([n[0] for n in layout.nodes])[r_node], row_n=nq[r_node],
+                  col_x0=torch.tensor([n[2] for n in layout.nodes])[c_node], col_n=nk[c_node],
+                  row_r0=torch.tensor(rb[:-1])[r_node], col_r0=c0[c_node])
+    for side, bounds, starts in (("row", rb, [n[0] for n in layout.nodes]),
+                                 ("col", cb, [n[2] for n in layout.nodes])):
+        arrays[f"{side}_starts"] = torch.tensor(bounds[:-1])  # per node: virtual start,
+        arrays[f"{side}_ends"] = torch.tensor(bounds[1:])  # virtual end,
+        arrays[f"{side}_orig0"] = torch.tensor(starts)  # first original index
+    out = {}
+    for name, t in arrays.items():
+        small = name in ("lo", "hi", "rtag", "ktag")
+        out[name] = t.to(torch.int32 if small else torch.int64).to(device)
+    return out
 
 
-@lru_cache(maxsize=64)
-def lsh_intervals(nq: int, nk: int, block: int, device):
-    """Per sorted row ``p``: key interval ``[lo, hi)`` of its block and its block tag (int32)."""
-    n_blocks = -(-nk // block)
-    p = torch.arange(nq, device=device, dtype=torch.int64)
-    g = torch.clamp((p * nk) // (nq * block), max=n_blocks - 1)
-    lo = g * block
-    hi = torch.clamp(lo + block, max=nk)
-    return lo.int(), hi.int(), g.int()
-
-
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=128)
 def leaf_intervals(leaves: tuple, nq: int, device):
     """Per row ``i``: keys ``[lo, hi)`` it sees inside its causal leaf (SPEC §6)."""
     lo = torch.zeros(nq, dtype=torch.int64)
@@ -63,33 +112,138 @@ def leaf_intervals(leaves: tuple, nq: int, device):
     return lo.int().to(device), hi.int().to(device)
 
 
-def sample_keys(v: torch.Tensor, u: torch.Tensor, kv_of: torch.Tensor, sampler: str, exact: bool):
-    """Indices and log-weights ``−log(m p_j)`` of the sampled keys (SPEC §5).
+@lru_cache(maxsize=256)
+def tile_map(bounds: tuple, tile: int, device):
+    """Tiles of at most ``tile`` rows that never cross a node: (start, end, node), int32 each."""
+    r0, r1, node = [], [], []
+    for t, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for s in range(a, b, tile):
+            r0.append(s)
+            r1.append(min(s + tile, b))
+            node.append(t)
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return as_t(r0), as_t(r1), as_t(node)
 
-    ``v`` is (B·Hk, nk, dv), ``u`` (BH, m) uniforms, ``kv_of`` (BH,) the kv head of
-    each query head. Probabilities are computed from ``v`` detached: the
-    importance weights are constants for autograd.
-    """
-    nk = v.shape[1]
-    m = u.shape[1]
-    uniform = torch.full((v.shape[0], nk), 1.0 / nk, device=v.device, dtype=torch.float64)
-    if sampler == "uniform":
-        p = uniform
-    else:
-        vd = v.detach()
+
+def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
+    """Sort keys ``(R_t << r) + bucket·n_t + local`` by torch operations (any device)."""
+    bh = planes.shape[0]
+    r = planes.shape[-1]
+    weights = 1 << torch.arange(r, device=x.device, dtype=torch.int64)
+    keys = []
+    for t, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = x[kv_of, starts[t]:starts[t] + (b - a)]
         if exact:
-            sq = (vd.double() ** 2).sum(-1)
+            bits = torch.stack([(rows[i].double() @ planes[i, t].double()) > 0 for i in range(bh)])
         else:
-            acc = torch.float64 if vd.dtype == torch.float64 else torch.float32
-            sq = torch.linalg.vector_norm(vd, dim=-1, dtype=acc).double() ** 2
-        total = sq.sum(-1, keepdim=True)
-        rownorm = torch.where(total > 0, sq / torch.where(total > 0, total, 1.0), uniform)
-        p = rownorm if sampler == "rownorm" else 0.5 * rownorm + 0.5 * uniform
-    p = p[kv_of]
-    cdf = torch.cumsum(p, dim=-1)
-    idx = torch.searchsorted(cdf, u.double() * cdf[:, -1:], right=True)
-    positive = p > 0
-    last = nk - 1 - torch.argmax(positive.flip(-1).int(), dim=-1, keepdim=True)
-    idx = torch.minimum(idx, last)
-    log_w = -torch.log(m * p.gather(1, idx))
-    return idx, log_w.float()
+            bits = torch.matmul(rows, planes[:, t].to(rows.dtype)) > 0
+        bucket = gray_inverse((bits.long() * weights).sum(-1))
+        local = torch.arange(b - a, device=x.device)
+        keys.append((a << r) + bucket * (b - a) + local)
+    return torch.cat(keys, dim=1)
+
+
+def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton):
+    """Original indices of each head's rows of ``x`` in virtual (sorted) order, int32 (BH, R).
+
+    ``x`` (BHx, n, d) with ``BHx`` = BH (queries) or B·Hk (keys, read through
+    ``kv_of``); ``planes`` (BH, T, d, r); nodes' rows are ``[starts[t], …)``.
+    The order within a node is the stable sort by bucket ``gray⁻¹(c(x))``.
+    """
+    bh = planes.shape[0]
+    r = planes.shape[-1]
+    total = bounds[-1]
+    wide = (total << r) >= 2 ** 31
+    if use_triton and not exact:
+        from . import kernels as K
+        from .function import _prec
+
+        BM = 64
+        t_r0, t_r1, t_node = tile_map(bounds, BM, x.device)
+        pre = "row" if side == "q" else "col"
+        node_r0, node_x0 = arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"]
+        node_n = arrays[f"{pre}_ends"] - node_r0
+        keys = torch.empty((bh, total), dtype=torch.int64 if wide else torch.int32, device=x.device)
+        planes = planes.contiguous()
+        group = H // Hk if side == "k" else 1
+        heads = (H, Hk, group) if side == "k" else (1, 1, 1)
+        K._hash_kernel[(t_r0.shape[0], bh)](
+            x, planes, keys, t_r0, t_r1, t_node, node_r0, node_x0, node_n,
+            *heads, r, x.stride(0), x.stride(1), planes.stride(0), planes.stride(1), keys.stride(0),
+            D=x.shape[2], RP=max(16, triton_next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
+            num_warps=4)
+    else:
+        index = torch.arange(bh, device=x.device) if side == "q" else kv_of
+        keys = _sort_keys_torch(x, planes, bounds, starts, index, exact)
+        if not wide:
+            keys = keys.int()
+    s = torch.sort(keys, dim=-1).values.long()
+    pre = "row" if side == "q" else "col"
+    r0, x0, n = arrays[f"{pre}_r0"], arrays[f"{pre}_x0"], arrays[f"{pre}_n"]
+    local = (s - (r0 << r)) % n
+    return (x0 + local).int().contiguous()
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False) -> torch.Tensor:
+    """Squared row norms ``‖v_j‖²`` of (B·Hk, n, dv) in float64 (computed from ``v`` detached).
+
+    ``exact``: in float64; else accumulated in float32 (one Triton pass with ``use_triton``).
+    """
+    vd = v.detach()
+    if exact:
+        return (vd.double() ** 2).sum(-1)
+    if use_triton and vd.dtype != torch.float64:
+        from . import kernels as K
+
+        rows = vd.shape[0] * vd.shape[1]
+        out = torch.empty(vd.shape[:2], dtype=torch.float32, device=vd.device)
+        BM = 64
+        K._sq_norm_kernel[(-(-rows // BM),)](vd, out, rows, vd.shape[1], vd.stride(0), vd.stride(1),
+                                            D=vd.shape[2], BM=BM, num_warps=4)
+        return out.double()
+    acc = torch.float64 if vd.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(vd, dim=-1, dtype=acc).double() ** 2
+
+
+def sample_nodes(sq, u, kv_of, sampler, layout: Layout, arrays):
+    """Sampled keys of every node of a piece by inverse CDF (SPEC §5), batched over nodes.
+
+    ``sq`` (B·Hk, Nk) float64 squared row norms of ``v`` (unused for ``uniform``),
+    ``u`` (BH, T, m) uniforms. Node ``t`` samples its keys ``[k0, k1)`` with the
+    sampler's probabilities restricted to them. Returns original key indices
+    ``idx`` (BH, T, m) int64 and log-weights ``−log(m p_j)`` (float32).
+    """
+    cb = layout.col_bounds
+    bh, n_nodes, m = u.shape
+    c_node, c_orig, col_n = arrays["col_node"], arrays["col_orig"], arrays["col_n"]
+    starts, ends = arrays["col_starts"], arrays["col_ends"]
+
+    def node_sums(x):  # prefix sums with a leading 0, and each node's total
+        padded = torch.nn.functional.pad(torch.cumsum(x, dim=-1), (1, 0))
+        return padded, padded[:, ends] - padded[:, starts]
+
+    uniform = (1.0 / col_n.double())[None, :]
+    if sampler == "uniform":
+        w = uniform.expand(bh, -1)
+    else:
+        s = sq[:, c_orig]
+        tot = node_sums(s)[1][:, c_node]
+        rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
+        w = rownorm if sampler == "rownorm" else 0.5 * rownorm + 0.5 * uniform
+        w = w[kv_of]
+    padded, _ = node_sums(w)
+    cum = padded[:, 1:]
+    base, top = padded[:, starts], padded[:, ends]
+    target = base[..., None] + u.double() * (top - base)[..., None]
+    c = torch.searchsorted(cum, target.reshape(bh, -1), right=True).reshape(bh, n_nodes, m)
+    # rounding can put the target at the node's top: take its last key of positive p
+    positions = torch.arange(cum.shape[1], device=cum.device).expand(bh, -1)
+    last = torch.cummax(torch.where(w > 0, positions, -1), dim=-1).values[:, ends - 1]
+    c = torch.minimum(c, last[..., None]).reshape(bh, -1)
+    p = w.gather(1, c)
+    log_w = -torch.log(m * p)
+    return c_orig[c].reshape(bh, n_nodes, m), log_w.float().reshape(bh, n_nodes, m)

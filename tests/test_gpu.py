@@ -166,3 +166,24 @@ def test_torch_compile_dense_matches_eager():
                                    generator=torch.Generator().manual_seed(0))
 
     torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [3, 25])  # 25: sort keys need int64
+def test_hash_kernel_matches_torch_hash(bits):
+    from gpu.structure import Layout, layout_arrays, sorted_order
+
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 150, 16, generator=g).to(DEVICE)
+    layout = Layout(((10, 60, 0, 40), (60, 150, 40, 150)))  # two nodes of different sizes
+    planes = torch.randn(6, 2, 16, bits, generator=g).to(DEVICE)
+    arrays = layout_arrays(layout, 8, torch.device(DEVICE))
+    kv_of = torch.arange(6, device=DEVICE) // 2  # 6 query heads on 3 key heads
+    for side, bounds, starts in (("q", layout.row_bounds, [10, 60]), ("k", layout.col_bounds, [0, 40])):
+        xs = x.repeat(2, 1, 1) if side == "q" else x
+        args = (xs, planes, bounds, starts, arrays, side, kv_of, 6, 3)
+        fast = sorted_order(*args, exact=False, use_triton=True)
+        ref = sorted_order(*args, exact=True, use_triton=False)
+        assert torch.equal(fast, ref)
+        for a, b, s0 in zip(bounds[:-1], bounds[1:], starts):  # each node: a permutation of its rows
+            assert torch.equal(fast[:, a:b].sort(dim=1).values.cpu(),
+                               torch.arange(s0, s0 + b - a).expand(6, -1))

@@ -1,0 +1,81 @@
+"""Sweep the kernels' tile configurations (BM, BN, warps, stages) on one GPU; prints a table.
+
+For each head dim, times ``gpu.hyper_attention`` at n = 131072 (B = 1, H = 32, bf16,
+default config) with every forward configuration (non-causal and causal forward)
+and every backward configuration (non-causal forward+backward), through
+``gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
+in every row, so differences are the kernels'. Configurations that fail to
+compile (shared memory) are reported as such. Ends with the best configuration
+per (pass, d) as a Python dict, to copy into ``gpu.function._tiles``.
+
+Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128]``
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+import gpu
+from gpu import function
+from hyperref import HyperConfig
+
+# few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)
+FWD = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)]
+BWD = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
+
+
+def time_ms(fn, rep):
+    try:
+        return triton.testing.do_bench(fn, warmup=10, rep=rep)
+    except Exception as exc:  # compile failure (e.g. out of shared memory): report it
+        return f"failed: {type(exc).__name__}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=131072)
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    args = parser.parse_args()
+    cfg = HyperConfig()
+    dtype = torch.bfloat16
+    best = {}
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"n = {args.n}, H = 32, bf16")
+    print("| pass | d | causal | BM | BN | warps | stages | ms |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for d in args.d:
+        q, k, v = (torch.randn(1, 32, args.n, d, device="cuda", dtype=dtype) for _ in range(3))
+        for causal in (False, True):
+            for tiles in FWD:
+                function.TILE_OVERRIDES[("fwd", d, dtype)] = tiles
+                t = time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
+                print(f"| fwd | {d} | {causal} | {' | '.join(map(str, tiles))} | "
+                      f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
+                if not isinstance(t, str):
+                    key = ("fwd", d, causal)
+                    if key not in best or t < best[key][1]:
+                        best[key] = (tiles, t)
+        function.TILE_OVERRIDES[("fwd", d, dtype)] = best[("fwd", d, False)][0]
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        grad = torch.randn_like(q)
+
+        def fwd_bwd():
+            out = gpu.hyper_attention(qg, kg, vg, config=cfg)
+            torch.autograd.grad(out, (qg, kg, vg), grad)
+
+        for tiles in BWD:
+            function.TILE_OVERRIDES[("bwd", d, dtype)] = tiles
+            t = time_ms(fwd_bwd, 200)
+            print(f"| fwd+bwd | {d} | False | {' | '.join(map(str, tiles))} | "
+                  f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
+            if not isinstance(t, str):
+                key = ("bwd", d, False)
+                if key not in best or t < best[key][1]:
+                    best[key] = (tiles, t)
+        function.TILE_OVERRIDES.clear()
+    print("best:", {f"{p}/d={d}/causal={c}": v for (p, d, c), v in best.items()})
+
+
+if __name__ == "__main__":
+    main()
