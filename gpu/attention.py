@@ -84,6 +84,7 @@ def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device)
     return draw
 
 
+@torch.compiler.disable  # integer index plumbing: kept out of compiled graphs
 def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton):
     """Index tensors of one sortLSH piece (SPEC §3, §5): all nodes of ``layout`` at once.
 

@@ -81,9 +81,9 @@ def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
         return TILE_OVERRIDES[("fwd", d, dtype)]
     if dtype == torch.float32:
         return 64, 32, 4, 2
-    if d <= 64:
+    if d <= 64:  # benchmarks/results/gpu_tiles_*.md (H200, n = 131072)
         return 128, 64, 4, 3
-    return 128, 64, 8, 2
+    return 64, 64, 4, 3
 
 
 def _bwd_tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
@@ -91,9 +91,7 @@ def _bwd_tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
         return 16, 16, 4, 1
     if ("bwd", d, dtype) in TILE_OVERRIDES:
         return TILE_OVERRIDES[("bwd", d, dtype)]
-    if dtype == torch.float32 or d > 64:
-        return 64, 64, 4, 2
-    return 64, 64, 4, 3
+    return 64, 64, 4, 2
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -169,9 +167,14 @@ class _PiecesAttention(torch.autograd.Function):
         delta = delta.contiguous()
         BM, BN, warps, stages = _bwd_tiles(d, q.dtype, q.device)
         prec = _prec(q.dtype)
-        dq = torch.empty((bh, nq, d), device=q.device, dtype=torch.float32)
-        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
-        dvv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
+        # dq accumulates over pieces in fp32 (one piece: written once, in q's dtype);
+        # dk, dv in fp32: the first piece writes every key (atomically if heads share it)
+        dq = torch.empty((bh, nq, d), device=q.device,
+                         dtype=torch.float32 if len(ctx.pieces) > 1 else q.dtype)
+        group = ctx.pieces[0].H // ctx.pieces[0].Hk
+        alloc = torch.empty if group == 1 else torch.zeros
+        dk = alloc(k.shape, device=q.device, dtype=torch.float32)
+        dvv = alloc(v.shape, device=q.device, dtype=torch.float32)
         dummy = _dummy(q.device)
         for i, plan in enumerate(ctx.pieces):
             group = plan.H // plan.Hk
@@ -198,7 +201,8 @@ class _PiecesAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[1],
                 dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
-                D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm, ATOMIC=group > 1, PREC=prec,
+                D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm,
+                MODE=2 if group > 1 else (0 if i == 0 else 1), PREC=prec,
                 num_warps=warps, num_stages=stages)
             if m > 0:
                 c_r0, c_r1, c_node = _sample_chunks(plan, BM, q.device)

@@ -29,7 +29,8 @@ Backward (recomputing the probabilities from the final ``lse`` of the whole
 attention — every piece is a part of one softmax; ``Δ_i = do_i·o_i − dlse_i``):
 ``dq`` per row tile, accumulated over pieces in an fp32 buffer; ``dk, dv`` of
 the interval keys per key tile (rows ``[rstart, rend)`` of the tile
-precomputed by the caller), added into fp32 buffers of the key/value heads
+precomputed by the caller), written by the first piece (which covers every
+key) and added by the others into fp32 buffers of the key/value heads
 (atomically when several query heads share one); ``dk, dv`` of the sampled
 keys per (sample tile, row chunk), added atomically.
 
@@ -262,8 +263,9 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
                    PREC: tl.constexpr):
     """dq_i (+)= scale Σ_j P_ij (dP_ij − Δ_i) k_j over the row's interval keys and samples.
 
-    ``DO`` shares the strides of the output (``s_ob, s_on``); ``DQ`` is fp32 with
-    the strides of ``Q``; with ``ACCUM`` the piece's dq is added to it.
+    ``DO`` shares the strides of the output (``s_ob, s_on``); ``DQ`` has the
+    strides of ``Q`` (fp32 when pieces accumulate: with ``ACCUM`` the piece's dq
+    is added to it).
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -320,16 +322,19 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
     dq_ptr = DQ + bh * s_qb + qi[:, None] * s_qn + offd[None, :]
     if ACCUM:
         dq += tl.load(dq_ptr, mask=rmask[:, None], other=0.0)
-    tl.store(dq_ptr, dq, mask=rmask[:, None])
+    tl.store(dq_ptr, dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
 
 
 @triton.jit
-def _add_rows(PTR, rows_off, val, mask, ATOMIC: tl.constexpr):
-    """``PTR[rows_off] += val``: atomically, or by read-add-write when rows are private."""
-    if ATOMIC:
+def _add_rows(PTR, rows_off, val, mask, MODE: tl.constexpr):
+    """``PTR[rows_off] = val`` (MODE 0), ``+= val`` by read-add-write when the rows are
+    private to the program (1), or atomically (2)."""
+    if MODE == 2:
         tl.atomic_add(PTR + rows_off, val, mask=mask)
-    else:
+    elif MODE == 1:
         tl.store(PTR + rows_off, tl.load(PTR + rows_off, mask=mask, other=0.0) + val, mask=mask)
+    else:
+        tl.store(PTR + rows_off, val, mask=mask)
 
 
 @triton.jit
@@ -338,7 +343,7 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
                      s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb,
                      s_dkb, s_dkn, s_dvb, s_dvn,
                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     HAS_PERM: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr):
+                     HAS_PERM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
     """dk, dv of one tile of virtual interval keys (``nkv`` of them), added into the
     fp32 buffers ``DK``, ``DV_`` (B·Hk, Nk, ·) at the key/value head of ``bh``."""
     tile = tl.program_id(0)
@@ -379,8 +384,8 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
     dk = dk * scale
-    _add_rows(DK, kvh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, cmask[:, None], ATOMIC)
-    _add_rows(DV_, kvh * s_dvb + kj[:, None] * s_dvn + offv[None, :], dv, cmask[:, None], ATOMIC)
+    _add_rows(DK, kvh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, cmask[:, None], MODE)
+    _add_rows(DV_, kvh * s_dvb + kj[:, None] * s_dvn + offv[None, :], dv, cmask[:, None], MODE)
 
 
 @triton.jit

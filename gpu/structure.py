@@ -235,8 +235,8 @@ def sample_nodes(sq, u, kv_of, sampler, layout: Layout, arrays):
         rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
         w = rownorm if sampler == "rownorm" else 0.5 * rownorm + 0.5 * uniform
         w = w[kv_of]
-    padded, _ = node_sums(w)
-    cum = padded[:, 1:]
+    cum = torch.cumsum(w, dim=-1)
+    padded = torch.nn.functional.pad(cum, (1, 0))
     base, top = padded[:, starts], padded[:, ends]
     target = base[..., None] + u.double() * (top - base)[..., None]
     c = torch.searchsorted(cum, target.reshape(bh, -1), right=True).reshape(bh, n_nodes, m)
