@@ -263,18 +263,20 @@ def _piece_dense(q, k, v, plan: Plan, scale: float):
         rb = plan.row_bounds
         sizes = torch.tensor([b - a for a, b in zip(rb[:-1], rb[1:])], device=q.device)
         node = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)
-        idx = plan.idx.long()[:, node]  # (BH, R, m): each row's node's samples
+        own = torch.nn.functional.one_hot(node, len(sizes)).bool()  # (R, T): the row's node
+        idx = plan.idx.long()  # (BH, T, m)
         ksmp = kk.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, d)).reshape(*idx.shape, d)
         vsmp = vv.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, vv.shape[2])).reshape(*idx.shape, -1)
-        ls = torch.einsum("bid,bijd->bij", qs, ksmp) * scale + plan.bias[:, node].to(q.dtype)
-        keep = plan.stag[:, node] != plan.rtag[None, :, None]
+        # logits of every row against every node's samples; only the row's own node is kept
+        ls = torch.einsum("bid,btjd->bitj", qs, ksmp) * scale + plan.bias.to(q.dtype)[:, None]
+        keep = own[None, :, :, None] & (plan.stag[:, None] != plan.rtag[None, :, None, None])
         ls = ls.masked_fill(~keep, float("-inf"))
-        lse = torch.logsumexp(torch.cat([logits, ls], dim=2), dim=2)
+        lse = torch.logsumexp(torch.cat([logits, ls.flatten(2)], dim=2), dim=2)
     seen = torch.isfinite(lse)
     shift = torch.where(seen, lse, torch.zeros_like(lse))[..., None]
     out = torch.exp(logits - shift) @ vs
     if plan.idx is not None:
-        out = out + torch.einsum("bij,bijd->bid", torch.exp(ls - shift), vsmp)
+        out = out + torch.einsum("bitj,btjd->bid", torch.exp(ls - shift[..., None]), vsmp)
     if plan.perm_q is None:
         return out, lse
     full = out.new_zeros((bh, nq, out.shape[2]))
