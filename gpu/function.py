@@ -239,13 +239,31 @@ def merge(o1, l1, o2, l2):
     return out, lse
 
 
+@torch.compiler.disable  # integer index work, done eagerly under torch.compile
+def _dense_masks(plan: Plan, bh: int, n_keys: int, device):
+    """Index tensors of the dense twin: each query head's kv head (BH,), the interval
+    mask (R, C), and, with samples, the kept samples (BH, R, T, m): the row's own
+    node's samples whose block tag differs from the row's."""
+    group = plan.H // plan.Hk
+    heads = torch.arange(bh, device=device)
+    kv_of = (heads // plan.H) * plan.Hk + (heads % plan.H) // group
+    cols = torch.arange(n_keys, device=device)
+    valid = (cols[None, :] >= plan.lo.long()[:, None]) & (cols[None, :] < plan.hi.long()[:, None])
+    keep = None
+    if plan.idx is not None:
+        rb = plan.row_bounds
+        sizes = torch.tensor([b - a for a, b in zip(rb[:-1], rb[1:])], device=device)
+        node = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes)
+        own = torch.nn.functional.one_hot(node, len(sizes)).bool()  # (R, T): the row's node
+        keep = own[None, :, :, None] & (plan.stag[:, None] != plan.rtag[None, :, None, None])
+    return kv_of, valid, keep
+
+
 def _piece_dense(q, k, v, plan: Plan, scale: float):
     """One piece by dense torch operations: (out, lse) over all rows (−inf where absent)."""
     bh, nq, d = q.shape
     nk = k.shape[1]
-    group = plan.H // plan.Hk
-    heads = torch.arange(bh, device=q.device)
-    kv_of = (heads // plan.H) * plan.Hk + (heads % plan.H) // group
+    kv_of, valid, keep = _dense_masks(plan, bh, plan.n_keys(nk), q.device)
     kk, vv = k[kv_of], v[kv_of]
     if plan.perm_q is not None:
         pq, pk = plan.perm_q.long(), plan.perm_k.long()
@@ -254,22 +272,15 @@ def _piece_dense(q, k, v, plan: Plan, scale: float):
         vs = vv.gather(1, pk[..., None].expand(-1, -1, vv.shape[2]))
     else:
         qs, ks, vs = q, kk, vv
-    cols = torch.arange(ks.shape[1], device=q.device)
-    valid = (cols[None, :] >= plan.lo.long()[:, None]) & (cols[None, :] < plan.hi.long()[:, None])
     logits = torch.einsum("bid,bjd->bij", qs, ks) * scale
     logits = logits.masked_fill(~valid[None], float("-inf"))
     lse = torch.logsumexp(logits, dim=2)
     if plan.idx is not None:
-        rb = plan.row_bounds
-        sizes = torch.tensor([b - a for a, b in zip(rb[:-1], rb[1:])], device=q.device)
-        node = torch.repeat_interleave(torch.arange(len(sizes), device=q.device), sizes)
-        own = torch.nn.functional.one_hot(node, len(sizes)).bool()  # (R, T): the row's node
         idx = plan.idx.long()  # (BH, T, m)
         ksmp = kk.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, d)).reshape(*idx.shape, d)
         vsmp = vv.gather(1, idx.reshape(bh, -1, 1).expand(-1, -1, vv.shape[2])).reshape(*idx.shape, -1)
         # logits of every row against every node's samples; only the row's own node is kept
         ls = torch.einsum("bid,btjd->bitj", qs, ksmp) * scale + plan.bias.to(q.dtype)[:, None]
-        keep = own[None, :, :, None] & (plan.stag[:, None] != plan.rtag[None, :, None, None])
         ls = ls.masked_fill(~keep, float("-inf"))
         lse = torch.logsumexp(torch.cat([logits, ls.flatten(2)], dim=2), dim=2)
     seen = torch.isfinite(lse)

@@ -99,6 +99,7 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
     return out
 
 
+@torch.compiler.disable
 @lru_cache(maxsize=128)
 def leaf_intervals(leaves: tuple, nq: int, device):
     """Per row ``i``: keys ``[lo, hi)`` it sees inside its causal leaf (SPEC §6)."""
