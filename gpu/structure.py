@@ -171,7 +171,7 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
         K._hash_kernel[(t_r0.shape[0], bh)](
             x, planes, keys, t_r0, t_r1, t_node, node_r0, node_x0, node_n,
             *heads, r, x.stride(0), x.stride(1), planes.stride(0), planes.stride(1), keys.stride(0),
-            D=x.shape[2], RP=max(16, triton_next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
+            D=x.shape[2], RP=max(16, _next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
             num_warps=4)
     else:
         index = torch.arange(bh, device=x.device) if side == "q" else kv_of
@@ -185,7 +185,8 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
     return (x0 + local).int().contiguous()
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
+    """Smallest power of two ``>= n`` (``tl.arange`` sizes)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
