@@ -7,6 +7,8 @@ on the device, at full size when ``HYPERREF_GPU_FULL=1``.
 
 import os
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -142,6 +144,9 @@ def test_module_wrapper():
     (lambda q, k, v: (q[:, :1], k.expand(1, 2, -1, -1), v.expand(1, 2, -1, -1)), "divide"),
     (lambda q, k, v: (q[..., :12], k[..., :12], v), "head dims"),
     (lambda q, k, v: (torch.where(q > 2, float("nan"), q), k, v), "NaN"),
+    # non-finite keys or values are refused too
+    (lambda q, k, v: (q, k, torch.where(v > 1, float("inf"), v)), "v contains"),
+    (lambda q, k, v: (q, torch.full_like(k, float("nan")), v), "k contains"),
     (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), "empty"),
 ])
 def test_bad_input(mutate, match):
@@ -187,3 +192,24 @@ def test_hash_kernel_matches_torch_hash(bits):
         for a, b, s0 in zip(bounds[:-1], bounds[1:], starts):  # each node: a permutation of its rows
             assert torch.equal(fast[:, a:b].sort(dim=1).values.cpu(),
                                torch.arange(s0, s0 + b - a).expand(6, -1))
+
+
+def test_samples_never_pick_zero_probability_keys():
+    # u just below 1 can round the inverse-CDF target up to a node's top; the zero rows of V
+    # after the node's last positive key must not be picked (reference: resolve_samples)
+    from gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
+
+    v = torch.randn(1, 20, 16, dtype=torch.float64)
+    v[0, 7:10] = 0.0  # node 0 covers keys [0, 10): its last positive key is 6
+    v[0, 18:] = 0.0  # node 1 covers keys [10, 20): its last positive key is 17
+    layout = Layout(((0, 5, 0, 10), (5, 12, 10, 20)))
+    arrays = layout_arrays(layout, 4, torch.device("cpu"))
+    u = torch.tensor([[[0.0, 0.5, float(np.nextafter(1.0, 0.0))]] * 2], dtype=torch.float64)
+    for sampler in ("rownorm", "mixed", "uniform"):
+        idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u, torch.zeros(1, dtype=torch.long),
+                                  sampler, layout, arrays)
+        assert torch.isfinite(log_w).all()
+        if sampler == "rownorm":
+            assert idx[0, 0, 2] == 6 and idx[0, 1, 2] == 17
+            assert idx[0, 0, 0] == 0 and idx[0, 1, 0] == 10
+        assert ((idx[0, 0] >= 0) & (idx[0, 0] < 10)).all() and ((idx[0, 1] >= 10) & (idx[0, 1] < 20)).all()
