@@ -213,3 +213,24 @@ def test_samples_never_pick_zero_probability_keys():
             assert idx[0, 0, 2] == 6 and idx[0, 1, 2] == 17
             assert idx[0, 0, 0] == 0 and idx[0, 1, 0] == 10
         assert ((idx[0, 0] >= 0) & (idx[0, 0] < 10)).all() and ((idx[0, 1] >= 10) & (idx[0, 1] < 20)).all()
+
+
+def test_causal_graph_keeps_only_inputs_output_and_lse():
+    # memory O(n·d) for training: the whole causal recursion is one autograd node that saves
+    # q, k, v, out and lse (levels are merged in the kernel, no per-level buffers)
+    cfg = HyperConfig(bits=3, block=32, samples=16, min_seq_len=40)
+    q, k, v = (torch.randn(1, 2, 300, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out, lse = gpu.hyper_attention(q, k, v, causal=True, config=cfg, return_lse=True,
+                                   generator=torch.Generator(DEVICE).manual_seed(0))
+    nodes, stack = set(), [out.grad_fn, lse.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            stack += [g for g, _ in fn.next_functions]
+    kinds = sorted(type(fn).__name__ for fn in nodes)
+    assert kinds.count("_PiecesAttentionBackward") == 1
+    assert set(kinds) == {"_PiecesAttentionBackward", "ViewBackward0", "AccumulateGrad"}, kinds
+    (attention,) = [fn for fn in nodes if type(fn).__name__ == "_PiecesAttentionBackward"]
+    saved = sum(t.numel() for t in attention.saved_tensors)
+    assert saved == 4 * q.numel() + lse.numel()
