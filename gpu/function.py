@@ -217,6 +217,7 @@ class _PiecesAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 
+@torch.compiler.disable  # under torch.compile the kernels run eagerly (one graph break)
 def pieces_attention(q, k, v, pieces, scale: float):
     """``(out, lse)`` of the merged pieces through the Triton kernels (differentiable)."""
     if K is None:

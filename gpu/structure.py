@@ -190,6 +190,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@torch.compiler.disable
 def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False) -> torch.Tensor:
     """Squared row norms ``‖v_j‖²`` of (B·Hk, n, dv) in float64 (computed from ``v`` detached).
 

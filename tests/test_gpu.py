@@ -234,3 +234,19 @@ def test_causal_graph_keeps_only_inputs_output_and_lse():
     (attention,) = [fn for fn in nodes if type(fn).__name__ == "_PiecesAttentionBackward"]
     saved = sum(t.numel() for t in attention.saved_tensors)
     assert saved == 4 * q.numel() + lse.numel()
+
+
+def test_torch_compile_triton_matches_eager():
+    # the kernels and the index planning run eagerly inside a compiled function (graph breaks):
+    # same output and gradients as eager
+    cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
+    q, k, v = (torch.randn(1, 2, 96, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        return gpu.hyper_attention(q, k, v, config=cfg, causal=True,
+                                   generator=torch.Generator(DEVICE).manual_seed(0))
+
+    eager, compiled = f(q, k, v), torch.compile(f)(q, k, v)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(compiled.sum(), (q, k, v)), torch.autograd.grad(eager.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
