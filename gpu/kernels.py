@@ -104,23 +104,74 @@ def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N,
 
 
 @triton.jit
-def _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask, nk,
-              s_kn, s_vn, scale_log2, offd, offv,
-              BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
-    """One key tile ``[j0, j0 + BN)`` of the online softmax (masked or known-inside)."""
+def _gather(PTR, head, idx, s_n, offs, mask):
+    """Rows ``idx`` of one head: ``PTR[head + idx·s_n + offs]`` (zeros where ``mask`` is off)."""
+    return tl.load(PTR + head + idx[:, None] * s_n + offs[None, :], mask=mask[:, None], other=0.0)
+
+
+@triton.jit
+def _original(PERM, perm_row, virtual, mask, HAS_PERM: tl.constexpr):
+    """Original index of each virtual row or key: through the permutation, or itself."""
+    if HAS_PERM:
+        index = tl.load(PERM + perm_row + virtual, mask=mask, other=0).to(tl.int64)
+    else:
+        index = virtual.to(tl.int64)
+    return index
+
+
+@triton.jit
+def _row_tile(T_R0, T_R1, PERM_Q, tile, perm_row, BM: tl.constexpr, HAS_PERM: tl.constexpr):
+    """The virtual rows of row tile ``tile`` (from the tile map), their mask and original rows."""
+    r0 = tl.load(T_R0 + tile)
+    r1 = tl.load(T_R1 + tile)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < r1
+    return rows, rmask, _original(PERM_Q, perm_row, rows, rmask, HAS_PERM)
+
+
+@triton.jit
+def _key_tile(K, V, PERM_K, pk_row, k_head, v_head, j0, nk, s_kn, s_vn, offd, offv,
+              BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr):
+    """Virtual keys ``[j0, j0 + BN)`` and their key and value rows (bounds-checked if ``MASK``)."""
     cols = j0 + tl.arange(0, BN)
     if MASK:
         cmask = cols < nk
     else:
         cmask = cols >= 0
-    if HAS_PERM:
-        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0).to(tl.int64)
-    else:
-        kj = cols.to(tl.int64)
-    k = tl.load(K + k_head + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    kj = _original(PERM_K, pk_row, cols, cmask, HAS_PERM)
+    return cols, _gather(K, k_head, kj, s_kn, offd, cmask), _gather(V, v_head, kj, s_vn, offv, cmask)
+
+
+@triton.jit
+def _in_interval(cols, lo, hi, rmask):
+    return (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
+
+
+@triton.jit
+def _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head, s_kn, s_vn, offd, offv):
+    """Sampled keys ``ts`` of a node (``smp`` = offset of its samples): key and value rows,
+    log weights and block tags."""
+    sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
+    ks = _gather(K, k_head, sj, s_kn, offd, tmask)
+    vs = _gather(V, v_head, sj, s_vn, offv, tmask)
+    bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+    stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
+    return sj, ks, vs, bias, stag
+
+
+@triton.jit
+def _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC: tl.constexpr):
+    """Base-2 logits of rows against sampled keys, bias included, and which pairs count
+    (``masked`` estimator: the sample's block differs from the row's)."""
+    s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
+    valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
+    return s, valid
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s, v, valid, MASK: tl.constexpr, PREC: tl.constexpr):
+    """Online-softmax update with one tile of base-2 logits ``s`` and values ``v``."""
     if MASK:
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
         s = tl.where(valid, s, NEG)
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     p = tl.exp2(s - m_new[:, None])
@@ -128,9 +179,20 @@ def _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi
         p = tl.where(valid, p, 0.0)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(V + v_head + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask, nk,
+              s_kn, s_vn, scale_log2, offd, offv,
+              BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """One key tile ``[j0, j0 + BN)`` of the online softmax (masked or known-inside)."""
+    cols, k, v = _key_tile(K, V, PERM_K, pk_row, k_head, v_head, j0, nk, s_kn, s_vn, offd, offv,
+                           BN, HAS_PERM, MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+    valid = _in_interval(cols, lo, hi, rmask) if MASK else None
+    return _softmax_step(acc, m_i, l_i, s, v, valid, MASK, PREC)
 
 
 @triton.jit
@@ -146,6 +208,7 @@ def _key_ranges(lo, hi, rmask, nk, BN: tl.constexpr):
     return start, a, b, end
 
 
+
 @triton.jit
 def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_R1, T_NODE, O, LSE,
                 nk, m, H, HK, G, scale_log2,
@@ -156,17 +219,10 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
-    r0 = tl.load(T_R0 + tile)
-    r1 = tl.load(T_R1 + tile)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < r1
-    if HAS_PERM:
-        qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        qi = rows.to(tl.int64)
+    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
-    q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
+    q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
     start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
@@ -186,26 +242,15 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
         acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi,
                                   rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
     if HAS_SAMPLES:
-        node = tl.load(T_NODE + tile).to(tl.int64)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        smp = bh * s_ib + node * m
+        smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
         for t0 in range(0, m, BN):
             ts = t0 + tl.arange(0, BN)
             tmask = ts < m
-            sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
-            ks = tl.load(K + k_head + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
-            bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
-            stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
-            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
-            valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
-            s = tl.where(valid, s, NEG)
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.where(valid, tl.exp2(s - m_new[:, None]), 0.0)
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            vs = tl.load(V + v_head + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vs.dtype), vs, input_precision=PREC)
-            m_i = m_new
+            sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
+                                                  s_kn, s_vn, offd, offv)
+            s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vs, valid, True, PREC)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -229,27 +274,40 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
 
 
 @triton.jit
+def _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb, offd, offv):
+    """What backward needs of a set of rows: q, do, base-2 lse and Δ."""
+    q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
+    do = _gather(DO, bh * s_ob, qi, s_on, offv, rmask)
+    lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
+    delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _ds(p, do, v, delta, PREC: tl.constexpr):
+    """``dS = P ∘ (dO·Vᵀ − Δ)`` (the softmax backward)."""
+    return p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+
+
+@triton.jit
+def _dkdv_step(dk, dv, p, q, do, v, delta, PREC: tl.constexpr):
+    """Add one row tile's contribution to ``dk`` (unscaled) and ``dv`` of a key tile."""
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+    ds = _ds(p, do, v, delta, PREC)
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
 def _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask, nk,
              s_kn, s_vn, scale_log2, offd, offv,
              BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
-    cols = j0 + tl.arange(0, BN)
+    cols, k, v = _key_tile(K, V, PERM_K, pk_row, k_head, v_head, j0, nk, s_kn, s_vn, offd, offv,
+                           BN, HAS_PERM, MASK)
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 - lse2[:, None])
     if MASK:
-        cmask = cols < nk
-    else:
-        cmask = cols >= 0
-    if HAS_PERM:
-        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0).to(tl.int64)
-    else:
-        kj = cols.to(tl.int64)
-    k = tl.load(K + k_head + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
-    v = tl.load(V + v_head + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-    p = tl.exp2(s - lse2[:, None])
-    if MASK:
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None]
-        p = tl.where(valid, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
+        p = tl.where(_in_interval(cols, lo, hi, rmask), p, 0.0)
+    ds = _ds(p, do, v, delta, PREC)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
@@ -270,20 +328,11 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
-    r0 = tl.load(T_R0 + tile)
-    r1 = tl.load(T_R1 + tile)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < r1
-    if HAS_PERM:
-        qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        qi = rows.to(tl.int64)
+    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
-    q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-    lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
-    delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
+    q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
+                                   offd, offv)
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
     start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
@@ -301,22 +350,15 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
         dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
                       nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
     if HAS_SAMPLES:
-        node = tl.load(T_NODE + tile).to(tl.int64)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        smp = bh * s_ib + node * m
+        smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
         for t0 in range(0, m, BN):
             ts = t0 + tl.arange(0, BN)
             tmask = ts < m
-            sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
-            ks = tl.load(K + k_head + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
-            vs = tl.load(V + v_head + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
-            bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
-            stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
-            s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
-            valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(vs), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
+            sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
+                                                  s_kn, s_vn, offd, offv)
+            s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+            ds = _ds(tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0), do, vs, delta, PREC)
             dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC)
     dq = dq * scale
     dq_ptr = DQ + bh * s_qb + qi[:, None] * s_qn + offd[None, :]
@@ -351,14 +393,11 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
     kvh = _kv_head(bh, H, HK, G)
     cols = tile * BN + tl.arange(0, BN)
     cmask = cols < nkv
-    if HAS_PERM:
-        kj = tl.load(PERM_K + bh * s_pkb + cols, mask=cmask, other=0).to(tl.int64)
-    else:
-        kj = cols.to(tl.int64)
+    kj = _original(PERM_K, bh * s_pkb, cols, cmask, HAS_PERM)
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
-    k = tl.load(K + kvh * s_kb + kj[:, None] * s_kn + offd[None, :], mask=cmask[:, None], other=0.0)
-    v = tl.load(V + kvh * s_vb + kj[:, None] * s_vn + offv[None, :], mask=cmask[:, None], other=0.0)
+    k = _gather(K, kvh * s_kb, kj, s_kn, offd, cmask)
+    v = _gather(V, kvh * s_vb, kj, s_vn, offv, cmask)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
     r0 = tl.load(RSTART + tile)
@@ -366,23 +405,15 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
     for i0 in range(r0, r1, BM):
         rows = i0 + tl.arange(0, BM)
         rmask = rows < r1
-        if HAS_PERM:
-            qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
-        else:
-            qi = rows.to(tl.int64)
-        q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
-        delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
+        qi = _original(PERM_Q, bh * s_pqb, rows, rmask, HAS_PERM)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
+                                       offd, offv)
         lo = tl.load(LO + rows, mask=rmask, other=0)
         hi = tl.load(HI + rows, mask=rmask, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        valid = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]) & rmask[:, None] & cmask[None, :]
+        valid = _in_interval(cols, lo, hi, rmask) & cmask[None, :]
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk, dv = _dkdv_step(dk, dv, p, q, do, v, delta, PREC)
     dk = dk * scale
     _add_rows(DK, kvh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, cmask[:, None], MODE)
     _add_rows(DV_, kvh * s_dvb + kj[:, None] * s_dvn + offv[None, :], dv, cmask[:, None], MODE)
@@ -401,17 +432,13 @@ def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, C_R0, C_R1, C_NO
     chunk = tl.program_id(1)
     bh = tl.program_id(2).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
-    node = tl.load(C_NODE + chunk).to(tl.int64)
-    smp = bh * s_ib + node * m
+    smp = bh * s_ib + tl.load(C_NODE + chunk).to(tl.int64) * m
     ts = tile * BN + tl.arange(0, BN)
     tmask = ts < m
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
-    sj = tl.load(IDX + smp + ts, mask=tmask, other=0).to(tl.int64)
-    ks = tl.load(K + kvh * s_kb + sj[:, None] * s_kn + offd[None, :], mask=tmask[:, None], other=0.0)
-    vs = tl.load(V + kvh * s_vb + sj[:, None] * s_vn + offv[None, :], mask=tmask[:, None], other=0.0)
-    bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
-    stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
+    sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, kvh * s_kb, kvh * s_vb,
+                                          s_kn, s_vn, offd, offv)
     dk = tl.zeros([BN, D], tl.float32)
     dv = tl.zeros([BN, DV], tl.float32)
     r0 = tl.load(C_R0 + chunk)
@@ -419,19 +446,13 @@ def _bwd_samples_kernel(Q, K, V, PERM_Q, IDX, BIAS, STAG, RTAG, C_R0, C_R1, C_NO
     for i0 in range(r0, r1, BM):
         rows = i0 + tl.arange(0, BM)
         rmask = rows < r1
-        qi = tl.load(PERM_Q + bh * s_pqb + rows, mask=rmask, other=0).to(tl.int64)
-        q = tl.load(Q + bh * s_qb + qi[:, None] * s_qn + offd[None, :], mask=rmask[:, None], other=0.0)
-        do = tl.load(DO + bh * s_ob + qi[:, None] * s_on + offv[None, :], mask=rmask[:, None], other=0.0)
-        lse2 = tl.load(LSE + bh * s_lb + qi, mask=rmask, other=0.0) * _LOG2E
-        delta = tl.load(DELTA + bh * s_lb + qi, mask=rmask, other=0.0)
+        qi = _original(PERM_Q, bh * s_pqb, rows, rmask, True)
+        q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
+                                       offd, offv)
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        s = tl.dot(q, tl.trans(ks), input_precision=PREC) * scale_log2 + bias[None, :] * _LOG2E
-        valid = tmask[None, :] & (stag[None, :] != rtag[:, None]) & rmask[:, None]
+        s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
-        dp = tl.dot(do, tl.trans(vs), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        dk, dv = _dkdv_step(dk, dv, p, q, do, vs, delta, PREC)
     dk = dk * scale
     tl.atomic_add(DK + kvh * s_dkb + sj[:, None] * s_dkn + offd[None, :], dk, mask=tmask[:, None])
     tl.atomic_add(DV_ + kvh * s_dvb + sj[:, None] * s_dvn + offv[None, :], dv, mask=tmask[:, None])
