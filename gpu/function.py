@@ -15,6 +15,7 @@ autograd: the backward kernels are tested against it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import functools
 import os
 
 import torch
@@ -98,7 +99,9 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=8)
 def _dummy(device):
+    """A placeholder pointer for absent index tensors (never read)."""
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
@@ -177,7 +180,6 @@ class _PiecesAttention(torch.autograd.Function):
         dvv = alloc(v.shape, device=q.device, dtype=torch.float32)
         dummy = _dummy(q.device)
         for i, plan in enumerate(ctx.pieces):
-            group = plan.H // plan.Hk
             has_perm = plan.perm_q is not None
             m = _samples(plan)
             pointers, index_strides = _index_args(plan, q.device)

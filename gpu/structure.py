@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+import itertools
 
 import torch
 
@@ -27,17 +28,12 @@ class Layout:
     @property
     def row_bounds(self) -> tuple:
         """Virtual row offsets ``(R_0 = 0, R_1, ..., R_T)``."""
-        out = [0]
-        for q0, q1, _, _ in self.nodes:
-            out.append(out[-1] + q1 - q0)
-        return tuple(out)
+        return tuple(itertools.accumulate((q1 - q0 for q0, q1, _, _ in self.nodes), initial=0))
 
     @property
     def col_bounds(self) -> tuple:
-        out = [0]
-        for _, _, k0, k1 in self.nodes:
-            out.append(out[-1] + k1 - k0)
-        return tuple(out)
+        """Virtual key offsets ``(C_0 = 0, C_1, ..., C_T)``."""
+        return tuple(itertools.accumulate((k1 - k0 for _, _, k0, k1 in self.nodes), initial=0))
 
 
 def gray_inverse(code: torch.Tensor) -> torch.Tensor:
@@ -50,7 +46,7 @@ def gray_inverse(code: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _arange_segments(bounds, starts, device):
+def _arange_segments(bounds, starts):
     """For each node ``t``: ``starts[t] + 0, 1, …`` over its ``bounds[t+1] − bounds[t]`` entries."""
     sizes = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], dtype=torch.int64)
     node = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
@@ -72,8 +68,8 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
     and its first original index.
     """
     rb, cb = layout.row_bounds, layout.col_bounds
-    r_node, r_local, _ = _arange_segments(rb, [n[0] for n in layout.nodes], device)
-    c_node, c_local, c_orig = _arange_segments(cb, [n[2] for n in layout.nodes], device)
+    r_node, r_local, _ = _arange_segments(rb, [n[0] for n in layout.nodes])
+    c_node, c_local, c_orig = _arange_segments(cb, [n[2] for n in layout.nodes])
     nq = torch.tensor([n[1] - n[0] for n in layout.nodes], dtype=torch.int64)
     nk = torch.tensor([n[3] - n[2] for n in layout.nodes], dtype=torch.int64)
     n_blocks = (nk + block - 1) // block
