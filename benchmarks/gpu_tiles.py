@@ -40,6 +40,15 @@ def main():
     cfg = HyperConfig()
     dtype = torch.bfloat16
     best = {}
+
+    def report(label, d, causal, tiles, t):
+        """Print one table row; keep the fastest configuration per (pass, d, causal)."""
+        print(f"| {label} | {d} | {causal} | {' | '.join(map(str, tiles))} | "
+              f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
+        key = ("fwd" if label == "fwd" else "bwd", d, causal)
+        if not isinstance(t, str) and (key not in best or t < best[key][1]):
+            best[key] = (tiles, t)
+
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"n = {args.n}, H = 32, bf16")
     print("| pass | d | causal | BM | BN | warps | stages | ms |")
@@ -50,12 +59,7 @@ def main():
             for tiles in FWD:
                 function.TILE_OVERRIDES[("fwd", d, dtype)] = tiles
                 t = time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
-                print(f"| fwd | {d} | {causal} | {' | '.join(map(str, tiles))} | "
-                      f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
-                if not isinstance(t, str):
-                    key = ("fwd", d, causal)
-                    if key not in best or t < best[key][1]:
-                        best[key] = (tiles, t)
+                report("fwd", d, causal, tiles, t)
         function.TILE_OVERRIDES[("fwd", d, dtype)] = best[("fwd", d, False)][0]
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
         grad = torch.randn_like(q)
@@ -66,13 +70,7 @@ def main():
 
         for tiles in BWD:
             function.TILE_OVERRIDES[("bwd", d, dtype)] = tiles
-            t = time_ms(fwd_bwd, 200)
-            print(f"| fwd+bwd | {d} | False | {' | '.join(map(str, tiles))} | "
-                  f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
-            if not isinstance(t, str):
-                key = ("bwd", d, False)
-                if key not in best or t < best[key][1]:
-                    best[key] = (tiles, t)
+            report("fwd+bwd", d, False, tiles, time_ms(fwd_bwd, 200))
         function.TILE_OVERRIDES.clear()
     print("best:", {f"{p}/d={d}/causal={c}": v for (p, d, c), v in best.items()})
 
