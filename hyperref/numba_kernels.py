@@ -66,6 +66,16 @@ def _logsumexp_row(row):
 
 
 @njit(cache=True)
+def _block_task(task, n_blocks, q_starts, block, nk):
+    """Task ``task`` of a (head, sortLSH block) loop: head ``h``, block ``g``, the block's
+    sorted query rows ``[qs, qe)`` and its sorted keys ``[ks, ke)``."""
+    h = task // n_blocks
+    g = task - h * n_blocks
+    ks = g * block
+    return h, g, q_starts[h, g], q_starts[h, g + 1], ks, min(ks + block, nk)
+
+
+@njit(cache=True)
 def _gather_rows(x, head, order, start, stop):
     """Rows ``x[head, order[head, start:stop]]`` as a contiguous array."""
     out = np.empty((stop - start, x.shape[2]), dtype=x.dtype)
@@ -90,14 +100,10 @@ def masked_partial(q, k, v, kv_of, scale, perm_q, q_starts, perm_k, block, k_blo
     n_blocks = q_starts.shape[1] - 1
     m = samp_idx.shape[1]
     for task in prange(n_heads * n_blocks):
-        h = task // n_blocks
-        g = task - h * n_blocks
-        qs, qe = q_starts[h, g], q_starts[h, g + 1]
+        h, g, qs, qe, ks, ke = _block_task(task, n_blocks, q_starts, block, nk)
         if qe == qs:
             continue
         hk = kv_of[h]
-        ks = g * block
-        ke = min(ks + block, nk)
         nb = ke - ks
         rows = qe - qs
         qg = _gather_rows(q, h, perm_q, qs, qe)
@@ -163,14 +169,10 @@ def masked_row_sums(q, k, kv_of, scale, perm_q, q_starts, perm_k, block, log_a):
     nk = k.shape[1]
     n_blocks = q_starts.shape[1] - 1
     for task in prange(n_heads * n_blocks):
-        h = task // n_blocks
-        g = task - h * n_blocks
-        qs, qe = q_starts[h, g], q_starts[h, g + 1]
+        h, g, qs, qe, ks, ke = _block_task(task, n_blocks, q_starts, block, nk)
         if qe == qs:
             continue
         hk = kv_of[h]
-        ks = g * block
-        ke = min(ks + block, nk)
         qg = _gather_rows(q, h, perm_q, qs, qe)
         keys = np.empty((ke - ks, d), dtype=q.dtype)
         for t in range(ke - ks):
