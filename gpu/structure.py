@@ -64,8 +64,8 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
     ``row_node``/``col_node`` (int64): node of each virtual row / key;
     ``row_x0, row_n``/``col_x0, col_n``: first original index and size of that node;
     ``col_orig`` (int64, C): original key of virtual key ``c`` *before* sorting;
-    ``{row,col}_{starts,ends,orig0}`` (int64, T): per node, its virtual range
-    and its first original index.
+    ``{row,col}_{starts,ends,orig0,sizes}`` (int64, T): per node, its virtual
+    range, its first original index and its size.
     """
     rb, cb = layout.row_bounds, layout.col_bounds
     r_node, r_local, _ = _arange_segments(rb, [n[0] for n in layout.nodes])
@@ -87,7 +87,8 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
                                  ("col", cb, [n[2] for n in layout.nodes])):
         arrays[f"{side}_starts"] = torch.tensor(bounds[:-1])  # per node: virtual start,
         arrays[f"{side}_ends"] = torch.tensor(bounds[1:])  # virtual end,
-        arrays[f"{side}_orig0"] = torch.tensor(starts)  # first original index
+        arrays[f"{side}_orig0"] = torch.tensor(starts)  # first original index,
+        arrays[f"{side}_sizes"] = arrays[f"{side}_ends"] - arrays[f"{side}_starts"]  # size
     out = {}
     for name, t in arrays.items():
         small = name in ("lo", "hi", "rtag", "ktag")
@@ -151,21 +152,19 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
     r = planes.shape[-1]
     total = bounds[-1]
     wide = (total << r) >= 2 ** 31
+    pre = "row" if side == "q" else "col"
     if use_triton and not exact:
         from . import kernels as K
         from .function import _prec
 
         BM = 64
         t_r0, t_r1, t_node = tile_map(bounds, BM, x.device)
-        pre = "row" if side == "q" else "col"
-        node_r0, node_x0 = arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"]
-        node_n = arrays[f"{pre}_ends"] - node_r0
         keys = torch.empty((bh, total), dtype=torch.int64 if wide else torch.int32, device=x.device)
         planes = planes.contiguous()
-        group = H // Hk if side == "k" else 1
-        heads = (H, Hk, group) if side == "k" else (1, 1, 1)
+        heads = (H, Hk, H // Hk) if side == "k" else (1, 1, 1)  # queries: head bh is row bh
         K._hash_kernel[(t_r0.shape[0], bh)](
-            x, planes, keys, t_r0, t_r1, t_node, node_r0, node_x0, node_n,
+            x, planes, keys, t_r0, t_r1, t_node,
+            arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"], arrays[f"{pre}_sizes"],
             *heads, r, x.stride(0), x.stride(1), planes.stride(0), planes.stride(1), keys.stride(0),
             D=x.shape[2], RP=max(16, _next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
             num_warps=4)
@@ -175,7 +174,6 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
         if not wide:
             keys = keys.int()
     s = torch.sort(keys, dim=-1).values.long()
-    pre = "row" if side == "q" else "col"
     r0, x0, n = arrays[f"{pre}_r0"], arrays[f"{pre}_x0"], arrays[f"{pre}_n"]
     local = (s - (r0 << r)) % n
     return (x0 + local).int().contiguous()
