@@ -13,7 +13,8 @@ from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
 
 from .function import Plan, pieces_attention, pieces_attention_dense
-from .structure import Layout, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes, sorted_order
+from .structure import (Layout, kv_heads, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes,
+                        sorted_order)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -92,9 +93,7 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     the squared row norms of ``v`` (float64, or ``None`` for the uniform sampler).
     """
     bh = qf.shape[0]
-    group = h // hk
-    heads = torch.arange(bh, device=qf.device)
-    kv_of = (heads // h) * hk + (heads % h) // group
+    kv_of = kv_heads(bh, h, hk, qf.device)
     arrays = layout_arrays(layout, config.block, qf.device)
     rb, cb = layout.row_bounds, layout.col_bounds
     q_starts = [n[0] for n in layout.nodes]

@@ -247,9 +247,7 @@ def _dense_masks(plan: Plan, bh: int, n_keys: int, device):
     """Index tensors of the dense twin: each query head's kv head (BH,), the interval
     mask (R, C), and, with samples, the kept samples (BH, R, T, m): the row's own
     node's samples whose block tag differs from the row's."""
-    group = plan.H // plan.Hk
-    heads = torch.arange(bh, device=device)
-    kv_of = (heads // plan.H) * plan.Hk + (heads % plan.H) // group
+    kv_of = S.kv_heads(bh, plan.H, plan.Hk, device)
     cols = torch.arange(n_keys, device=device)
     valid = (cols[None, :] >= plan.lo.long()[:, None]) & (cols[None, :] < plan.hi.long()[:, None])
     keep = None

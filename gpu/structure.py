@@ -36,6 +36,12 @@ class Layout:
         return tuple(itertools.accumulate((k1 - k0 for _, _, k0, k1 in self.nodes), initial=0))
 
 
+def kv_heads(bh: int, h: int, hk: int, device) -> torch.Tensor:
+    """Key/value head of each flattened query head ``b·H + i``: ``b·Hk + i // (H / Hk)``."""
+    heads = torch.arange(bh, device=device)
+    return (heads // h) * hk + (heads % h) // (h // hk)
+
+
 def gray_inverse(code: torch.Tensor) -> torch.Tensor:
     """Rank of ``code`` in Gray order (SPEC §3): ``t = c ⊕ (c≫1) ⊕ (c≫2) ⊕ …``."""
     t = code.clone()
