@@ -48,14 +48,23 @@ def _check(q, k, v, config, backend):
     if config.estimator != "masked" or config.normalizer != "self":
         raise ValueError("the GPU path implements estimator='masked' with normalizer='self'; "
                          "use hyperref (the NumPy reference) for the others")
-    # one device sync for all three: amax/amin propagate NaN and show ±Inf
+    # amax/amin propagate NaN and show ±Inf; the answer is read (one device sync) by
+    # _raise_if_nonfinite after the kernels are queued, so the GPU never waits for the host
     tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
-    if tensors:
-        extremes = torch.stack([torch.stack(torch.aminmax(t)).float() for _, t in tensors])
-        finite = torch.isfinite(extremes).all(dim=1).tolist()
-        for (name, _), ok in zip(tensors, finite):
-            if not ok:
-                raise ValueError(f"{name} contains NaN or Inf")
+    if not tensors:
+        return None
+    extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in tensors])
+    return [name for name, _ in tensors], torch.isfinite(extremes).all(dim=1)
+
+
+def _raise_if_nonfinite(pending):
+    """Raise for NaN/Inf inputs found by :func:`_check` (nothing computed is returned)."""
+    if pending is None:
+        return
+    names, finite = pending
+    for name, ok in zip(names, finite.tolist()):
+        if not ok:
+            raise ValueError(f"{name} contains NaN or Inf")
 
 
 def _device_draws(config, b, h, d, device, generator):
@@ -152,13 +161,14 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         raise TypeError(f"config must be a hyperref.HyperConfig, got {type(config).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _check(q, k, v, config, backend)
+    pending = _check(q, k, v, config, backend)
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     if nq == 0:
+        _raise_if_nonfinite(pending)
         out = q.new_zeros((b, h, 0, dv))
         return (out, q.new_zeros((b, h, 0), dtype=torch.float32)) if return_lse else out
     fn = pieces_attention if backend == "triton" else pieces_attention_dense
@@ -184,6 +194,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
             pieces.append(_piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash,
                                       use_triton=backend == "triton"))
     out, lse = fn(qf, kf, vf, pieces, scale)
+    _raise_if_nonfinite(pending)
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
     return (out, lse) if return_lse else out

@@ -243,10 +243,12 @@ def sample_nodes(sq, u, kv_of, sampler, layout: Layout, arrays):
     base, top = padded[:, starts], padded[:, ends]
     target = base[..., None] + u.double() * (top - base)[..., None]
     c = torch.searchsorted(cum, target.reshape(bh, -1), right=True).reshape(bh, n_nodes, m)
-    # rounding can put the target at the node's top: take its last key of positive p
-    positions = torch.arange(cum.shape[1], device=cum.device).expand(bh, -1)
-    last = torch.cummax(torch.where(w > 0, positions, -1), dim=-1).values[:, ends - 1]
-    c = torch.minimum(c, last[..., None]).reshape(bh, -1)
+    # rounding can put the target at the node's top: take its last key of positive p, the
+    # first position where the prefix sum reaches the top (later keys add exact zeros)
+    last = torch.searchsorted(cum, top.contiguous(), right=False)
+    c = torch.minimum(c, last[..., None])
+    # inside the node whatever the input (NaN/Inf inputs are refused after the launches)
+    c = torch.maximum(torch.minimum(c, (ends - 1)[None, :, None]), starts[None, :, None]).reshape(bh, -1)
     p = w.gather(1, c)
     log_w = -torch.log(m * p)
     return c_orig[c].reshape(bh, n_nodes, m), log_w.float().reshape(bh, n_nodes, m)
