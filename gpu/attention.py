@@ -114,7 +114,7 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     position.scatter_(1, perm_k.long(), torch.arange(cb[-1], device=qf.device).expand(bh, -1))
     stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1))].reshape(idx.shape)
     return Plan(perm_q, perm_k, arrays["lo"], arrays["hi"], arrays["rtag"], idx.int().contiguous(),
-                bias.contiguous(), stag.contiguous(), rb, h, hk)
+                bias.contiguous(), stag.contiguous(), rb, h, hk, layout, config.block)
 
 
 def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None, generator=None,

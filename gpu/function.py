@@ -41,7 +41,8 @@ class Plan:
     virtual keys and its block tag; ``idx, bias, stag`` (BH, T, m): each node's
     sampled keys (original indices), their log weights and block tags
     (``None`` without samples); ``row_bounds``: virtual row offsets of the
-    ``T`` nodes (host ints); ``H, Hk``: heads.
+    ``T`` nodes (host ints); ``H, Hk``: heads; ``layout, block``: the sortLSH
+    nodes and block size (``None``, 0 for the leaves).
     """
 
     perm_q: torch.Tensor | None
@@ -55,10 +56,16 @@ class Plan:
     row_bounds: tuple
     H: int
     Hk: int
+    layout: S.Layout | None = None
+    block: int = 0
 
     @property
     def n_rows(self) -> int:
         return self.row_bounds[-1]
+
+    def one_block(self, tile: int) -> bool:
+        """Whether the rows of every tile of ``tile`` rows share one sortLSH block."""
+        return self.layout is not None and S.tiles_in_one_block(self.layout, self.block, tile)
 
     def n_keys(self, nk: int) -> int:
         """Number of virtual keys (``nk`` for the leaves, which have no permutation)."""
@@ -68,6 +75,9 @@ class Plan:
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+# the single-loop forward for row tiles inside one sortLSH block (False: the general loops)
+ONE_BLOCK = True
 
 # (pass, d, dtype) -> (BM, BN, num_warps, num_stages): set by benchmarks/gpu_tiles.py to
 # sweep configurations; empty in normal use.
@@ -151,7 +161,8 @@ class _PiecesAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), *index_strides,
                 D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=plan.idx is not None,
-                HAS_PERM=plan.perm_q is not None, MERGE=i > 0, PREC=_prec(q.dtype),
+                HAS_PERM=plan.perm_q is not None, MERGE=i > 0, ONE_BLOCK=ONE_BLOCK and plan.one_block(BM),
+                PREC=_prec(q.dtype),
                 num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pieces, ctx.scale = pieces, scale

@@ -210,28 +210,15 @@ def _key_ranges(lo, hi, rmask, nk, BN: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_R1, T_NODE, O, LSE,
-                nk, m, H, HK, G, scale_log2,
-                s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb, s_ib,
-                D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, MERGE: tl.constexpr,
-                PREC: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    kvh = _kv_head(bh, H, HK, G)
-    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
-    offd = tl.arange(0, D)
-    offv = tl.arange(0, DV)
-    q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
+def _row_interval_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_NODE, tile,
+                        rows, rmask, pk_row, s_row, k_head, v_head, nk, m, s_kn, s_vn, scale_log2,
+                        offd, offv, BM: tl.constexpr, BN: tl.constexpr, HAS_SAMPLES: tl.constexpr,
+                        HAS_PERM: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of a row tile whose rows may have different intervals (any piece):
+    key tiles masked at the edges, unmasked inside ``[max lo, min hi)``, then the samples."""
     lo = tl.load(LO + rows, mask=rmask, other=0)
     hi = tl.load(HI + rows, mask=rmask, other=0)
     start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
-    m_i = tl.full([BM], NEG, tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DV], tl.float32)
-    pk_row = bh * s_pkb
-    k_head = kvh * s_kb
-    v_head = kvh * s_vb
     for j0 in range(start, a, BN):
         acc, m_i, l_i = _fwd_step(q, acc, m_i, l_i, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi,
                                   rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
@@ -243,7 +230,7 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
                                   rmask, nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
     if HAS_SAMPLES:
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
+        smp = s_row + tl.load(T_NODE + tile).to(tl.int64) * m
         for t0 in range(0, m, BN):
             ts = t0 + tl.arange(0, BN)
             tmask = ts < m
@@ -251,6 +238,75 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
                                                   s_kn, s_vn, offd, offv)
             s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vs, valid, True, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _one_block_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_NODE, tile,
+                     pk_row, s_row, k_head, v_head, m, s_kn, s_vn, scale_log2, offd, offv,
+                     BN: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of a row tile inside one sortLSH block (a sortLSH piece, nonempty block).
+
+    All rows share the interval ``[lo, hi)`` and the block tag, so the interval's
+    key tiles and the node's sample tiles are one loop, and every mask is a
+    per-column logit offset: 0 inside the interval, the log weight for a sample
+    of another block, ``NEG`` for the rest.
+    """
+    r0 = tl.load(T_R0 + tile)
+    lo = tl.load(LO + r0)
+    hi = tl.load(HI + r0)
+    rtag = tl.load(RTAG + r0)
+    smp = s_row + tl.load(T_NODE + tile).to(tl.int64) * m
+    n_int = tl.cdiv(hi - lo, BN)
+    ar = tl.arange(0, BN)
+    for t in range(0, n_int + tl.cdiv(m, BN)):
+        cols = lo + t * BN + ar
+        ts = (t - n_int) * BN + ar
+        cmask = cols < hi  # false once t >= n_int (lo + n_int·BN >= hi)
+        tmask = (ts >= 0) & (ts < m)
+        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0) + \
+            tl.load(IDX + smp + ts, mask=tmask, other=0)
+        kj = kj.to(tl.int64)
+        kmask = cmask | tmask
+        k = _gather(K, k_head, kj, s_kn, offd, kmask)
+        v = _gather(V, v_head, kj, s_vn, offv, kmask)
+        bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+        stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
+        offset = tl.where(cmask | (tmask & (stag != rtag)), bias * _LOG2E, NEG)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 + offset[None, :]
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, None, False, PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_R1, T_NODE, O, LSE,
+                nk, m, H, HK, G, scale_log2,
+                s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb, s_ib,
+                D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, MERGE: tl.constexpr,
+                ONE_BLOCK: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    kvh = _kv_head(bh, H, HK, G)
+    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
+    offd = tl.arange(0, D)
+    offv = tl.arange(0, DV)
+    q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
+    m_i = tl.full([BM], NEG, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DV], tl.float32)
+    pk_row = bh * s_pkb
+    k_head = kvh * s_kb
+    v_head = kvh * s_vb
+    if ONE_BLOCK:
+        acc, m_i, l_i = _one_block_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG,
+                                         T_R0, T_NODE, tile, pk_row, bh * s_ib, k_head, v_head, m,
+                                         s_kn, s_vn, scale_log2, offd, offv, BN, PREC)
+    else:
+        acc, m_i, l_i = _row_interval_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI,
+                                            RTAG, T_NODE, tile, rows, rmask, pk_row, bh * s_ib,
+                                            k_head, v_head, nk, m, s_kn, s_vn, scale_log2, offd, offv,
+                                            BM, BN, HAS_SAMPLES, HAS_PERM, PREC)
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]

@@ -129,6 +129,19 @@ def tile_map(bounds: tuple, tile: int, device):
     return as_t(r0), as_t(r1), as_t(node)
 
 
+@lru_cache(maxsize=256)
+def tiles_in_one_block(layout: Layout, block: int, tile: int) -> bool:
+    """Whether every row tile of :func:`tile_map` lies inside one sortLSH block of its node
+    (then the rows of a tile share their key interval and block tag)."""
+    for (q0, q1, k0, k1) in layout.nodes:
+        nq, nk = q1 - q0, k1 - k0
+        n_blocks = -(-nk // block)
+        blk = lambda r: min((r * nk) // (nq * block), n_blocks - 1)  # noqa: E731 (as layout_arrays)
+        if nk == 0 or any(blk(s) != blk(min(s + tile, nq) - 1) for s in range(0, nq, tile)):
+            return False
+    return True
+
+
 def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
     """Sort keys ``(R_t << r) + bucket·n_t + local`` by torch operations (any device)."""
     bh = planes.shape[0]

@@ -250,3 +250,23 @@ def test_torch_compile_triton_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(compiled.sum(), (q, k, v)), torch.autograd.grad(eager.sum(), (q, k, v))):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_block_loop_equals_general_loops(causal, monkeypatch):
+    # row tiles inside one sortLSH block take the single interval+samples loop with per-column
+    # masks; the general loops (per-row intervals, 2-D masks) must give the same answer
+    import gpu.function as F
+    from gpu.structure import Layout, tiles_in_one_block
+
+    bm = F._tiles(D_LIST[0], torch.float32, torch.device(DEVICE))[0]
+    assert tiles_in_one_block(Layout(((0, N, 0, N),)), CFG.block, bm)  # the whole, non-causal
+    assert not tiles_in_one_block(Layout(((0, 100, 0, 37),)), 32, 16)  # blocks of ~86 rows
+    q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 5, torch.float64))
+    run = lambda: gpu.hyper_attention(q, k, v, causal=causal, config=CFG, return_lse=True,  # noqa: E731
+                                      generator=torch.Generator(DEVICE).manual_seed(3))
+    out, lse = run()
+    monkeypatch.setattr(F, "ONE_BLOCK", False)
+    ref, ref_lse = run()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
