@@ -179,12 +179,16 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         draw = _device_draws(config, b, h, d, q.device, generator)
     pieces = []
     if nq <= config.min_seq_len or causal:
+        leaf_len = 0
         if causal:
-            lo, hi = leaf_intervals(tuple(causal_nodes(nq, nk, config.min_seq_len)[1]), nq, q.device)
+            leaves = tuple(causal_nodes(nq, nk, config.min_seq_len)[1])
+            lo, hi = leaf_intervals(leaves, nq, q.device)
+            if nq == nk and len({(f.q1 - f.q0, f.k1 - f.k0) for f in leaves}) == 1:
+                leaf_len = leaves[0].q1 - leaves[0].q0  # equal squares (gpu.leaves)
         else:
             lo = torch.zeros(nq, dtype=torch.int32, device=q.device)
             hi = torch.full((nq,), nk, dtype=torch.int32, device=q.device)
-        pieces.append(Plan(None, None, lo, hi, None, None, None, None, (0, nq), h, hk))
+        pieces.append(Plan(None, None, lo, hi, None, None, None, None, (0, nq), h, hk, leaf_len=leaf_len))
     if nq > config.min_seq_len:
         sq = None if config.sampler == "uniform" else \
             row_sq_norms(vf, exact_hash, use_triton=backend == "triton")

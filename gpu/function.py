@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from . import leaves as L
 from . import structure as S
 
 try:
@@ -42,7 +43,8 @@ class Plan:
     sampled keys (original indices), their log weights and block tags
     (``None`` without samples); ``row_bounds``: virtual row offsets of the
     ``T`` nodes (host ints); ``H, Hk``: heads; ``layout, block``: the sortLSH
-    nodes and block size (``None``, 0 for the leaves).
+    nodes and block size (``None``, 0 for the leaves); ``leaf_len``: for causal
+    leaves that are equal squares, their length (0 otherwise).
     """
 
     perm_q: torch.Tensor | None
@@ -58,6 +60,7 @@ class Plan:
     Hk: int
     layout: S.Layout | None = None
     block: int = 0
+    leaf_len: int = 0
 
     @property
     def n_rows(self) -> int:
@@ -78,6 +81,10 @@ def _interpret() -> bool:
 
 # the single-loop forward for row tiles inside one sortLSH block (False: the general loops)
 ONE_BLOCK = True
+
+# exact causal leaves by a vendor kernel when gpu.leaves.supported ("cudnn", "flash"), or by
+# the Triton kernel ("triton")
+LEAVES = "cudnn"
 
 # (pass, d, dtype) -> (BM, BN, num_warps, num_stages): set by benchmarks/gpu_tiles.py to
 # sweep configurations; empty in normal use.
@@ -149,10 +156,19 @@ class _PiecesAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pieces, scale: float):
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
-        out = torch.empty((bh, nq, dv), device=q.device, dtype=q.dtype)
-        lse = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
         BM, BN, warps, stages = _tiles(d, q.dtype, q.device)
+        ctx.set_materialize_grads(False)
+        ctx.leaves = None
+        first = pieces[0]
+        if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk):
+            out, lse, state = L.forward(q, k, v, first.leaf_len, scale, LEAVES)
+            ctx.leaves = (LEAVES, state)
+        else:
+            out = torch.empty((bh, nq, dv), device=q.device, dtype=q.dtype)
+            lse = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
         for i, plan in enumerate(pieces):
+            if i == 0 and ctx.leaves is not None:
+                continue
             pointers, index_strides = _index_args(plan, q.device)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
             K._fwd_kernel[(t_r0.shape[0], bh)](
@@ -183,14 +199,24 @@ class _PiecesAttention(torch.autograd.Function):
         prec = _prec(q.dtype)
         # dq accumulates over pieces in fp32 (one piece: written once, in q's dtype);
         # dk, dv in fp32: the first piece writes every key (atomically if heads share it)
-        dq = torch.empty((bh, nq, d), device=q.device,
-                         dtype=torch.float32 if len(ctx.pieces) > 1 else q.dtype)
         group = ctx.pieces[0].H // ctx.pieces[0].Hk
-        alloc = torch.empty if group == 1 else torch.zeros
-        dk = alloc(k.shape, device=q.device, dtype=torch.float32)
-        dvv = alloc(v.shape, device=q.device, dtype=torch.float32)
+        vendor = ctx.leaves is not None and dlse is None  # (the vendor backward has no dlse term)
+        if vendor:
+            backend, state = ctx.leaves
+            dq, dk, dvv = L.backward(dout, q, k, v, out, lse, ctx.pieces[0].leaf_len, scale, backend, state)
+            if len(ctx.pieces) == 1:
+                return dq, dk, dvv, None, None
+            dq, dk, dvv = dq.float(), dk.float(), dvv.float()
+        else:
+            dq = torch.empty((bh, nq, d), device=q.device,
+                             dtype=torch.float32 if len(ctx.pieces) > 1 else q.dtype)
+            alloc = torch.empty if group == 1 else torch.zeros
+            dk = alloc(k.shape, device=q.device, dtype=torch.float32)
+            dvv = alloc(v.shape, device=q.device, dtype=torch.float32)
         dummy = _dummy(q.device)
         for i, plan in enumerate(ctx.pieces):
+            if i == 0 and vendor:
+                continue
             has_perm = plan.perm_q is not None
             m = _samples(plan)
             pointers, index_strides = _index_args(plan, q.device)

@@ -57,6 +57,7 @@ CASES = [  # (causal, b, h, hk, nq, nk)
     (False, 2, 2, 2, N, N // 2 + 7),
     (True, 1, 4, 2, N + 3, N - 5),
     (True, 1, 2, 2, N - 9, N + 31),
+    (True, 1, 2, 2, N, N),  # equal square leaves, heads not grouped: vendor leaves on CUDA
 ]
 
 
@@ -85,8 +86,10 @@ def test_forward_matches_reference(case, d, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", CASES[:2] + CASES[3:4])
-def test_gradients_match_dense_autograd(case, dtype):
+@pytest.mark.parametrize("case,lse_grad", [(c, True) for c in CASES[:2] + CASES[3:4]]
+                         + [(CASES[5], True), (CASES[5], False)])
+def test_gradients_match_dense_autograd(case, lse_grad, dtype):
+    # without a gradient into lse, the vendor backward computes the leaves (CUDA, CASES[5])
     causal, b, h, hk, nq, nk = case
     d = D_LIST[0]
     q, k, v = _inputs(b, h, hk, nq, nk, d, 7, dtype)
@@ -100,8 +103,9 @@ def test_gradients_match_dense_autograd(case, dtype):
         out, lse = gpu.hyper_attention(*xs, causal=causal, config=CFG, draws=draws,
                                        return_lse=True, exact_hash=True, backend=backend)
         seen = torch.isfinite(lse)
-        loss = (out.double() * g_out.to(device)).sum() + \
-            (torch.where(seen, lse.double(), 0.0) * g_lse.to(device)).sum()
+        loss = (out.double() * g_out.to(device)).sum()
+        if lse_grad:
+            loss = loss + (torch.where(seen, lse.double(), 0.0) * g_lse.to(device)).sum()
         loss.backward()
         return [x.grad for x in xs]
 
@@ -270,3 +274,36 @@ def test_one_block_loop_equals_general_loops(causal, monkeypatch):
     ref, ref_lse = run()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not CUDA, reason="the vendor kernels need CUDA")
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
+    # causal leaves by cuDNN / FlashAttention (out, lse and the backward from the final out, lse)
+    # against the Triton leaves, same draws; with a gradient into lse the Triton backward runs
+    import gpu.function as F
+    import gpu.leaves as L
+
+    cfg = HyperConfig(bits=5, block=64, samples=64, min_seq_len=256)
+    q, k, v = (torch.randn(1, 4, 2048, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    g_out = torch.randn_like(q)
+    g_lse = torch.randn(1, 4, 2048, device=DEVICE)
+    calls = []
+    forward = L.forward
+    monkeypatch.setattr(L, "forward", lambda *a: calls.append(a[-1]) or forward(*a))
+
+    def run(leaves, lse_grad):
+        monkeypatch.setattr(F, "LEAVES", leaves)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = gpu.hyper_attention(*xs, causal=True, config=cfg, return_lse=True,
+                                       generator=torch.Generator(DEVICE).manual_seed(0))
+        loss = (out.float() * g_out.float()).sum() + ((lse * g_lse).sum() if lse_grad else 0.0)
+        return [out, lse] + list(torch.autograd.grad(loss, xs))
+
+    for lse_grad in (False, True):
+        ref = run("triton", lse_grad)
+        got = run(backend, lse_grad)
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+            assert _rel(a, b) <= 2e-2, (name, lse_grad, _rel(a, b))
+    assert calls == [backend, backend]
