@@ -48,22 +48,28 @@ def _check(q, k, v, config, backend):
     if config.estimator != "masked" or config.normalizer != "self":
         raise ValueError("the GPU path implements estimator='masked' with normalizer='self'; "
                          "use hyperref (the NumPy reference) for the others")
+
+
+def _nonfinite_by_reduction(q, k, v):
+    """Names of the nonempty inputs and a pending device answer: int per input, nonzero if it
+    holds NaN/Inf (``None`` if all are empty)."""
     # amax/amin propagate NaN and show ±Inf; the answer is read (one device sync) by
     # _raise_if_nonfinite after the kernels are queued, so the GPU never waits for the host
     tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
     if not tensors:
         return None
     extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in tensors])
-    return [name for name, _ in tensors], torch.isfinite(extremes).all(dim=1)
+    return [name for name, _ in tensors], (~torch.isfinite(extremes).all(dim=1)).int()
 
 
 def _raise_if_nonfinite(pending):
-    """Raise for NaN/Inf inputs found by :func:`_check` (nothing computed is returned)."""
+    """Raise for NaN/Inf inputs found by :func:`_nonfinite_by_reduction` or flagged by the
+    kernels (nothing computed is returned)."""
     if pending is None:
         return
-    names, finite = pending
-    for name, ok in zip(names, finite.tolist()):
-        if not ok:
+    names, bad = pending  # int per input: nonzero if it holds NaN/Inf
+    for name, flagged in zip(names, bad.tolist()):
+        if flagged:
             raise ValueError(f"{name} contains NaN or Inf")
 
 
@@ -95,11 +101,12 @@ def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device)
 
 
 @torch.compiler.disable  # integer index plumbing: kept out of compiled graphs
-def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton):
+def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton, flags=None):
     """Index tensors of one sortLSH piece (SPEC §3, §5): all nodes of ``layout`` at once.
 
     ``planes`` (BH, T, d, r) and ``u`` (BH, T, m) are the nodes' draws, ``sq``
-    the squared row norms of ``v`` (float64, or ``None`` for the uniform sampler).
+    the squared row norms of ``v`` (float64, or ``None`` for the uniform sampler);
+    ``flags`` (int32, 3): the hash kernel flags non-finite rows of q and k there.
     """
     bh = qf.shape[0]
     kv_of = kv_heads(bh, h, hk, qf.device)
@@ -107,8 +114,9 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     rb, cb = layout.row_bounds, layout.col_bounds
     q_starts = [n[0] for n in layout.nodes]
     k_starts = [n[2] for n in layout.nodes]
-    perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton)
-    perm_k = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash, use_triton)
+    flag_q, flag_k = (None, None) if flags is None else (flags[0:1], flags[1:2])
+    perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q)
+    perm_k = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash, use_triton, flag_k)
     idx, bias = sample_nodes(sq, u, kv_of, config.sampler, layout, arrays)
     position = torch.empty((bh, kf.shape[1]), dtype=torch.int64, device=qf.device)
     position.scatter_(1, perm_k.long(), torch.arange(cb[-1], device=qf.device).expand(bh, -1))
@@ -161,12 +169,21 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         raise TypeError(f"config must be a hyperref.HyperConfig, got {type(config).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    pending = _check(q, k, v, config, backend)
+    _check(q, k, v, config, backend)
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    # non-causal with the Triton hash and row-norm kernels: they read every row of q, k and v
+    # and flag NaN/Inf on the way; else one reduction over the inputs
+    fold = (backend == "triton" and not causal and nq > config.min_seq_len and not exact_hash
+            and config.sampler != "uniform")
+    if fold:
+        flags = torch.zeros(3, dtype=torch.int32, device=q.device)
+        pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
+    else:
+        flags, pending = None, _nonfinite_by_reduction(q, k, v)
     if nq == 0:
         _raise_if_nonfinite(pending)
         out = q.new_zeros((b, h, 0, dv))
@@ -191,12 +208,12 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         pieces.append(Plan(None, None, lo, hi, None, None, None, None, (0, nq), h, hk, leaf_len=leaf_len))
     if nq > config.min_seq_len:
         sq = None if config.sampler == "uniform" else \
-            row_sq_norms(vf, exact_hash, use_triton=backend == "triton")
+            row_sq_norms(vf, exact_hash, use_triton=backend == "triton", flag=None if flags is None else flags[2:3])
         for nodes in _levels(nq, nk, causal, config.min_seq_len):
             layout = Layout(tuple((n.q0, n.q1, n.k0, n.k1) for n in nodes))
             planes, u = draw(nodes)
             pieces.append(_piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash,
-                                      use_triton=backend == "triton"))
+                                      use_triton=backend == "triton", flags=flags))
     out, lse = fn(qf, kf, vf, pieces, scale)
     _raise_if_nonfinite(pending)
     out = out.reshape(b, h, nq, dv)

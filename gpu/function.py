@@ -191,10 +191,11 @@ class _PiecesAttention(torch.autograd.Function):
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
         dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
-        delta = (dout.float() * out.float()).sum(-1)
-        if dlse is not None:
-            delta = delta - torch.where(torch.isfinite(lse), dlse.float(), torch.zeros_like(delta))
-        delta = delta.contiguous()
+        delta = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
+        dlse_arg = dlse.float().contiguous() if dlse is not None else delta
+        K._delta_kernel[(triton.cdiv(bh * nq, 64),)](dout, out, lse, dlse_arg, delta, bh * nq,
+                                                     dout.stride(1), out.stride(1), DV=dv, BM=64,
+                                                     HAS_DLSE=dlse is not None, num_warps=4)
         BM, BN, warps, stages = _bwd_tiles(d, q.dtype, q.device)
         prec = _prec(q.dtype)
         # dq accumulates over pieces in fp32 (one piece: written once, in q's dtype);
@@ -227,7 +228,7 @@ class _PiecesAttention(torch.autograd.Function):
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), lse.stride(0), *index_strides,
                 D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=m > 0, HAS_PERM=has_perm, ACCUM=i > 0,
-                PREC=prec, num_warps=warps, num_stages=stages)
+                ONE_BLOCK=ONE_BLOCK and plan.one_block(BM), PREC=prec, num_warps=warps, num_stages=stages)
             # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
             n_keys = plan.n_keys(nk)
             tiles = torch.arange(0, n_keys, BN, device=q.device, dtype=torch.int32)

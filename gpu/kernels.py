@@ -55,24 +55,39 @@ def _kv_head(bh, H, HK, G):
 
 
 @triton.jit
-def _sq_norm_kernel(X, OUT, rows, n, s_xb, s_xn, D: tl.constexpr, BM: tl.constexpr):
-    """``OUT[i] = ‖x_i‖²`` (fp32 accumulation) of the rows of X (B, n, D), flattened."""
+def _flag_nonfinite(FLAG, x):
+    """Set ``FLAG[0] = 1`` if the tile ``x`` holds a NaN or ±Inf (the input check, folded into
+    a kernel that reads every row anyway)."""
+    bad = tl.zeros([1], tl.int32) + tl.sum(tl.where((x == x) & (tl.abs(x) < float("inf")), 0, 1))
+    tl.store(FLAG + tl.arange(0, 1), tl.full([1], 1, tl.int32), mask=bad > 0)
+
+
+@triton.jit
+def _sq_norm_kernel(X, OUT, FLAG, rows, n, s_xb, s_xn, D: tl.constexpr, BM: tl.constexpr,
+                    CHECK: tl.constexpr):
+    """``OUT[i] = ‖x_i‖²`` (fp32 accumulation) of the rows of X (B, n, D), flattened;
+    with ``CHECK``, flags non-finite entries in ``FLAG``."""
     r = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = r < rows
     offd = tl.arange(0, D)
     x = tl.load(X + (r // n).to(tl.int64)[:, None] * s_xb + (r % n).to(tl.int64)[:, None] * s_xn
-                + offd[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+                + offd[None, :], mask=rmask[:, None], other=0.0)
+    if CHECK:
+        _flag_nonfinite(FLAG, x)
+    x = x.to(tl.float32)
     tl.store(OUT + r, tl.sum(x * x, axis=1), mask=rmask)
 
 
 @triton.jit
-def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N,
+def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N, FLAG,
                  H, HK, G, r, s_xb, s_xn, s_pb, s_pn, s_kb,
-                 D: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+                 D: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
+                 CHECK: tl.constexpr):
     """Sort keys of one tile of virtual rows: ``(R0_t << r) + bucket·n_t + local``.
 
     ``PLANES`` is (BH, nodes, D, r) contiguous in its last two dims; ``X`` row
     ``x0_t + local`` of head ``kv_head(bh)`` is hashed with node ``t``'s planes.
+    With ``CHECK``, non-finite entries of the rows are flagged in ``FLAG``.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -89,6 +104,8 @@ def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N,
     offd = tl.arange(0, D)
     cols = tl.arange(0, RP)
     x = tl.load(X + xh * s_xb + (x0 + local)[:, None] * s_xn + offd[None, :], mask=rmask[:, None], other=0.0)
+    if CHECK:
+        _flag_nonfinite(FLAG, x)
     planes = tl.load(PLANES + bh * s_pb + node * s_pn + offd[:, None] * r + cols[None, :],
                      mask=cols[None, :] < r, other=0.0)
     proj = tl.dot(x, planes.to(x.dtype), input_precision=PREC)
@@ -242,40 +259,74 @@ def _row_interval_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI,
 
 
 @triton.jit
-def _one_block_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_NODE, tile,
-                     pk_row, s_row, k_head, v_head, m, s_kn, s_vn, scale_log2, offd, offv,
-                     BN: tl.constexpr, PREC: tl.constexpr):
-    """Online softmax of a row tile inside one sortLSH block (a sortLSH piece, nonempty block).
-
-    All rows share the interval ``[lo, hi)`` and the block tag, so the interval's
-    key tiles and the node's sample tiles are one loop, and every mask is a
-    per-column logit offset: 0 inside the interval, the log weight for a sample
-    of another block, ``NEG`` for the rest.
-    """
+def _one_block_setup(LO, HI, RTAG, T_R0, T_NODE, tile, s_row, m, BN: tl.constexpr):
+    """A row tile inside one sortLSH block: its interval ``[lo, hi)``, block tag, the offset
+    of its node's samples and the number of interval tiles and of all key tiles."""
     r0 = tl.load(T_R0 + tile)
     lo = tl.load(LO + r0)
     hi = tl.load(HI + r0)
-    rtag = tl.load(RTAG + r0)
-    smp = s_row + tl.load(T_NODE + tile).to(tl.int64) * m
     n_int = tl.cdiv(hi - lo, BN)
+    smp = s_row + tl.load(T_NODE + tile).to(tl.int64) * m
+    return lo, hi, tl.load(RTAG + r0), smp, n_int, n_int + tl.cdiv(m, BN)
+
+
+@triton.jit
+def _one_block_keys(K, V, PERM_K, IDX, BIAS, STAG, t, lo, hi, rtag, smp, n_int, pk_row, k_head, v_head,
+                    m, s_kn, s_vn, offd, offv, BN: tl.constexpr):
+    """Key tile ``t`` of a one-block row tile: interval tiles first, then the node's samples.
+
+    Returns key and value rows and a per-column base-2 logit offset: 0 inside
+    the interval, the log weight for a sample of another block (``masked``
+    estimator), ``NEG`` for the rest (a sample of the row's own block, padding).
+    """
     ar = tl.arange(0, BN)
-    for t in range(0, n_int + tl.cdiv(m, BN)):
-        cols = lo + t * BN + ar
-        ts = (t - n_int) * BN + ar
-        cmask = cols < hi  # false once t >= n_int (lo + n_int·BN >= hi)
-        tmask = (ts >= 0) & (ts < m)
-        kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0) + \
-            tl.load(IDX + smp + ts, mask=tmask, other=0)
-        kj = kj.to(tl.int64)
-        kmask = cmask | tmask
-        k = _gather(K, k_head, kj, s_kn, offd, kmask)
-        v = _gather(V, v_head, kj, s_vn, offv, kmask)
-        bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
-        stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
-        offset = tl.where(cmask | (tmask & (stag != rtag)), bias * _LOG2E, NEG)
+    cols = lo + t * BN + ar
+    ts = (t - n_int) * BN + ar
+    cmask = cols < hi  # false once t >= n_int (lo + n_int·BN >= hi)
+    tmask = (ts >= 0) & (ts < m)
+    kj = tl.load(PERM_K + pk_row + cols, mask=cmask, other=0) + tl.load(IDX + smp + ts, mask=tmask, other=0)
+    kj = kj.to(tl.int64)
+    k = _gather(K, k_head, kj, s_kn, offd, cmask | tmask)
+    v = _gather(V, v_head, kj, s_vn, offv, cmask | tmask)
+    bias = tl.load(BIAS + smp + ts, mask=tmask, other=0.0)
+    stag = tl.load(STAG + smp + ts, mask=tmask, other=-2)
+    offset = tl.where(cmask | (tmask & (stag != rtag)), bias * _LOG2E, NEG)
+    return k, v, offset
+
+
+@triton.jit
+def _one_block_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_NODE, tile,
+                     pk_row, s_row, k_head, v_head, m, s_kn, s_vn, scale_log2, offd, offv,
+                     BN: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of a row tile inside one sortLSH block (a sortLSH piece; blocks are
+    nonempty, so the first tile has a key of every row and the running max is finite).
+
+    All rows share the interval and the block tag, so the interval's key tiles
+    and the node's sample tiles are one loop and every mask is a per-column
+    logit offset (:func:`_one_block_keys`).
+    """
+    lo, hi, rtag, smp, n_int, n_all = _one_block_setup(LO, HI, RTAG, T_R0, T_NODE, tile, s_row, m, BN)
+    for t in range(0, n_all):
+        k, v, offset = _one_block_keys(K, V, PERM_K, IDX, BIAS, STAG, t, lo, hi, rtag, smp, n_int, pk_row,
+                                       k_head, v_head, m, s_kn, s_vn, offd, offv, BN)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 + offset[None, :]
         acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, v, None, False, PREC)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_one_block(q, do, dq, lse2, delta, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_NODE, tile,
+                  pk_row, s_row, k_head, v_head, m, s_kn, s_vn, scale_log2, offd, offv,
+                  BN: tl.constexpr, PREC: tl.constexpr):
+    """dq (unscaled) of a row tile inside one sortLSH block: one loop, per-column masks."""
+    lo, hi, rtag, smp, n_int, n_all = _one_block_setup(LO, HI, RTAG, T_R0, T_NODE, tile, s_row, m, BN)
+    for t in range(0, n_all):
+        k, v, offset = _one_block_keys(K, V, PERM_K, IDX, BIAS, STAG, t, lo, hi, rtag, smp, n_int, pk_row,
+                                       k_head, v_head, m, s_kn, s_vn, offd, offv, BN)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2 + offset[None, :]
+        ds = _ds(tl.exp2(s - lse2[:, None]), do, v, delta, PREC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
 
 
 @triton.jit
@@ -330,6 +381,25 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
 
 
 @triton.jit
+def _delta_kernel(DO, O, LSE, DLSE, DELTA, rows, s_do, s_o, DV: tl.constexpr, BM: tl.constexpr,
+                  HAS_DLSE: tl.constexpr):
+    """``Δ_i = do_i·o_i − dlse_i`` (the ``dlse`` term only where ``lse_i`` is finite), fp32,
+    over the flattened rows of DO and O (row strides ``s_do``, ``s_o``)."""
+    r = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = r < rows
+    offv = tl.arange(0, DV)
+    r64 = r.to(tl.int64)
+    do = tl.load(DO + r64[:, None] * s_do + offv[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + r64[:, None] * s_o + offv[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    delta = tl.sum(do * o, axis=1)
+    if HAS_DLSE:
+        lse = tl.load(LSE + r, mask=rmask, other=0.0)
+        dlse = tl.load(DLSE + r, mask=rmask, other=0.0)
+        delta -= tl.where(tl.abs(lse) < float("inf"), dlse, 0.0)
+    tl.store(DELTA + r, delta, mask=rmask)
+
+
+@triton.jit
 def _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb, offd, offv):
     """What backward needs of a set of rows: q, do, base-2 lse and Δ."""
     q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
@@ -374,7 +444,7 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
                    s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb, s_ib,
                    D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                    HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, ACCUM: tl.constexpr,
-                   PREC: tl.constexpr):
+                   ONE_BLOCK: tl.constexpr, PREC: tl.constexpr):
     """dq_i (+)= scale Σ_j P_ij (dP_ij − Δ_i) k_j over the row's interval keys and samples.
 
     ``DO`` shares the strides of the output (``s_ob, s_on``); ``DQ`` has the
@@ -389,33 +459,38 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
     offv = tl.arange(0, DV)
     q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
                                    offd, offv)
-    lo = tl.load(LO + rows, mask=rmask, other=0)
-    hi = tl.load(HI + rows, mask=rmask, other=0)
-    start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
     pk_row = bh * s_pkb
     k_head = kvh * s_kb
     v_head = kvh * s_vb
     dq = tl.zeros([BM, D], tl.float32)
-    for j0 in range(start, a, BN):
-        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
-                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
-    for j0 in range(a, b, BN):
-        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
-                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, False, PREC)
-    for j0 in range(b, end, BN):
-        dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
-                      nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
-    if HAS_SAMPLES:
-        rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
-        smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
-        for t0 in range(0, m, BN):
-            ts = t0 + tl.arange(0, BN)
-            tmask = ts < m
-            sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
-                                                  s_kn, s_vn, offd, offv)
-            s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
-            ds = _ds(tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0), do, vs, delta, PREC)
-            dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC)
+    if ONE_BLOCK:
+        dq = _dq_one_block(q, do, dq, lse2, delta, K, V, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_NODE,
+                           tile, pk_row, bh * s_ib, k_head, v_head, m, s_kn, s_vn, scale_log2, offd, offv,
+                           BN, PREC)
+    else:
+        lo = tl.load(LO + rows, mask=rmask, other=0)
+        hi = tl.load(HI + rows, mask=rmask, other=0)
+        start, a, b, end = _key_ranges(lo, hi, rmask, nk, BN)
+        for j0 in range(start, a, BN):
+            dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                          nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
+        for j0 in range(a, b, BN):
+            dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                          nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, False, PREC)
+        for j0 in range(b, end, BN):
+            dq = _dq_step(q, do, dq, lse2, delta, K, V, PERM_K, pk_row, k_head, v_head, j0, lo, hi, rmask,
+                          nk, s_kn, s_vn, scale_log2, offd, offv, BN, HAS_PERM, True, PREC)
+        if HAS_SAMPLES:
+            rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
+            smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
+            for t0 in range(0, m, BN):
+                ts = t0 + tl.arange(0, BN)
+                tmask = ts < m
+                sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
+                                                      s_kn, s_vn, offd, offv)
+                s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+                ds = _ds(tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0), do, vs, delta, PREC)
+                dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC)
     dq = dq * scale
     dq_ptr = DQ + bh * s_qb + qi[:, None] * s_qn + offd[None, :]
     if ACCUM:

@@ -160,12 +160,13 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
     return torch.cat(keys, dim=1)
 
 
-def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton):
+def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton, flag=None):
     """Original indices of each head's rows of ``x`` in virtual (sorted) order, int32 (BH, R).
 
     ``x`` (BHx, n, d) with ``BHx`` = BH (queries) or B·Hk (keys, read through
     ``kv_of``); ``planes`` (BH, T, d, r); nodes' rows are ``[starts[t], …)``.
     The order within a node is the stable sort by bucket ``gray⁻¹(c(x))``.
+    ``flag`` (int32, Triton hash only): set to 1 if a hashed row holds NaN/Inf.
     """
     bh = planes.shape[0]
     r = planes.shape[-1]
@@ -184,10 +185,13 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
         K._hash_kernel[(t_r0.shape[0], bh)](
             x, planes, keys, t_r0, t_r1, t_node,
             arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"], arrays[f"{pre}_sizes"],
+            keys if flag is None else flag,
             *heads, r, x.stride(0), x.stride(1), planes.stride(0), planes.stride(1), keys.stride(0),
             D=x.shape[2], RP=max(16, _next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
-            num_warps=4)
+            CHECK=flag is not None, num_warps=4)
     else:
+        if flag is not None:
+            raise ValueError("the non-finite flag is set by the Triton hash kernel only")
         index = torch.arange(bh, device=x.device) if side == "q" else kv_of
         keys = _sort_keys_torch(x, planes, bounds, starts, index, exact)
         if not wide:
@@ -204,12 +208,15 @@ def _next_pow2(n: int) -> int:
 
 
 @torch.compiler.disable
-def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False) -> torch.Tensor:
+def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False, flag=None) -> torch.Tensor:
     """Squared row norms ``‖v_j‖²`` of (B·Hk, n, dv) in float64 (computed from ``v`` detached).
 
-    ``exact``: in float64; else accumulated in float32 (one Triton pass with ``use_triton``).
+    ``exact``: in float64; else accumulated in float32 (one Triton pass with ``use_triton``,
+    which also sets ``flag`` (int32) to 1 if ``v`` holds NaN/Inf).
     """
     vd = v.detach()
+    if flag is not None and (exact or not use_triton or vd.dtype == torch.float64):
+        raise ValueError("the non-finite flag is set by the Triton kernel only")
     if exact:
         return (vd.double() ** 2).sum(-1)
     if use_triton and vd.dtype != torch.float64:
@@ -218,8 +225,9 @@ def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False) -> torc
         rows = vd.shape[0] * vd.shape[1]
         out = torch.empty(vd.shape[:2], dtype=torch.float32, device=vd.device)
         BM = 64
-        K._sq_norm_kernel[(-(-rows // BM),)](vd, out, rows, vd.shape[1], vd.stride(0), vd.stride(1),
-                                            D=vd.shape[2], BM=BM, num_warps=4)
+        K._sq_norm_kernel[(-(-rows // BM),)](vd, out, out if flag is None else flag, rows, vd.shape[1],
+                                            vd.stride(0), vd.stride(1), D=vd.shape[2], BM=BM,
+                                            CHECK=flag is not None, num_warps=4)
         return out.double()
     acc = torch.float64 if vd.dtype == torch.float64 else torch.float32
     return torch.linalg.vector_norm(vd, dim=-1, dtype=acc).double() ** 2

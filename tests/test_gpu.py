@@ -267,13 +267,18 @@ def test_one_block_loop_equals_general_loops(causal, monkeypatch):
     assert tiles_in_one_block(Layout(((0, N, 0, N),)), CFG.block, bm)  # the whole, non-causal
     assert not tiles_in_one_block(Layout(((0, 100, 0, 37),)), 32, 16)  # blocks of ~86 rows
     q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 5, torch.float64))
-    run = lambda: gpu.hyper_attention(q, k, v, causal=causal, config=CFG, return_lse=True,  # noqa: E731
-                                      generator=torch.Generator(DEVICE).manual_seed(3))
-    out, lse = run()
+    g_out = torch.randn_like(q)
+
+    def run():
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = gpu.hyper_attention(*xs, causal=causal, config=CFG, return_lse=True,
+                                       generator=torch.Generator(DEVICE).manual_seed(3))
+        return [out, lse] + list(torch.autograd.grad((out * g_out).sum() + lse.sum(), xs))
+
+    got = run()
     monkeypatch.setattr(F, "ONE_BLOCK", False)
-    ref, ref_lse = run()
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, run()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.skipif(not CUDA, reason="the vendor kernels need CUDA")
@@ -307,3 +312,18 @@ def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
             assert _rel(a, b) <= 2e-2, (name, lse_grad, _rel(a, b))
     assert calls == [backend, backend]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_one_nonfinite_entry_is_refused(name, causal):
+    # non-causal: flagged by the hash and row-norm kernels on the way; causal: one reduction
+    q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 1, torch.float64))
+    x = {"q": q, "k": k, "v": v}[name]
+    for value, where in ((float("nan"), (0, 1, N - 1, 3)), (float("-inf"), (0, 0, 0, 0)), (float("inf"), (0, 0, N // 2, 7))):
+        xs = {"q": q, "k": k, "v": v}
+        xs[name] = x.clone()
+        xs[name][where[0], min(where[1], xs[name].shape[1] - 1), where[2], where[3]] = value
+        with pytest.raises(ValueError, match=f"{name} contains"):
+            gpu.hyper_attention(xs["q"], xs["k"], xs["v"], causal=causal, config=CFG)
+    gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
