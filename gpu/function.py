@@ -70,6 +70,10 @@ class Plan:
         """Whether the rows of every tile of ``tile`` rows share one sortLSH block."""
         return self.layout is not None and S.tiles_in_one_block(self.layout, self.block, tile)
 
+    def keys_one_block(self, tile: int) -> bool:
+        """Whether every tile of ``tile`` virtual keys lies inside one sortLSH block."""
+        return self.layout is not None and S.key_tiles_in_one_block(self.layout, self.block, tile)
+
     def n_keys(self, nk: int) -> int:
         """Number of virtual keys (``nk`` for the leaves, which have no permutation)."""
         return self.perm_k.shape[1] if self.perm_k is not None else nk
@@ -86,8 +90,9 @@ ONE_BLOCK = True
 # the Triton kernel ("triton")
 LEAVES = "cudnn"
 
-# (pass, d, dtype) -> (BM, BN, num_warps, num_stages): set by benchmarks/gpu_tiles.py to
-# sweep configurations; empty in normal use.
+# (pass, d, dtype) -> (BM, BN, num_warps, num_stages), pass in "fwd", "dq", "dkdv", "smp" or
+# "bwd" (all three backward kernels): set by the benchmarks to sweep configurations; empty in
+# normal use.
 TILE_OVERRIDES: dict = {}
 
 
@@ -104,11 +109,13 @@ def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
     return 64, 64, 4, 3
 
 
-def _bwd_tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
+def _bwd_tiles(kernel: str, d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for a backward kernel: ``dq``, ``dkdv`` or ``smp``."""
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
-    if ("bwd", d, dtype) in TILE_OVERRIDES:
-        return TILE_OVERRIDES[("bwd", d, dtype)]
+    for key in ((kernel, d, dtype), ("bwd", d, dtype)):
+        if key in TILE_OVERRIDES:
+            return TILE_OVERRIDES[key]
     return 64, 64, 4, 2
 
 
@@ -196,7 +203,6 @@ class _PiecesAttention(torch.autograd.Function):
         K._delta_kernel[(triton.cdiv(bh * nq, 64),)](dout, out, lse, dlse_arg, delta, bh * nq,
                                                      dout.stride(1), out.stride(1), DV=dv, BM=64,
                                                      HAS_DLSE=dlse is not None, num_warps=4)
-        BM, BN, warps, stages = _bwd_tiles(d, q.dtype, q.device)
         prec = _prec(q.dtype)
         # dq accumulates over pieces in fp32 (one piece: written once, in q's dtype);
         # dk, dv in fp32: the first piece writes every key (atomically if heads share it)
@@ -221,6 +227,7 @@ class _PiecesAttention(torch.autograd.Function):
             has_perm = plan.perm_q is not None
             m = _samples(plan)
             pointers, index_strides = _index_args(plan, q.device)
+            BM, BN, warps, stages = _bwd_tiles("dq", d, q.dtype, q.device)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
             K._bwd_dq_kernel[(t_r0.shape[0], bh)](
                 q, k, v, *pointers, t_r0, t_r1, t_node, dout, lse, delta, dq,
@@ -230,6 +237,7 @@ class _PiecesAttention(torch.autograd.Function):
                 D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=m > 0, HAS_PERM=has_perm, ACCUM=i > 0,
                 ONE_BLOCK=ONE_BLOCK and plan.one_block(BM), PREC=prec, num_warps=warps, num_stages=stages)
             # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
+            BM, BN, warps, stages = _bwd_tiles("dkdv", d, q.dtype, q.device)
             n_keys = plan.n_keys(nk)
             tiles = torch.arange(0, n_keys, BN, device=q.device, dtype=torch.int32)
             rstart = torch.searchsorted(plan.hi, tiles, right=True).int()
@@ -242,9 +250,11 @@ class _PiecesAttention(torch.autograd.Function):
                 dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[1],
                 dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
                 D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm,
-                MODE=2 if group > 1 else (0 if i == 0 else 1), PREC=prec,
+                MODE=2 if group > 1 else (0 if i == 0 else 1),
+                ONE_BLOCK=ONE_BLOCK and plan.keys_one_block(BN), PREC=prec,
                 num_warps=warps, num_stages=stages)
             if m > 0:
+                BM, BN, warps, stages = _bwd_tiles("smp", d, q.dtype, q.device)
                 c_r0, c_r1, c_node = _sample_chunks(plan, BM, q.device)
                 K._bwd_samples_kernel[(triton.cdiv(m, BN), c_r0.shape[0], bh)](
                     q, k, v, plan.perm_q, plan.idx, plan.bias, plan.stag, plan.rtag,

@@ -516,9 +516,15 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
                      s_qb, s_qn, s_kb, s_kn, s_vb, s_vn, s_ob, s_on, s_lb, s_pqb, s_pkb,
                      s_dkb, s_dkn, s_dvb, s_dvn,
                      D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     HAS_PERM: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                     HAS_PERM: tl.constexpr, MODE: tl.constexpr, ONE_BLOCK: tl.constexpr,
+                     PREC: tl.constexpr):
     """dk, dv of one tile of virtual interval keys (``nkv`` of them), added into the
-    fp32 buffers ``DK``, ``DV_`` (B·Hk, Nk, ·) at the key/value head of ``bh``."""
+    fp32 buffers ``DK``, ``DV_`` (B·Hk, Nk, ·) at the key/value head of ``bh``.
+
+    ``ONE_BLOCK``: the key tile lies inside one sortLSH block, so every row of
+    ``[rstart, rend)`` sees all its keys and no mask is needed (padding rows and
+    columns contribute zeros or are not stored).
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     kvh = _kv_head(bh, H, HK, G)
@@ -539,11 +545,14 @@ def _bwd_dkdv_kernel(Q, K, V, PERM_Q, PERM_K, LO, HI, RSTART, REND, DO, LSE, DEL
         qi = _original(PERM_Q, bh * s_pqb, rows, rmask, HAS_PERM)
         q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
                                        offd, offv)
-        lo = tl.load(LO + rows, mask=rmask, other=0)
-        hi = tl.load(HI + rows, mask=rmask, other=0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        valid = _in_interval(cols, lo, hi, rmask) & cmask[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+        if ONE_BLOCK:
+            p = tl.exp2(s - lse2[:, None])
+        else:
+            lo = tl.load(LO + rows, mask=rmask, other=0)
+            hi = tl.load(HI + rows, mask=rmask, other=0)
+            valid = _in_interval(cols, lo, hi, rmask) & cmask[None, :]
+            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dk, dv = _dkdv_step(dk, dv, p, q, do, v, delta, PREC)
     dk = dk * scale
     _add_rows(DK, kvh * s_dkb + kj[:, None] * s_dkn + offd[None, :], dk, cmask[:, None], MODE)

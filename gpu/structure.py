@@ -142,6 +142,13 @@ def tiles_in_one_block(layout: Layout, block: int, tile: int) -> bool:
     return True
 
 
+@lru_cache(maxsize=256)
+def key_tiles_in_one_block(layout: Layout, block: int, tile: int) -> bool:
+    """Whether every tile ``[c, c + tile)`` of virtual keys (``c`` a multiple of ``tile``) lies
+    inside one sortLSH block: blocks and nodes' key ranges start at multiples of ``tile``."""
+    return block % tile == 0 and all(c % tile == 0 for c in layout.col_bounds[:-1])
+
+
 def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
     """Sort keys ``(R_t << r) + bucket·n_t + local`` by torch operations (any device)."""
     bh = planes.shape[0]
