@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What one device call runs (see the device tool): versions, the GPU tests, the benchmark.
-# Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full smoke bench
+# Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
 #        profile tiles64 tiles128 ab abtiles
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
@@ -10,6 +10,13 @@ for stage in "$@"; do
     env) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env.txt"
          python3 -c "import torch, triton, numpy, numba; print(torch.__version__, triton.__version__, numpy.__version__, numba.__version__, torch.backends.cudnn.version())" | tee -a "$OUT/env.txt" ;;
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
+    ptests|pfull) # the GPU tests in 4 parallel shards (the float64 reference is CPU-bound)
+         [ "$stage" = pfull ] && export HYPERREF_GPU_FULL=1
+         python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_gpu.py | grep "::" > /tmp/ids
+         rm -f /tmp/shard_*; split -n r/4 /tmp/ids /tmp/shard_
+         for f in /tmp/shard_*; do xargs -a "$f" -d '\n' python3 -m pytest -q -p no:cacheprovider -rf > "$f.log" 2>&1 & done
+         wait; cat /tmp/shard_*.log > "$OUT/$stage.log"; grep -hE "passed|failed|^FAILED" /tmp/shard_*.log
+         unset HYPERREF_GPU_FULL ;;
     full) HYPERREF_GPU_FULL=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests_full.log" | tail -5 ;;
     smoke) python3 benchmarks/gpu_bench.py --d 64 --min-n 8192 --max-n 32768 --rows 64 2>&1 | tee "$OUT/smoke.log" | tail -12 ;;
     profile) python3 benchmarks/gpu_profile.py 131072 64 2>&1 | tee "$OUT/profile.txt" | tail -3 ;;
