@@ -116,6 +116,8 @@ def _bwd_tiles(kernel: str, d: int, dtype: torch.dtype, device) -> tuple[int, in
     for key in ((kernel, d, dtype), ("bwd", d, dtype)):
         if key in TILE_OVERRIDES:
             return TILE_OVERRIDES[key]
+    if kernel == "dq" and d <= 64 and dtype != torch.float32:  # benchmarks/results/gpu_ab_bwd_v4.md
+        return 64, 32, 4, 2
     return 64, 64, 4, 2
 
 
