@@ -21,12 +21,16 @@ original positions (``nk`` in the kernels' arguments is the number of virtual
 keys of the piece). With ``MERGE`` the kernel combines its piece with the
 ``(out, lse)`` already there (SPEC §1's merge): the causal recursion is one
 launch per level, each query appearing at most once per level, so no two
-programs touch the same row. Query head ``bh`` reads key/value head
+programs touch the same row. A row tile inside one sortLSH block
+(``ONE_BLOCK``, decided per piece by the caller) shares one interval and block
+tag: its interval tiles and its node's sample tiles are one loop whose masks
+are per-column logit offsets. Query head ``bh`` reads key/value head
 ``(bh // H)·Hk + (bh % H) // G`` (grouped-query attention). Online softmax in
 base 2 (FlashAttention-2), fp32 accumulation; ``lse`` in natural-log units.
 
 Backward (recomputing the probabilities from the final ``lse`` of the whole
-attention — every piece is a part of one softmax; ``Δ_i = do_i·o_i − dlse_i``):
+attention — every piece is a part of one softmax; ``Δ_i = do_i·o_i − dlse_i``,
+one pass of ``_delta_kernel``):
 ``dq`` per row tile, accumulated over pieces in an fp32 buffer; ``dk, dv`` of
 the interval keys per key tile (rows ``[rstart, rend)`` of the tile
 precomputed by the caller), written by the first piece (which covers every
@@ -36,6 +40,9 @@ keys per (sample tile, row chunk), added atomically.
 
 The hash kernel computes the sortLSH sort keys of SPEC §3:
 ``node_base + gray⁻¹(c(x))·n_node + local_index`` (unique, so any sort is stable).
+It and the row-norm kernel can flag NaN/Inf in the rows they read (``CHECK``):
+the input check without a separate pass. The causal leaves may instead be
+computed by cuDNN (:mod:`gpu.leaves`).
 """
 
 from __future__ import annotations
