@@ -10,12 +10,13 @@ for stage in "$@"; do
     env) nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env.txt"
          python3 -c "import torch, triton, numpy, numba; print(torch.__version__, triton.__version__, numpy.__version__, numba.__version__, torch.backends.cudnn.version())" | tee -a "$OUT/env.txt" ;;
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -5 ;;
-    ptests|pfull) # the GPU tests in 4 parallel shards (the float64 reference is CPU-bound)
+    ptests|pfull) # the GPU tests in 4 parallel shards (the float64 reference is CPU-bound);
+         # PYTEST_K selects a subset
          [ "$stage" = pfull ] && export HYPERREF_GPU_FULL=1
-         python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_gpu.py | grep "::" > /tmp/ids
+         python3 -m pytest --collect-only -q -p no:cacheprovider -k "${PYTEST_K:-}" tests/test_gpu.py | grep "::" > /tmp/ids
          rm -f /tmp/shard_*; split -n r/4 /tmp/ids /tmp/shard_
          for f in /tmp/shard_*; do
-           xargs -a "$f" -d '\n' python3 -m pytest -q -p no:cacheprovider -rf > "$OUT/${stage}_$(basename "$f").log" 2>&1 &
+           xargs -a "$f" -d '\n' python3 -m pytest -v -p no:cacheprovider -rf > "$OUT/${stage}_$(basename "$f").log" 2>&1 &
          done
          wait; grep -hE "passed|failed|^FAILED" "$OUT/${stage}"_shard_*.log
          unset HYPERREF_GPU_FULL ;;
