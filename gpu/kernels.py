@@ -154,6 +154,16 @@ def _row_tile(T_R0, T_R1, PERM_Q, tile, perm_row, BM: tl.constexpr, HAS_PERM: tl
 
 
 @triton.jit
+def _program_rows(T_R0, T_R1, PERM_Q, H, HK, G, s_pqb, BM: tl.constexpr, HAS_PERM: tl.constexpr):
+    """What a row-tile program works on: its tile, flattened query head, key/value head,
+    virtual rows, their mask and original rows (grid: tiles × heads)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
+    return tile, bh, _kv_head(bh, H, HK, G), rows, rmask, qi
+
+
+@triton.jit
 def _key_tile(K, V, PERM_K, pk_row, k_head, v_head, j0, nk, s_kn, s_vn, offd, offv,
               BN: tl.constexpr, HAS_PERM: tl.constexpr, MASK: tl.constexpr):
     """Virtual keys ``[j0, j0 + BN)`` and their key and value rows (bounds-checked if ``MASK``)."""
@@ -343,10 +353,7 @@ def _fwd_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0, T_
                 D: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 HAS_SAMPLES: tl.constexpr, HAS_PERM: tl.constexpr, MERGE: tl.constexpr,
                 ONE_BLOCK: tl.constexpr, PREC: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    kvh = _kv_head(bh, H, HK, G)
-    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
+    tile, bh, kvh, rows, rmask, qi = _program_rows(T_R0, T_R1, PERM_Q, H, HK, G, s_pqb, BM, HAS_PERM)
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
     q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)
@@ -458,10 +465,7 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
     strides of ``Q`` (fp32 when pieces accumulate: with ``ACCUM`` the piece's dq
     is added to it).
     """
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    kvh = _kv_head(bh, H, HK, G)
-    rows, rmask, qi = _row_tile(T_R0, T_R1, PERM_Q, tile, bh * s_pqb, BM, HAS_PERM)
+    tile, bh, kvh, rows, rmask, qi = _program_rows(T_R0, T_R1, PERM_Q, H, HK, G, s_pqb, BM, HAS_PERM)
     offd = tl.arange(0, D)
     offv = tl.arange(0, DV)
     q, do, lse2, delta = _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb,
