@@ -327,3 +327,25 @@ def test_one_nonfinite_entry_is_refused(name, causal):
         with pytest.raises(ValueError, match=f"{name} contains"):
             gpu.hyper_attention(xs["q"], xs["k"], xs["v"], causal=causal, config=CFG)
     gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
+
+
+@pytest.mark.parametrize("sampler", ["rownorm", "mixed", "uniform"])
+def test_sample_nodes_match_reference_sampler(sampler):
+    # node-batched inverse CDF = hyperref.sampling.sample_keys on each node's keys, per head;
+    # two query heads per key/value head, zero rows of v, a node whose rows of v are all zero
+    from hyperref.sampling import sample_keys
+    from gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
+
+    g = torch.Generator().manual_seed(11)
+    v = torch.randn(2, 60, 8, generator=g, dtype=torch.float64)
+    v[:, 5:9] = 0.0
+    v[1, 40:52] = 0.0  # node 1 of kv head 1: all zero
+    layout = Layout(((0, 10, 0, 40), (10, 30, 40, 52), (30, 50, 52, 60)))
+    arrays = layout_arrays(layout, 4, torch.device("cpu"))
+    u = torch.rand(4, 3, 32, generator=g, dtype=torch.float64)
+    idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u, torch.arange(4) // 2, sampler, layout, arrays)
+    for head in range(4):
+        for t, (_, _, k0, k1) in enumerate(layout.nodes):
+            ref_idx, ref_log_w = sample_keys(u[head, t].numpy(), v[head // 2, k0:k1].numpy(), sampler)
+            assert torch.equal(idx[head, t], torch.from_numpy(ref_idx) + k0), (head, t)
+            np.testing.assert_allclose(log_w[head, t].numpy(), ref_log_w, rtol=1e-6)
