@@ -159,6 +159,9 @@ class _PiecesAttention(torch.autograd.Function):
     The first piece must cover every row (the LSH piece, or the causal leaves);
     the others are merged into it in place by the forward kernel. Only ``q, k,
     v, out, lse`` and the index tensors are kept for backward: memory ``O(n·d)``.
+    Equal square causal leaves may be computed by cuDNN (:mod:`gpu.leaves`,
+    switch ``LEAVES``); their backward then runs there too unless a gradient
+    flows into ``lse``.
     """
 
     @staticmethod
