@@ -172,7 +172,9 @@ class _PiecesAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.leaves = None
         first = pieces[0]
-        if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk):
+        if LEAVES not in L.BACKENDS + ("triton",):
+            raise ValueError(f"gpu.function.LEAVES must be one of {L.BACKENDS + ('triton',)}, got {LEAVES!r}")
+        if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk, LEAVES):
             out, lse, state = L.forward(q, k, v, first.leaf_len, scale, LEAVES)
             ctx.leaves = (LEAVES, state)
         else:

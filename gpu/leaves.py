@@ -24,12 +24,20 @@ import torch
 BACKENDS = ("cudnn", "flash")
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leaf_len: int, grouped: bool) -> bool:
-    """Whether the vendor kernels can compute the leaves of these (B·H, n, d) tensors."""
-    return (q.is_cuda and leaf_len > 0 and not grouped and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[1] == k.shape[1] and q.shape[1] % leaf_len == 0
-            and q.shape[2] == v.shape[2] and q.shape[2] in (64, 128)
-            and all(t.is_contiguous() for t in (q, k, v)))
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, leaf_len: int, grouped: bool,
+              backend: str = "cudnn") -> bool:
+    """Whether ``backend``'s kernels can compute the leaves of these (B·H, n, d) tensors:
+    equal square leaves, ungrouped heads, fp16/bf16, d = dv ∈ {64, 128}, an Ampere or newer
+    GPU (and cuDNN 9 for ``cudnn``)."""
+    shapes = (leaf_len > 0 and not grouped and q.dtype in (torch.float16, torch.bfloat16)
+              and q.shape[1] == k.shape[1] and q.shape[1] % leaf_len == 0
+              and q.shape[2] == v.shape[2] and q.shape[2] in (64, 128)
+              and all(t.is_contiguous() for t in (q, k, v)))
+    if not (q.is_cuda and shapes) or torch.cuda.get_device_capability(q.device) < (8, 0):
+        return False
+    if backend == "cudnn":
+        return torch.backends.cudnn.is_available() and (torch.backends.cudnn.version() or 0) >= 90000
+    return backend == "flash"
 
 
 def _batch_view(x: torch.Tensor, leaf_len: int) -> torch.Tensor:
