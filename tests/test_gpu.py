@@ -349,3 +349,12 @@ def test_sample_nodes_match_reference_sampler(sampler):
             ref_idx, ref_log_w = sample_keys(u[head, t].numpy(), v[head // 2, k0:k1].numpy(), sampler)
             assert torch.equal(idx[head, t], torch.from_numpy(ref_idx) + k0), (head, t)
             np.testing.assert_allclose(log_w[head, t].numpy(), ref_log_w, rtol=1e-6)
+
+
+def test_unknown_leaf_backend_is_an_error(monkeypatch):
+    import gpu.function as F
+
+    monkeypatch.setattr(F, "LEAVES", "foo")
+    q = torch.randn(1, 1, 64, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="LEAVES"):
+        gpu.hyper_attention(q, q, q, causal=True, config=CFG)
