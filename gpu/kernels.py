@@ -203,6 +203,19 @@ def _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC: tl.c
 
 
 @triton.jit
+def _sample_block(q, K, V, IDX, BIAS, STAG, smp, t0, m, rtag, rmask, k_head, v_head, s_kn, s_vn,
+                  scale_log2, offd, offv, BN: tl.constexpr, PREC: tl.constexpr):
+    """Sampled keys ``[t0, t0 + BN)`` of a node for a row tile: key and value rows, base-2
+    logits with the bias, and which pairs count."""
+    ts = t0 + tl.arange(0, BN)
+    tmask = ts < m
+    sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
+                                          s_kn, s_vn, offd, offv)
+    s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+    return ks, vs, s, valid
+
+
+@triton.jit
 def _softmax_step(acc, m_i, l_i, s, v, valid, MASK: tl.constexpr, PREC: tl.constexpr):
     """Online-softmax update with one tile of base-2 logits ``s`` and values ``v``."""
     if MASK:
@@ -266,11 +279,8 @@ def _row_interval_tiles(q, acc, m_i, l_i, K, V, PERM_K, IDX, BIAS, STAG, LO, HI,
         rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
         smp = s_row + tl.load(T_NODE + tile).to(tl.int64) * m
         for t0 in range(0, m, BN):
-            ts = t0 + tl.arange(0, BN)
-            tmask = ts < m
-            sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
-                                                  s_kn, s_vn, offd, offv)
-            s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+            ks, vs, s, valid = _sample_block(q, K, V, IDX, BIAS, STAG, smp, t0, m, rtag, rmask, k_head,
+                                             v_head, s_kn, s_vn, scale_log2, offd, offv, BN, PREC)
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, s, vs, valid, True, PREC)
     return acc, m_i, l_i
 
@@ -495,11 +505,8 @@ def _bwd_dq_kernel(Q, K, V, PERM_Q, PERM_K, IDX, BIAS, STAG, LO, HI, RTAG, T_R0,
             rtag = tl.load(RTAG + rows, mask=rmask, other=-1)
             smp = bh * s_ib + tl.load(T_NODE + tile).to(tl.int64) * m
             for t0 in range(0, m, BN):
-                ts = t0 + tl.arange(0, BN)
-                tmask = ts < m
-                sj, ks, vs, bias, stag = _sample_tile(K, V, IDX, BIAS, STAG, smp, ts, tmask, k_head, v_head,
-                                                      s_kn, s_vn, offd, offv)
-                s, valid = _sample_logits(q, ks, bias, stag, tmask, rtag, rmask, scale_log2, PREC)
+                ks, vs, s, valid = _sample_block(q, K, V, IDX, BIAS, STAG, smp, t0, m, rtag, rmask, k_head,
+                                                 v_head, s_kn, s_vn, scale_log2, offd, offv, BN, PREC)
                 ds = _ds(tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0), do, vs, delta, PREC)
                 dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PREC)
     dq = dq * scale
