@@ -67,7 +67,7 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
     ``lo, hi, rtag`` (int32, R): the row's key interval of its sortLSH block in
     virtual key coordinates and the block's tag (tags are unique across nodes);
     ``ktag`` (int32, C): the tag of each virtual key position;
-    ``row_node``/``col_node`` (int64): node of each virtual row / key;
+    ``col_node`` (int64): node of each virtual key;
     ``row_x0, row_n``/``col_x0, col_n``: first original index and size of that node;
     ``col_orig`` (int64, C): original key of virtual key ``c`` *before* sorting;
     ``{row,col}_{starts,ends,orig0,sizes}`` (int64, T): per node, its virtual
@@ -85,7 +85,7 @@ def layout_arrays(layout: Layout, block: int, device) -> dict:
     lo = c0[r_node] + g * block
     hi = torch.minimum(lo + block, c0[r_node] + nk[r_node])
     arrays = dict(lo=lo, hi=hi, rtag=tag0[r_node] + g, ktag=tag0[c_node] + c_local // block,
-                  row_node=r_node, col_node=c_node, col_orig=c_orig,
+                  col_node=c_node, col_orig=c_orig,
                   row_x0=torch.tensor([n[0] for n in layout.nodes])[r_node], row_n=nq[r_node],
                   col_x0=torch.tensor([n[2] for n in layout.nodes])[c_node], col_n=nk[c_node],
                   row_r0=torch.tensor(rb[:-1])[r_node], col_r0=c0[c_node])
@@ -132,14 +132,14 @@ def tile_map(bounds: tuple, tile: int, device):
 @lru_cache(maxsize=256)
 def tiles_in_one_block(layout: Layout, block: int, tile: int) -> bool:
     """Whether every row tile of :func:`tile_map` lies inside one sortLSH block of its node
-    (then the rows of a tile share their key interval and block tag)."""
-    for (q0, q1, k0, k1) in layout.nodes:
-        nq, nk = q1 - q0, k1 - k0
-        n_blocks = -(-nk // block)
-        blk = lambda r: min((r * nk) // (nq * block), n_blocks - 1)  # noqa: E731 (as layout_arrays)
-        if nk == 0 or any(blk(s) != blk(min(s + tile, nq) - 1) for s in range(0, nq, tile)):
-            return False
-    return True
+    (then the rows of a tile share their key interval and block tag): the first and last
+    row of each tile have the same block tag (read from the host copy of the layout's arrays)."""
+    if any(k1 == k0 for _, _, k0, k1 in layout.nodes):  # a node without keys has no blocks
+        return False
+    cpu = torch.device("cpu")
+    rtag = layout_arrays(layout, block, cpu)["rtag"]
+    r0, r1, _ = tile_map(layout.row_bounds, tile, cpu)
+    return bool((rtag[r0.long()] == rtag[r1.long() - 1]).all())
 
 
 @lru_cache(maxsize=256)
@@ -248,7 +248,6 @@ def sample_nodes(sq, u, kv_of, sampler, layout: Layout, arrays):
     sampler's probabilities restricted to them. Returns original key indices
     ``idx`` (BH, T, m) int64 and log-weights ``−log(m p_j)`` (float32).
     """
-    cb = layout.col_bounds
     bh, n_nodes, m = u.shape
     c_node, c_orig, col_n = arrays["col_node"], arrays["col_orig"], arrays["col_n"]
     starts, ends = arrays["col_starts"], arrays["col_ends"]
