@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device call runs (see the device tool): versions, the GPU tests, the benchmark.
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
-#        profile tiles64 tiles128 ab abtiles
+#        profile tiles64 tiles128 ab
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,8 +25,7 @@ for stage in "$@"; do
     profile) python3 benchmarks/gpu_profile.py 131072 64 2>&1 | tee "$OUT/profile.txt" | tail -3 ;;
     tiles64) python3 benchmarks/gpu_tiles.py --d 64 2>&1 | tee "$OUT/tiles_64.md" | tail -3 ;;
     tiles128) python3 benchmarks/gpu_tiles.py --d 128 2>&1 | tee "$OUT/tiles_128.md" | tail -3 ;;
-    ab) python3 benchmarks/gpu_ab.py --tiles 2>&1 | tee "$OUT/ab.md" | tail -3 ;;
-    abtiles) python3 benchmarks/gpu_ab.py --bwd-tiles --variants "one-block loop, triton leaves" "one-block loop, cudnn leaves" 2>&1 | tee "$OUT/ab_bwd.md" | tail -3 ;;
+    ab) python3 benchmarks/gpu_ab.py 2>&1 | tee "$OUT/ab.md" | tail -3 ;;
     bench) python3 benchmarks/gpu_bench.py --long --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done

@@ -5,10 +5,10 @@ forward+backward (backward from a fixed output gradient), causal and not, under
 each variant of the module switches ``gpu.function.ONE_BLOCK`` (single
 interval+sample loop for row tiles inside one sortLSH block) and
 ``gpu.function.LEAVES`` (who computes the exact causal leaves), next to exact
-SDPA under cuDNN and FlashAttention measured in the same run. Optionally sweeps
-forward tile configurations of the chosen variant (``--tiles``).
+SDPA under cuDNN and FlashAttention measured in the same run. Tile sweeps:
+``benchmarks/gpu_tiles.py``.
 
-Usage: ``python benchmarks/gpu_ab.py [--n 131072] [--d 64 128] [--tiles] [--bwd-tiles]``
+Usage: ``python benchmarks/gpu_ab.py [--n 131072] [--d 64 128] [--variants NAME ...]``
 """
 
 import argparse
@@ -29,13 +29,6 @@ VARIANTS = {  # name: (ONE_BLOCK, LEAVES)
     "one-block loop, cudnn leaves": (True, "cudnn"),
     "one-block loop, flash leaves": (True, "flash"),
 }
-BWD_TILES = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
-             "dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
-             "smp": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]}
-FWD_TILES = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
-                  (128, 32, 4, 3)],
-             128: [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 8, 3), (64, 64, 4, 4),
-                   (64, 32, 4, 3)]}
 
 
 def bench(fn, rep):
@@ -53,9 +46,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--tiles", action="store_true", help="sweep forward tiles")
-    parser.add_argument("--bwd-tiles", action="store_true",
-                        help="sweep each backward kernel's tiles (non-causal forward+backward)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     cfg = HyperConfig()
@@ -83,23 +73,6 @@ def main():
                 fb = bench(lambda: torch.autograd.grad(gpu.hyper_attention(qg, kg, vg, causal=causal, config=cfg),
                                                        (qg, kg, vg), grad), 400)
                 print(f"| {d} | {causal} | {name} | {fmt(f)} | {fmt(fb)} |", flush=True)
-        if args.tiles:
-            function.ONE_BLOCK, function.LEAVES = True, "cudnn"
-            for tiles in FWD_TILES.get(d, []):
-                function.TILE_OVERRIDES[("fwd", d, torch.bfloat16)] = tiles
-                f = bench(lambda: gpu.hyper_attention(q, k, v, causal=False, config=cfg), 200)
-                fc = bench(lambda: gpu.hyper_attention(q, k, v, causal=True, config=cfg), 200)
-                print(f"| {d} | tiles {tiles} | fwd non-causal / causal | {fmt(f)} | {fmt(fc)} |", flush=True)
-            function.TILE_OVERRIDES.clear()
-        if args.bwd_tiles:
-            function.ONE_BLOCK, function.LEAVES = True, "cudnn"
-            for kernel, configs in BWD_TILES.items():
-                for tiles in configs:
-                    function.TILE_OVERRIDES[(kernel, d, torch.bfloat16)] = tiles
-                    fb = bench(lambda: torch.autograd.grad(gpu.hyper_attention(qg, kg, vg, config=cfg),
-                                                           (qg, kg, vg), grad), 300)
-                    print(f"| {d} | {kernel} tiles {tiles} | fwd+bwd non-causal | | {fmt(fb)} |", flush=True)
-                function.TILE_OVERRIDES.clear()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 For each head dim, times ``gpu.hyper_attention`` at n = 131072 (B = 1, H = 32, bf16,
 default config) with every forward configuration (non-causal and causal forward)
-and every backward configuration (non-causal forward+backward), through
-``gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
+and, one backward kernel at a time (dq, dk/dv of the interval keys, dk/dv of the
+sampled keys; the others at their defaults), every backward configuration
+(non-causal forward+backward), through ``gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
 in every row, so differences are the kernels'. Configurations that fail to
 compile (shared memory) are reported as such. Ends with the best configuration
-per (pass, d) as a Python dict, to copy into ``gpu.function._tiles``.
+per (pass, d) as a Python dict, to copy into ``gpu.function._tiles`` / ``_bwd_tiles``.
 
 Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128]``
 """
@@ -21,8 +22,11 @@ from gpu import function
 from hyperref import HyperConfig
 
 # few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)
-FWD = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)]
-BWD = [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)]
+FWD = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+       (64, 32, 4, 3)]
+BWD = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
+       "dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
+       "smp": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]}
 
 
 def time_ms(fn, rep):
@@ -45,13 +49,13 @@ def main():
         """Print one table row; keep the fastest configuration per (pass, d, causal)."""
         print(f"| {label} | {d} | {causal} | {' | '.join(map(str, tiles))} | "
               f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
-        key = ("fwd" if label == "fwd" else "bwd", d, causal)
+        key = (label, d, causal)
         if not isinstance(t, str) and (key not in best or t < best[key][1]):
             best[key] = (tiles, t)
 
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
           f"n = {args.n}, H = 32, bf16")
-    print("| pass | d | causal | BM | BN | warps | stages | ms |")
+    print("| pass (fwd: forward; dq, dkdv, smp: forward+backward) | d | causal | BM | BN | warps | stages | ms |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for d in args.d:
         q, k, v = (torch.randn(1, 32, args.n, d, device="cuda", dtype=dtype) for _ in range(3))
@@ -68,9 +72,11 @@ def main():
             out = gpu.hyper_attention(qg, kg, vg, config=cfg)
             torch.autograd.grad(out, (qg, kg, vg), grad)
 
-        for tiles in BWD:
-            function.TILE_OVERRIDES[("bwd", d, dtype)] = tiles
-            report("fwd+bwd", d, False, tiles, time_ms(fwd_bwd, 200))
+        for kernel, configs in BWD.items():
+            for tiles in configs:
+                function.TILE_OVERRIDES[(kernel, d, dtype)] = tiles
+                report(kernel, d, False, tiles, time_ms(fwd_bwd, 200))
+            function.TILE_OVERRIDES.pop((kernel, d, dtype))
         function.TILE_OVERRIDES.clear()
     print("best:", {f"{p}/d={d}/causal={c}": v for (p, d, c), v in best.items()})
 
