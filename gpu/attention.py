@@ -117,7 +117,7 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     flag_q, flag_k = (None, None) if flags is None else (flags[0:1], flags[1:2])
     perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q)
     perm_k = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash, use_triton, flag_k)
-    idx, bias = sample_nodes(sq, u, kv_of, config.sampler, layout, arrays)
+    idx, bias = sample_nodes(sq, u, config.sampler, layout, arrays)
     position = torch.empty((bh, kf.shape[1]), dtype=torch.int64, device=qf.device)
     position.scatter_(1, perm_k.long(), torch.arange(cb[-1], device=qf.device).expand(bh, -1))
     stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1))].reshape(idx.shape)

@@ -240,42 +240,67 @@ def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False, flag=No
     return torch.linalg.vector_norm(vd, dim=-1, dtype=acc).double() ** 2
 
 
-def sample_nodes(sq, u, kv_of, sampler, layout: Layout, arrays):
+def _inverse_cdf(cum, starts, ends, u):
+    """Per node ``t`` and uniform ``u``: the first key of ``[start_t, end_t)`` whose prefix sum
+    exceeds ``base + u·(top − base)`` (inverse CDF by one search over all nodes).
+
+    ``cum`` (R, C) float64 prefix sums of nonnegative weights over the piece's virtual keys,
+    ``u`` (R·g, T, m): the ``g`` query heads of row ``r`` of ``cum`` are ``r·g … r·g + g − 1``.
+    Returns virtual key indices (R, g·T·m) and each node's total (R, T).
+    """
+    rows, (n_heads, n_nodes, m) = cum.shape[0], u.shape
+    padded = torch.nn.functional.pad(cum, (1, 0))
+    base, top = padded[:, starts], padded[:, ends]
+    ug = u.double().reshape(rows, n_heads // rows, n_nodes, m)
+    target = base[:, None, :, None] + ug * (top - base)[:, None, :, None]
+    c = torch.searchsorted(cum, target.reshape(rows, -1), right=True).reshape(ug.shape)
+    # rounding can put the target at the node's top: take its last key of positive weight, the
+    # first position where the prefix sum reaches the top (later keys add exact zeros)
+    c = torch.minimum(c, torch.searchsorted(cum, top.contiguous(), right=False)[:, None, :, None])
+    # inside the node whatever the input (NaN/Inf inputs are refused after the launches)
+    c = torch.maximum(torch.minimum(c, (ends - 1)[None, None, :, None]), starts[None, None, :, None])
+    return c.reshape(rows, -1), top - base
+
+
+def sample_nodes(sq, u, sampler, layout: Layout, arrays):
     """Sampled keys of every node of a piece by inverse CDF (SPEC §5), batched over nodes.
 
     ``sq`` (B·Hk, Nk) float64 squared row norms of ``v`` (unused for ``uniform``),
-    ``u`` (BH, T, m) uniforms. Node ``t`` samples its keys ``[k0, k1)`` with the
-    sampler's probabilities restricted to them. Returns original key indices
-    ``idx`` (BH, T, m) int64 and log-weights ``−log(m p_j)`` (float32).
+    ``u`` (BH, T, m) uniforms (query heads ``j·G … j·G + G − 1`` read key/value head ``j``).
+    Node ``t`` samples its keys ``[k0, k1)`` with the sampler's probabilities
+    restricted to them. Returns original key indices ``idx`` (BH, T, m) int64 and
+    log-weights ``−log(m p_j)`` (float32).
+
+    ``rownorm`` searches the prefix sums of ``‖v_j‖²`` themselves (target
+    ``S_start + u·total``; a node whose rows of ``v`` are all zero samples
+    uniformly), the others the prefix sums of the normalized probabilities; both
+    per key/value head, shared by its query heads.
     """
     bh, n_nodes, m = u.shape
     c_node, c_orig, col_n = arrays["col_node"], arrays["col_orig"], arrays["col_n"]
     starts, ends = arrays["col_starts"], arrays["col_ends"]
-
-    def node_sums(x):  # prefix sums with a leading 0, and each node's total
-        padded = torch.nn.functional.pad(torch.cumsum(x, dim=-1), (1, 0))
-        return padded, padded[:, ends] - padded[:, starts]
-
     uniform = (1.0 / col_n.double())[None, :]
-    if sampler == "uniform":
-        w = uniform.expand(bh, -1)
-    else:
+    if sampler == "rownorm":
         s = sq[:, c_orig]
-        tot = node_sums(s)[1][:, c_node]
-        rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
-        w = rownorm if sampler == "rownorm" else 0.5 * rownorm + 0.5 * uniform
-        w = w[kv_of]
-    cum = torch.cumsum(w, dim=-1)
-    padded = torch.nn.functional.pad(cum, (1, 0))
-    base, top = padded[:, starts], padded[:, ends]
-    target = base[..., None] + u.double() * (top - base)[..., None]
-    c = torch.searchsorted(cum, target.reshape(bh, -1), right=True).reshape(bh, n_nodes, m)
-    # rounding can put the target at the node's top: take its last key of positive p, the
-    # first position where the prefix sum reaches the top (later keys add exact zeros)
-    last = torch.searchsorted(cum, top.contiguous(), right=False)
-    c = torch.minimum(c, last[..., None])
-    # inside the node whatever the input (NaN/Inf inputs are refused after the launches)
-    c = torch.maximum(torch.minimum(c, (ends - 1)[None, :, None]), starts[None, :, None]).reshape(bh, -1)
-    p = w.gather(1, c)
+        c, tot = _inverse_cdf(torch.cumsum(s, dim=-1), starts, ends, u)
+        shape = (s.shape[0], bh // s.shape[0], n_nodes, m)
+        tot = tot[:, None, :, None].expand(shape).reshape(c.shape)
+        # a node whose rows of v are all zero samples uniformly (the reference's probabilities)
+        first = starts[None, None, :, None].expand(shape).reshape(c.shape)
+        n_node = (ends - starts)[None, None, :, None].expand(shape).reshape(c.shape)
+        pick = torch.minimum((u.double().reshape(c.shape) * n_node).long(), n_node - 1)
+        c = torch.where(tot > 0, c, first + pick)
+        p = torch.where(tot > 0, s.gather(1, c) / torch.where(tot > 0, tot, 1.0), 1.0 / n_node.double())
+    else:
+        if sampler == "uniform":
+            w = uniform
+        else:
+            s = sq[:, c_orig]
+            padded = torch.nn.functional.pad(torch.cumsum(s, dim=-1), (1, 0))
+            tot = (padded[:, ends] - padded[:, starts])[:, c_node]
+            rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
+            w = 0.5 * rownorm + 0.5 * uniform
+        c, _ = _inverse_cdf(torch.cumsum(w, dim=-1), starts, ends, u)
+        p = w.gather(1, c)
     log_w = -torch.log(m * p)
     return c_orig[c].reshape(bh, n_nodes, m), log_w.float().reshape(bh, n_nodes, m)

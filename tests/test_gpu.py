@@ -210,7 +210,7 @@ def test_samples_never_pick_zero_probability_keys():
     arrays = layout_arrays(layout, 4, torch.device("cpu"))
     u = torch.tensor([[[0.0, 0.5, float(np.nextafter(1.0, 0.0))]] * 2], dtype=torch.float64)
     for sampler in ("rownorm", "mixed", "uniform"):
-        idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u, torch.zeros(1, dtype=torch.long),
+        idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u,
                                   sampler, layout, arrays)
         assert torch.isfinite(log_w).all()
         if sampler == "rownorm":
@@ -343,7 +343,7 @@ def test_sample_nodes_match_reference_sampler(sampler):
     layout = Layout(((0, 10, 0, 40), (10, 30, 40, 52), (30, 50, 52, 60)))
     arrays = layout_arrays(layout, 4, torch.device("cpu"))
     u = torch.rand(4, 3, 32, generator=g, dtype=torch.float64)
-    idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u, torch.arange(4) // 2, sampler, layout, arrays)
+    idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u, sampler, layout, arrays)
     for head in range(4):
         for t, (_, _, k0, k1) in enumerate(layout.nodes):
             ref_idx, ref_log_w = sample_keys(u[head, t].numpy(), v[head // 2, k0:k1].numpy(), sampler)
