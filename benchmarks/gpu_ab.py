@@ -3,8 +3,10 @@
 Times ``gpu.hyper_attention`` (B = 1, H = 32, bf16, default config), forward and
 forward+backward (backward from a fixed output gradient), causal and not, under
 each variant of the module switches ``gpu.function.ONE_BLOCK`` (single
-interval+sample loop for row tiles inside one sortLSH block) and
-``gpu.function.LEAVES`` (who computes the exact causal leaves), next to exact
+interval+sample loop for row tiles inside one sortLSH block),
+``gpu.function.LEAVES`` (who computes the exact causal leaves) and
+``gpu.structure.COUNTING_BITS`` (0: radix sort of the LSH sort keys; 8: counting
+sort of the buckets for up to 8 bits), next to exact
 SDPA under cuDNN and FlashAttention measured in the same run. Tile sweeps:
 ``benchmarks/gpu_tiles.py``.
 
@@ -20,14 +22,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 import gpu
-from gpu import function
+from gpu import function, structure
 from hyperref import HyperConfig
 
-VARIANTS = {  # name: (ONE_BLOCK, LEAVES)
-    "general loops, triton leaves (v3)": (False, "triton"),
-    "one-block loop, triton leaves": (True, "triton"),
-    "one-block loop, cudnn leaves": (True, "cudnn"),
-    "one-block loop, flash leaves": (True, "flash"),
+VARIANTS = {  # name: (ONE_BLOCK, LEAVES, COUNTING_BITS)
+    "general loops, triton leaves (v3)": (False, "triton", 0),
+    "one-block loop, triton leaves": (True, "triton", 8),
+    "one-block loop, cudnn leaves, radix sort (v4)": (True, "cudnn", 0),
+    "one-block loop, cudnn leaves, counting sort": (True, "cudnn", 8),
+    "one-block loop, flash leaves": (True, "flash", 8),
 }
 
 
@@ -66,9 +69,9 @@ def main():
                                                            (qg, kg, vg), grad), 600)
                 print(f"| {d} | {causal} | {name} | {fmt(f)} | {fmt(fb)} |", flush=True)
             for name in args.variants:
-                function.ONE_BLOCK, function.LEAVES = VARIANTS[name]
-                if not causal and name.endswith(("cudnn leaves", "flash leaves")):
-                    continue  # no leaves without causality
+                function.ONE_BLOCK, function.LEAVES, structure.COUNTING_BITS = VARIANTS[name]
+                if not causal and "flash leaves" in name:
+                    continue  # no leaves without causality (the cudnn variants differ in the sort)
                 f = bench(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 200)
                 fb = bench(lambda: torch.autograd.grad(gpu.hyper_attention(qg, kg, vg, causal=causal, config=cfg),
                                                        (qg, kg, vg), grad), 400)

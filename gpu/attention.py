@@ -62,6 +62,26 @@ def _nonfinite_by_reduction(q, k, v):
     return [name for name, _ in tensors], (~torch.isfinite(extremes).all(dim=1)).int()
 
 
+def _gaps(ranges, n):
+    """The parts of ``[0, n)`` outside the union of the half-open ``ranges``."""
+    gaps, end = [], 0
+    for a, b in sorted(ranges):
+        if a > end:
+            gaps.append((end, a))
+        end = max(end, b)
+    return gaps + ([(end, n)] if end < n else [])
+
+
+def _flag_unhashed_rows(q, k, flags, levels):
+    """Causal fold of the input check: set ``flags[0]`` (q) / ``flags[1]`` (k) if the rows that
+    no level's hash kernel reads (e.g. the first leaf's queries) hold NaN/Inf."""
+    nodes = [n for level in levels for n in level]
+    for i, (x, ranges) in enumerate(((q, [(n.q0, n.q1) for n in nodes]), (k, [(n.k0, n.k1) for n in nodes]))):
+        for a, b in _gaps(ranges, x.shape[2]):
+            part = x[:, :, a:b].detach()
+            flags[i:i + 1] |= (~torch.isfinite(torch.stack(torch.aminmax(part)))).any().int()
+
+
 def _raise_if_nonfinite(pending):
     """Raise for NaN/Inf inputs found by :func:`_nonfinite_by_reduction` or flagged by the
     kernels (nothing computed is returned)."""
@@ -116,11 +136,10 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     k_starts = [n[2] for n in layout.nodes]
     flag_q, flag_k = (None, None) if flags is None else (flags[0:1], flags[1:2])
     perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q)
-    perm_k = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash, use_triton, flag_k)
+    perm_k, position = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash,
+                                    use_triton, flag_k, positions=True)
     idx, bias = sample_nodes(sq, u, config.sampler, layout, arrays)
-    position = torch.empty((bh, kf.shape[1]), dtype=torch.int64, device=qf.device)
-    position.scatter_(1, perm_k.long(), torch.arange(cb[-1], device=qf.device).expand(bh, -1))
-    stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1))].reshape(idx.shape)
+    stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1)).long()].reshape(idx.shape)
     return Plan(perm_q, perm_k, arrays["lo"], arrays["hi"], arrays["rtag"], idx.int().contiguous(),
                 bias.contiguous(), stag.contiguous(), rb, h, hk, layout, config.block)
 
@@ -175,12 +194,14 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    # non-causal with the Triton hash and row-norm kernels: they read every row of q, k and v
-    # and flag NaN/Inf on the way; else one reduction over the inputs
-    fold = (backend == "triton" and not causal and nq > config.min_seq_len and not exact_hash
+    # with the Triton hash and row-norm kernels, these flag NaN/Inf in the rows they read (all
+    # of v; causal: the rows of q and k no level hashes are reduced here); else one reduction
+    fold = (backend == "triton" and nq > config.min_seq_len and not exact_hash
             and config.sampler != "uniform")
     if fold:
         flags = torch.zeros(3, dtype=torch.int32, device=q.device)
+        if causal:
+            _flag_unhashed_rows(q, k, flags, _levels(nq, nk, causal, config.min_seq_len))
         pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
     else:
         flags, pending = None, _nonfinite_by_reduction(q, k, v)

@@ -39,7 +39,9 @@ key) and added by the others into fp32 buffers of the key/value heads
 keys per (sample tile, row chunk), added atomically.
 
 The hash kernel computes the sortLSH sort keys of SPEC §3:
-``node_base + gray⁻¹(c(x))·n_node + local_index`` (unique, so any sort is stable).
+``node_base + gray⁻¹(c(x))·n_node + local_index`` (unique, so any sort is stable), or
+for few buckets (``r ≤ 8`` bits) the buckets alone, ordered by a stable counting sort
+(``_bucket_count_kernel``, prefix sums, ``_bucket_scatter_kernel``): the same order.
 It and the row-norm kernel can flag NaN/Inf in the rows they read (``CHECK``):
 the input check without a separate pass. The causal leaves may instead be
 computed by cuDNN (:mod:`gpu.leaves`).
@@ -89,8 +91,9 @@ def _sq_norm_kernel(X, OUT, FLAG, rows, n, s_xb, s_xn, D: tl.constexpr, BM: tl.c
 def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N, FLAG,
                  H, HK, G, r, s_xb, s_xn, s_pb, s_pn, s_kb,
                  D: tl.constexpr, RP: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr,
-                 CHECK: tl.constexpr):
-    """Sort keys of one tile of virtual rows: ``(R0_t << r) + bucket·n_t + local``.
+                 CHECK: tl.constexpr, CODES: tl.constexpr):
+    """Sort keys of one tile of virtual rows: ``(R0_t << r) + bucket·n_t + local``
+    (with ``CODES``: the bucket ``gray⁻¹(c(x))`` alone, for the counting sort).
 
     ``PLANES`` is (BH, nodes, D, r) contiguous in its last two dims; ``X`` row
     ``x0_t + local`` of head ``kv_head(bh)`` is hashed with node ``t``'s planes.
@@ -123,8 +126,61 @@ def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N, 
     code ^= code >> 4
     code ^= code >> 8
     code ^= code >> 16
-    key = (nr0 << r) + code * n + local
+    if CODES:
+        key = code
+    else:
+        key = (nr0 << r) + code * n + local
     tl.store(KEYS + bh * s_kb + rows, key.to(KEYS.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _bucket_onehot(CODES, rows, rmask, NB: tl.constexpr):
+    """(rows × NB) int32: 1 where the row's bucket is the column (0 for masked rows)."""
+    codes = tl.load(CODES + rows, mask=rmask, other=0)
+    return ((codes[:, None] == tl.arange(0, NB)[None, :]) & rmask[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _bucket_count_kernel(CODES, COUNTS, C_R0, C_R1, n_chunks, s_cb,
+                         NB: tl.constexpr, BM: tl.constexpr):
+    """Counting sort, pass 1: ``COUNTS[bh, chunk, b]`` = rows of the chunk in bucket ``b``."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    r0 = tl.load(C_R0 + chunk)
+    r1 = tl.load(C_R1 + chunk)
+    acc = tl.zeros([NB], tl.int32)
+    for s in range(r0, r1, BM):
+        rows = s + tl.arange(0, BM)
+        acc += tl.sum(_bucket_onehot(CODES + bh * s_cb, rows, rows < r1, NB), axis=0)
+    tl.store(COUNTS + (bh * n_chunks + chunk) * NB + tl.arange(0, NB), acc)
+
+
+@triton.jit
+def _bucket_scatter_kernel(CODES, OFFSETS, C_R0, C_R1, C_NODE, NODE_R0, NODE_X0, PERM, POS,
+                           n_chunks, s_cb, s_pb, s_ob,
+                           NB: tl.constexpr, BM: tl.constexpr, HAS_POS: tl.constexpr):
+    """Counting sort, pass 2 (stable): row ``p`` of the chunk, bucket ``b``, goes to virtual
+    position ``OFFSETS[bh, chunk, b]`` + the number of earlier rows of the chunk in ``b``;
+    ``PERM[bh, position]`` = its original index ``x0_t + (p − R0_t)`` and, with ``HAS_POS``,
+    ``POS[bh, original] = position``."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    r0 = tl.load(C_R0 + chunk)
+    r1 = tl.load(C_R1 + chunk)
+    node = tl.load(C_NODE + chunk)
+    shift = tl.load(NODE_X0 + node) - tl.load(NODE_R0 + node)  # original index − virtual row
+    base = tl.load(OFFSETS + (bh * n_chunks + chunk) * NB + tl.arange(0, NB))
+    for s in range(r0, r1, BM):
+        rows = s + tl.arange(0, BM)
+        rmask = rows < r1
+        onehot = _bucket_onehot(CODES + bh * s_cb, rows, rmask, NB)
+        rank = tl.cumsum(onehot, axis=0)  # inclusive: the row itself counts once
+        dest = tl.sum(onehot * (rank - 1 + base[None, :]), axis=1)
+        orig = rows + shift
+        tl.store(PERM + bh * s_pb + dest, orig.to(tl.int32), mask=rmask)
+        if HAS_POS:
+            tl.store(POS + bh * s_ob + orig, dest.to(tl.int32), mask=rmask)
+        base += tl.sum(onehot, axis=0)
 
 
 @triton.jit

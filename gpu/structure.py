@@ -167,19 +167,76 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
     return torch.cat(keys, dim=1)
 
 
-def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton, flag=None):
+# counting sort for the Triton path: buckets of at most COUNTING_BITS bits, chunks of
+# SORT_CHUNK rows (one program each), SORT_TILE rows at a time
+COUNTING_BITS = 8
+SORT_CHUNK = 2048
+SORT_TILE = 64
+
+
+@lru_cache(maxsize=256)
+def _chunk_nodes(bounds: tuple, chunk: int, device):
+    """For the chunks of :func:`tile_map` ``(bounds, chunk)``: the first and the last chunk of
+    each chunk's node, and the node's virtual start (int64 each)."""
+    _, _, node = tile_map(bounds, chunk, torch.device("cpu"))
+    node = node.long()
+    first = torch.searchsorted(node, node, right=False)
+    last = torch.searchsorted(node, node, right=True) - 1
+    r0 = torch.tensor(bounds[:-1], dtype=torch.int64)[node]
+    return first.to(device), last.to(device), r0.to(device)
+
+
+def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions):
+    """Stable sort of each node's rows by bucket (Triton, two passes over ``codes``).
+
+    ``codes`` (BH, R) int32 buckets in ``[0, n_buckets)``. Returns the original index
+    of each virtual row (BH, R) int32 and, with ``positions``, the virtual row of each
+    original index (BH, ``n_orig``) int32 (entries outside the piece's nodes unset).
+    """
+    from . import kernels as K
+
+    bh, total = codes.shape
+    device = codes.device
+    c_r0, c_r1, c_node = tile_map(bounds, SORT_CHUNK, device)
+    n_chunks = c_r0.shape[0]
+    nb = max(16, n_buckets)
+    counts = torch.empty((bh, n_chunks, nb), dtype=torch.int32, device=device)
+    K._bucket_count_kernel[(n_chunks, bh)](codes, counts, c_r0, c_r1, n_chunks, codes.stride(0),
+                                          NB=nb, BM=SORT_TILE, num_warps=4)
+    # offset of (chunk, bucket) = node start + rows of the node in smaller buckets
+    #                             + rows in the same bucket in the node's earlier chunks
+    first, last, r0 = _chunk_nodes(bounds, SORT_CHUNK, device)
+    incl = torch.cumsum(counts, dim=1, dtype=torch.int64)
+    excl = incl - counts
+    node_total = incl[:, last] - excl[:, first]
+    offsets = (r0[None, :, None] + torch.cumsum(node_total, dim=-1) - node_total
+               + excl - excl[:, first]).int()
+    perm = torch.empty((bh, total), dtype=torch.int32, device=device)
+    pos = torch.empty((bh, n_orig), dtype=torch.int32, device=device) if positions else perm
+    K._bucket_scatter_kernel[(n_chunks, bh)](
+        codes, offsets, c_r0, c_r1, c_node, arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"], perm, pos,
+        n_chunks, codes.stride(0), perm.stride(0), pos.stride(0),
+        NB=nb, BM=SORT_TILE, HAS_POS=positions, num_warps=4)
+    return perm, (pos if positions else None)
+
+
+def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton, flag=None,
+                 positions=False):
     """Original indices of each head's rows of ``x`` in virtual (sorted) order, int32 (BH, R).
 
     ``x`` (BHx, n, d) with ``BHx`` = BH (queries) or B·Hk (keys, read through
     ``kv_of``); ``planes`` (BH, T, d, r); nodes' rows are ``[starts[t], …)``.
     The order within a node is the stable sort by bucket ``gray⁻¹(c(x))``.
     ``flag`` (int32, Triton hash only): set to 1 if a hashed row holds NaN/Inf.
+    With ``positions``, returns ``(perm, pos)``: ``pos`` (BH, n) int32 the virtual
+    row of each original row of the piece's nodes (the inverse permutation).
     """
     bh = planes.shape[0]
     r = planes.shape[-1]
     total = bounds[-1]
-    wide = (total << r) >= 2 ** 31
     pre = "row" if side == "q" else "col"
+    counting = use_triton and not exact and r <= COUNTING_BITS
+    wide = (total << r) >= 2 ** 31 and not counting
     if use_triton and not exact:
         from . import kernels as K
         from .function import _prec
@@ -195,7 +252,10 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
             keys if flag is None else flag,
             *heads, r, x.stride(0), x.stride(1), planes.stride(0), planes.stride(1), keys.stride(0),
             D=x.shape[2], RP=max(16, _next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
-            CHECK=flag is not None, num_warps=4)
+            CHECK=flag is not None, CODES=counting, num_warps=4)
+        if counting:
+            perm, pos = _counting_sort(keys, bounds, arrays, pre, x.shape[1], 1 << r, positions)
+            return (perm, pos) if positions else perm
     else:
         if flag is not None:
             raise ValueError("the non-finite flag is set by the Triton hash kernel only")
@@ -206,7 +266,12 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
     s = torch.sort(keys, dim=-1).values.long()
     r0, x0, n = arrays[f"{pre}_r0"], arrays[f"{pre}_x0"], arrays[f"{pre}_n"]
     local = (s - (r0 << r)) % n
-    return (x0 + local).int().contiguous()
+    perm = (x0 + local).int().contiguous()
+    if not positions:
+        return perm
+    pos = torch.empty((bh, x.shape[1]), dtype=torch.int32, device=x.device)
+    pos.scatter_(1, perm.long(), torch.arange(total, device=x.device, dtype=torch.int32).expand(bh, -1))
+    return perm, pos
 
 
 def _next_pow2(n: int) -> int:

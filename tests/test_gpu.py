@@ -177,10 +177,15 @@ def test_torch_compile_dense_matches_eager():
     torch.testing.assert_close(torch.compile(f)(q, k, v), f(q, k, v), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [3, 25])  # 25: sort keys need int64
-def test_hash_kernel_matches_torch_hash(bits):
+@pytest.mark.parametrize("bits, chunk", [(3, 2048), (3, 32), (6, 48), (25, 2048)])
+def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
+    # bits <= 8: counting sort (chunks of 32/48 rows: several per node, one crossing none);
+    # 25: sort keys need int64 (torch sort)
+    import gpu.structure
     from gpu.structure import Layout, layout_arrays, sorted_order
 
+    monkeypatch.setattr(gpu.structure, "SORT_CHUNK", chunk)
+    monkeypatch.setattr(gpu.structure, "SORT_TILE", 16)
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 150, 16, generator=g).to(DEVICE)
     layout = Layout(((10, 60, 0, 40), (60, 150, 40, 150)))  # two nodes of different sizes
@@ -190,9 +195,13 @@ def test_hash_kernel_matches_torch_hash(bits):
     for side, bounds, starts in (("q", layout.row_bounds, [10, 60]), ("k", layout.col_bounds, [0, 40])):
         xs = x.repeat(2, 1, 1) if side == "q" else x
         args = (xs, planes, bounds, starts, arrays, side, kv_of, 6, 3)
-        fast = sorted_order(*args, exact=False, use_triton=True)
-        ref = sorted_order(*args, exact=True, use_triton=False)
+        fast, pos = sorted_order(*args, exact=False, use_triton=True, positions=True)
+        ref, ref_pos = sorted_order(*args, exact=True, use_triton=False, positions=True)
         assert torch.equal(fast, ref)
+        assert torch.equal(sorted_order(*args, exact=False, use_triton=True), fast)
+        for a, b, s0 in zip(bounds[:-1], bounds[1:], starts):  # the inverse permutation
+            assert torch.equal(pos[:, s0:s0 + b - a], ref_pos[:, s0:s0 + b - a])
+            assert torch.equal(pos.gather(1, fast[:, a:b].long()).cpu(), torch.arange(a, b).int().expand(6, -1))
         for a, b, s0 in zip(bounds[:-1], bounds[1:], starts):  # each node: a permutation of its rows
             assert torch.equal(fast[:, a:b].sort(dim=1).values.cpu(),
                                torch.arange(s0, s0 + b - a).expand(6, -1))
@@ -317,7 +326,8 @@ def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 def test_one_nonfinite_entry_is_refused(name, causal):
-    # non-causal: flagged by the hash and row-norm kernels on the way; causal: one reduction
+    # flagged by the hash and row-norm kernels on the way; causal: the rows no level hashes
+    # (q's first leaf, k's last: rows 0 and N − 1 below) by a reduction over those rows alone
     q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 1, torch.float64))
     x = {"q": q, "k": k, "v": v}[name]
     for value, where in ((float("nan"), (0, 1, N - 1, 3)), (float("-inf"), (0, 0, 0, 0)), (float("inf"), (0, 0, N // 2, 7))):
@@ -327,6 +337,13 @@ def test_one_nonfinite_entry_is_refused(name, causal):
         with pytest.raises(ValueError, match=f"{name} contains"):
             gpu.hyper_attention(xs["q"], xs["k"], xs["v"], causal=causal, config=CFG)
     gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
+
+
+def test_gaps_of_hashed_rows():
+    from gpu.attention import _gaps
+
+    assert _gaps([(4, 8), (2, 4), (6, 8), (12, 14)], 16) == [(0, 2), (8, 12), (14, 16)]
+    assert _gaps([(0, 16)], 16) == [] and _gaps([], 3) == [(0, 3)]
 
 
 @pytest.mark.parametrize("sampler", ["rownorm", "mixed", "uniform"])
