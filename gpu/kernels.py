@@ -134,25 +134,31 @@ def _hash_kernel(X, PLANES, KEYS, T_R0, T_R1, T_NODE, NODE_R0, NODE_X0, NODE_N, 
 
 
 @triton.jit
-def _bucket_onehot(CODES, rows, rmask, NB: tl.constexpr):
-    """(rows × NB) int32: 1 where the row's bucket is the column (0 for masked rows)."""
-    codes = tl.load(CODES + rows, mask=rmask, other=0)
-    return ((codes[:, None] == tl.arange(0, NB)[None, :]) & rmask[:, None]).to(tl.int32)
+def _bucket_codes(CODES, rows, rmask, NB: tl.constexpr):
+    """The buckets of ``rows``; masked rows get bucket ``2·NB − 1`` (past every real one)."""
+    return tl.load(CODES + rows, mask=rmask, other=2 * NB - 1)
 
 
 @triton.jit
 def _bucket_count_kernel(CODES, COUNTS, C_R0, C_R1, n_chunks, s_cb,
                          NB: tl.constexpr, BM: tl.constexpr):
-    """Counting sort, pass 1: ``COUNTS[bh, chunk, b]`` = rows of the chunk in bucket ``b``."""
+    """Counting sort, pass 1: ``COUNTS[bh, chunk, b]`` = rows of the chunk in bucket ``b < NB``."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     r0 = tl.load(C_R0 + chunk)
     r1 = tl.load(C_R1 + chunk)
-    acc = tl.zeros([NB], tl.int32)
+    acc = tl.zeros([2 * NB], tl.int32)
     for s in range(r0, r1, BM):
         rows = s + tl.arange(0, BM)
-        acc += tl.sum(_bucket_onehot(CODES + bh * s_cb, rows, rows < r1, NB), axis=0)
-    tl.store(COUNTS + (bh * n_chunks + chunk) * NB + tl.arange(0, NB), acc)
+        acc += tl.histogram(_bucket_codes(CODES + bh * s_cb, rows, rows < r1, NB), 2 * NB)
+    bins = tl.arange(0, 2 * NB)
+    tl.store(COUNTS + (bh * n_chunks + chunk) * NB + bins, acc, mask=bins < NB)
+
+
+@triton.jit
+def _run_start(c1, s1, c2, s2):
+    """Scan step: the first position of each element's run of equal (sorted) buckets."""
+    return c2, tl.where(c1 == c2, s1, s2)
 
 
 @triton.jit
@@ -162,25 +168,29 @@ def _bucket_scatter_kernel(CODES, OFFSETS, C_R0, C_R1, C_NODE, NODE_R0, NODE_X0,
     """Counting sort, pass 2 (stable): row ``p`` of the chunk, bucket ``b``, goes to virtual
     position ``OFFSETS[bh, chunk, b]`` + the number of earlier rows of the chunk in ``b``;
     ``PERM[bh, position]`` = its original index ``x0_t + (p − R0_t)`` and, with ``HAS_POS``,
-    ``POS[bh, original] = position``."""
+    ``POS[bh, original] = position``. Each tile of ``BM`` rows is sorted by (bucket, row):
+    a row's rank in its bucket is its sorted position minus the start of its bucket's run."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     r0 = tl.load(C_R0 + chunk)
     r1 = tl.load(C_R1 + chunk)
     node = tl.load(C_NODE + chunk)
     shift = tl.load(NODE_X0 + node) - tl.load(NODE_R0 + node)  # original index − virtual row
-    base = tl.load(OFFSETS + (bh * n_chunks + chunk) * NB + tl.arange(0, NB))
+    bins = tl.arange(0, 2 * NB)
+    base = tl.load(OFFSETS + (bh * n_chunks + chunk) * NB + bins, mask=bins < NB, other=0)
+    lane = tl.arange(0, BM)
     for s in range(r0, r1, BM):
-        rows = s + tl.arange(0, BM)
-        rmask = rows < r1
-        onehot = _bucket_onehot(CODES + bh * s_cb, rows, rmask, NB)
-        rank = tl.cumsum(onehot, axis=0)  # inclusive: the row itself counts once
-        dest = tl.sum(onehot * (rank - 1 + base[None, :]), axis=1)
-        orig = rows + shift
-        tl.store(PERM + bh * s_pb + dest, orig.to(tl.int32), mask=rmask)
+        codes = _bucket_codes(CODES + bh * s_cb, s + lane, s + lane < r1, NB)
+        packed = tl.sort(codes * BM + lane)  # unique: sorted by bucket, then by row
+        code = packed // BM
+        _, start = tl.associative_scan((code, lane), 0, _run_start)
+        dest = tl.gather(base, code, 0) + lane - start
+        orig = s + packed % BM + shift
+        valid = code < NB
+        tl.store(PERM + bh * s_pb + dest, orig.to(tl.int32), mask=valid)
         if HAS_POS:
-            tl.store(POS + bh * s_ob + orig, dest.to(tl.int32), mask=rmask)
-        base += tl.sum(onehot, axis=0)
+            tl.store(POS + bh * s_ob + orig, dest, mask=valid)
+        base += tl.histogram(codes, 2 * NB)
 
 
 @triton.jit

@@ -171,7 +171,7 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
 # SORT_CHUNK rows (one program each), SORT_TILE rows at a time
 COUNTING_BITS = 8
 SORT_CHUNK = 2048
-SORT_TILE = 64
+SORT_TILE = 256
 
 
 @lru_cache(maxsize=256)
@@ -199,7 +199,7 @@ def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions):
     device = codes.device
     c_r0, c_r1, c_node = tile_map(bounds, SORT_CHUNK, device)
     n_chunks = c_r0.shape[0]
-    nb = max(16, n_buckets)
+    nb = max(16, n_buckets)  # a power of two
     counts = torch.empty((bh, n_chunks, nb), dtype=torch.int32, device=device)
     K._bucket_count_kernel[(n_chunks, bh)](codes, counts, c_r0, c_r1, n_chunks, codes.stride(0),
                                           NB=nb, BM=SORT_TILE, num_warps=4)
@@ -305,6 +305,20 @@ def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False, flag=No
     return torch.linalg.vector_norm(vd, dim=-1, dtype=acc).double() ** 2
 
 
+def prefix_sums(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Inclusive prefix sums along the last dim of a 2-d tensor, in two levels: within blocks
+    of ``block`` entries, then the blocks' exclusive running totals added (torch's scan of
+    one long float64 row per head is slow on the GPU; this is the same sum up to rounding)."""
+    rows, n = x.shape
+    if n <= 2 * block:
+        return torch.cumsum(x, dim=-1)
+    pad = -n % block
+    inner = torch.nn.functional.pad(x, (0, pad)).view(rows, -1, block).cumsum(dim=-1)
+    totals = inner[:, :, -1].cumsum(dim=-1)
+    inner[:, 1:] += totals[:, :-1, None]
+    return inner.view(rows, -1)[:, :n].contiguous()
+
+
 def _inverse_cdf(cum, starts, ends, u):
     """Per node ``t`` and uniform ``u``: the first key of ``[start_t, end_t)`` whose prefix sum
     exceeds ``base + u·(top − base)`` (inverse CDF by one search over all nodes).
@@ -347,7 +361,7 @@ def sample_nodes(sq, u, sampler, layout: Layout, arrays):
     uniform = (1.0 / col_n.double())[None, :]
     if sampler == "rownorm":
         s = sq[:, c_orig]
-        c, tot = _inverse_cdf(torch.cumsum(s, dim=-1), starts, ends, u)
+        c, tot = _inverse_cdf(prefix_sums(s), starts, ends, u)
         shape = (s.shape[0], bh // s.shape[0], n_nodes, m)
         tot = tot[:, None, :, None].expand(shape).reshape(c.shape)
         # a node whose rows of v are all zero samples uniformly (the reference's probabilities)
@@ -361,11 +375,11 @@ def sample_nodes(sq, u, sampler, layout: Layout, arrays):
             w = uniform
         else:
             s = sq[:, c_orig]
-            padded = torch.nn.functional.pad(torch.cumsum(s, dim=-1), (1, 0))
+            padded = torch.nn.functional.pad(prefix_sums(s), (1, 0))
             tot = (padded[:, ends] - padded[:, starts])[:, c_node]
             rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
             w = 0.5 * rownorm + 0.5 * uniform
-        c, _ = _inverse_cdf(torch.cumsum(w, dim=-1), starts, ends, u)
+        c, _ = _inverse_cdf(prefix_sums(w), starts, ends, u)
         p = w.gather(1, c)
     log_w = -torch.log(m * p)
     return c_orig[c].reshape(bh, n_nodes, m), log_w.float().reshape(bh, n_nodes, m)

@@ -339,6 +339,20 @@ def test_one_nonfinite_entry_is_refused(name, causal):
     gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
 
 
+@pytest.mark.parametrize("n", [8, 9, 37, 64])
+def test_blocked_prefix_sums(n):
+    # two-level prefix sums = cumsum up to rounding, and nondecreasing for nonnegative input
+    # (the inverse-CDF search needs it); zero stretches stay flat
+    from gpu.structure import prefix_sums
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.rand(3, n, generator=g, dtype=torch.float64) ** 4
+    x[:, n // 3: n // 2] = 0.0
+    got = prefix_sums(x.to(DEVICE), block=4).cpu()
+    torch.testing.assert_close(got, torch.cumsum(x, dim=-1), rtol=1e-14, atol=0)
+    assert (got.diff(dim=-1) >= 0).all() and got.is_contiguous()
+
+
 def test_gaps_of_hashed_rows():
     from gpu.attention import _gaps
 
