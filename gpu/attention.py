@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 
@@ -144,6 +145,14 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
                 bias.contiguous(), stag.contiguous(), rb, h, hk, layout, config.block)
 
 
+@torch.compiler.disable
+def _level_plan(draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash, use_triton, flags):
+    """Draws and index tensors of the sortLSH piece of ``nodes`` (see :func:`_piece_plan`)."""
+    layout = Layout(tuple((n.q0, n.q1, n.k0, n.k1) for n in nodes))
+    planes, u = draw(nodes)
+    return _piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash, use_triton, flags)
+
+
 def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None, generator=None,
                     return_lse=False, exact_hash=False, backend="triton"):
     """HyperAttention on the GPU (``masked`` estimator, ``self`` normalizer).
@@ -231,10 +240,11 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         sq = None if config.sampler == "uniform" else \
             row_sq_norms(vf, exact_hash, use_triton=backend == "triton", flag=None if flags is None else flags[2:3])
         for nodes in _levels(nq, nk, causal, config.min_seq_len):
-            layout = Layout(tuple((n.q0, n.q1, n.k0, n.k1) for n in nodes))
-            planes, u = draw(nodes)
-            pieces.append(_piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash,
-                                      use_triton=backend == "triton", flags=flags))
+            # Triton: built when the kernels reach the piece (the host prepares a level while the
+            # GPU computes the leaves and the previous levels); the draws keep their order
+            build = functools.partial(_level_plan, draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash,
+                                      backend == "triton", flags)
+            pieces.append(build if backend == "triton" else build())
     out, lse = fn(qf, kf, vf, pieces, scale)
     _raise_if_nonfinite(pending)
     out = out.reshape(b, h, nq, dv)

@@ -1,7 +1,7 @@
 """The autograd Function around the Triton kernels, and its dense torch twin.
 
 ``pieces_attention(q, k, v, pieces, scale)`` returns ``(out, lse)`` of a list of
-pieces of HyperAttention merged into one softmax: the sortLSH blocks with their
+pieces of HyperAttention (each a :class:`Plan` or a callable building it) merged into one softmax: the sortLSH blocks with their
 samples (one piece; or one per level of the causal recursion) and the causal
 leaves (see :mod:`gpu.kernels`, :mod:`gpu.structure`). Heads are flattened:
 ``q`` is (B·H, nq, D), ``k, v`` are (B·Hk, nk, ·). Each :class:`Plan` holds a
@@ -153,11 +153,20 @@ def _sample_chunks(plan: Plan, BM: int, device):
     return S.tile_map(plan.row_bounds, rows, device)
 
 
+def _built(piece) -> Plan:
+    """The plan of a piece given as a :class:`Plan` or as a callable returning one."""
+    return piece if isinstance(piece, Plan) else piece()
+
+
 class _PiecesAttention(torch.autograd.Function):
     """``(out, lse)`` of a list of pieces merged into one softmax (SPEC §1, §6).
 
     The first piece must cover every row (the LSH piece, or the causal leaves);
-    the others are merged into it in place by the forward kernel. Only ``q, k,
+    the others are merged into it in place by the forward kernel. A piece may be
+    given as a callable returning its :class:`Plan`: it is built when reached, so
+    the host prepares a level of the causal recursion (hashing, sorting,
+    sampling launches and their index plumbing) while the GPU runs the kernels
+    already queued (the leaves, the previous levels). Only ``q, k,
     v, out, lse`` and the index tensors are kept for backward: memory ``O(n·d)``.
     Equal square causal leaves may be computed by cuDNN (:mod:`gpu.leaves`,
     switch ``LEAVES``); their backward then runs there too unless a gradient
@@ -171,7 +180,8 @@ class _PiecesAttention(torch.autograd.Function):
         BM, BN, warps, stages = _tiles(d, q.dtype, q.device)
         ctx.set_materialize_grads(False)
         ctx.leaves = None
-        first = pieces[0]
+        pieces = list(pieces)
+        first = pieces[0] = _built(pieces[0])
         if LEAVES not in L.BACKENDS + ("triton",):
             raise ValueError(f"gpu.function.LEAVES must be one of {L.BACKENDS + ('triton',)}, got {LEAVES!r}")
         if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk, LEAVES):
@@ -180,9 +190,10 @@ class _PiecesAttention(torch.autograd.Function):
         else:
             out = torch.empty((bh, nq, dv), device=q.device, dtype=q.dtype)
             lse = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
-        for i, plan in enumerate(pieces):
+        for i in range(len(pieces)):
             if i == 0 and ctx.leaves is not None:
                 continue
+            plan = pieces[i] = _built(pieces[i])
             pointers, index_strides = _index_args(plan, q.device)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
             K._fwd_kernel[(t_r0.shape[0], bh)](
@@ -357,6 +368,6 @@ def pieces_attention_dense(q, k, v, pieces, scale: float):
     """The same ``(out, lse)`` by dense torch operations (autograd-differentiable)."""
     out, lse = None, None
     for plan in pieces:
-        o, l = _piece_dense(q, k, v, plan, scale)
+        o, l = _piece_dense(q, k, v, _built(plan), scale)
         out, lse = (o, l) if out is None else merge(out, lse, o, l)
     return out, lse

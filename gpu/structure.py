@@ -168,8 +168,11 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
 
 
 # counting sort for the Triton path: buckets of at most COUNTING_BITS bits, chunks of
-# SORT_CHUNK rows (one program each), SORT_TILE rows at a time
+# SORT_CHUNK rows (one program each), SORT_TILE rows at a time; on CUDA, and under the
+# Triton interpreter only with COUNTING_ON_CPU (there its tile sorts are slow: the CPU tests
+# check it against the torch sort directly, tests/test_gpu.py::test_hash_kernel_matches_torch_hash)
 COUNTING_BITS = 8
+COUNTING_ON_CPU = False
 SORT_CHUNK = 2048
 SORT_TILE = 256
 
@@ -235,7 +238,7 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
     r = planes.shape[-1]
     total = bounds[-1]
     pre = "row" if side == "q" else "col"
-    counting = use_triton and not exact and r <= COUNTING_BITS
+    counting = use_triton and not exact and r <= COUNTING_BITS and (x.is_cuda or COUNTING_ON_CPU)
     wide = (total << r) >= 2 ** 31 and not counting
     if use_triton and not exact:
         from . import kernels as K

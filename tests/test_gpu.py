@@ -186,6 +186,7 @@ def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
 
     monkeypatch.setattr(gpu.structure, "SORT_CHUNK", chunk)
     monkeypatch.setattr(gpu.structure, "SORT_TILE", 16)
+    monkeypatch.setattr(gpu.structure, "COUNTING_ON_CPU", True)
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 150, 16, generator=g).to(DEVICE)
     layout = Layout(((10, 60, 0, 40), (60, 150, 40, 150)))  # two nodes of different sizes
