@@ -162,22 +162,31 @@ def _run_start(c1, s1, c2, s2):
 
 
 @triton.jit
-def _bucket_scatter_kernel(CODES, OFFSETS, C_R0, C_R1, C_NODE, NODE_R0, NODE_X0, PERM, POS,
-                           n_chunks, s_cb, s_pb, s_ob,
+def _bucket_scatter_kernel(CODES, COUNTS, C_R0, C_R1, C_NODE, NODE_C0, NODE_C1, NODE_R0, NODE_X0,
+                           PERM, POS, n_chunks, s_cb, s_pb, s_ob,
                            NB: tl.constexpr, BM: tl.constexpr, HAS_POS: tl.constexpr):
     """Counting sort, pass 2 (stable): row ``p`` of the chunk, bucket ``b``, goes to virtual
-    position ``OFFSETS[bh, chunk, b]`` + the number of earlier rows of the chunk in ``b``;
-    ``PERM[bh, position]`` = its original index ``x0_t + (p − R0_t)`` and, with ``HAS_POS``,
-    ``POS[bh, original] = position``. Each tile of ``BM`` rows is sorted by (bucket, row):
-    a row's rank in its bucket is its sorted position minus the start of its bucket's run."""
+    position ``R0_t`` + (rows of node ``t`` in smaller buckets) + (rows in ``b`` in the node's
+    earlier chunks: chunks ``[C0_t, C1_t)`` are the node's, counted by pass 1) + (earlier rows
+    of the chunk in ``b``); ``PERM[bh, position]`` = its original index ``x0_t + (p − R0_t)``
+    and, with ``HAS_POS``, ``POS[bh, original] = position``. Each tile of ``BM`` rows is sorted
+    by (bucket, row): a row's rank in its bucket is its sorted position minus the start of its
+    bucket's run."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     r0 = tl.load(C_R0 + chunk)
     r1 = tl.load(C_R1 + chunk)
     node = tl.load(C_NODE + chunk)
-    shift = tl.load(NODE_X0 + node) - tl.load(NODE_R0 + node)  # original index − virtual row
+    node_r0 = tl.load(NODE_R0 + node)
+    shift = tl.load(NODE_X0 + node) - node_r0  # original index − virtual row
     bins = tl.arange(0, 2 * NB)
-    base = tl.load(OFFSETS + (bh * n_chunks + chunk) * NB + bins, mask=bins < NB, other=0)
+    total = tl.zeros([2 * NB], tl.int32)
+    before = tl.zeros([2 * NB], tl.int32)
+    for c in range(tl.load(NODE_C0 + node), tl.load(NODE_C1 + node)):
+        counts = tl.load(COUNTS + (bh * n_chunks + c) * NB + bins, mask=bins < NB, other=0)
+        total += counts
+        before += tl.where(c < chunk, counts, 0)
+    base = (node_r0 + tl.cumsum(total, 0) - total + before).to(tl.int32)
     lane = tl.arange(0, BM)
     for s in range(r0, r1, BM):
         codes = _bucket_codes(CODES + bh * s_cb, s + lane, s + lane < r1, NB)

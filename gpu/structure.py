@@ -178,15 +178,14 @@ SORT_TILE = 256
 
 
 @lru_cache(maxsize=256)
-def _chunk_nodes(bounds: tuple, chunk: int, device):
-    """For the chunks of :func:`tile_map` ``(bounds, chunk)``: the first and the last chunk of
-    each chunk's node, and the node's virtual start (int64 each)."""
+def _node_chunks(bounds: tuple, chunk: int, device):
+    """For the chunks of :func:`tile_map` ``(bounds, chunk)``: each node's first chunk and one
+    past its last (int32 each)."""
     _, _, node = tile_map(bounds, chunk, torch.device("cpu"))
-    node = node.long()
-    first = torch.searchsorted(node, node, right=False)
-    last = torch.searchsorted(node, node, right=True) - 1
-    r0 = torch.tensor(bounds[:-1], dtype=torch.int64)[node]
-    return first.to(device), last.to(device), r0.to(device)
+    nodes = torch.arange(len(bounds) - 1, dtype=torch.int32)
+    c0 = torch.searchsorted(node, nodes, right=False)
+    c1 = torch.searchsorted(node, nodes, right=True)
+    return c0.int().to(device), c1.int().to(device)
 
 
 def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions):
@@ -206,19 +205,12 @@ def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions):
     counts = torch.empty((bh, n_chunks, nb), dtype=torch.int32, device=device)
     K._bucket_count_kernel[(n_chunks, bh)](codes, counts, c_r0, c_r1, n_chunks, codes.stride(0),
                                           NB=nb, BM=SORT_TILE, num_warps=4)
-    # offset of (chunk, bucket) = node start + rows of the node in smaller buckets
-    #                             + rows in the same bucket in the node's earlier chunks
-    first, last, r0 = _chunk_nodes(bounds, SORT_CHUNK, device)
-    incl = torch.cumsum(counts, dim=1, dtype=torch.int64)
-    excl = incl - counts
-    node_total = incl[:, last] - excl[:, first]
-    offsets = (r0[None, :, None] + torch.cumsum(node_total, dim=-1) - node_total
-               + excl - excl[:, first]).int()
+    node_c0, node_c1 = _node_chunks(bounds, SORT_CHUNK, device)
     perm = torch.empty((bh, total), dtype=torch.int32, device=device)
     pos = torch.empty((bh, n_orig), dtype=torch.int32, device=device) if positions else perm
     K._bucket_scatter_kernel[(n_chunks, bh)](
-        codes, offsets, c_r0, c_r1, c_node, arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"], perm, pos,
-        n_chunks, codes.stride(0), perm.stride(0), pos.stride(0),
+        codes, counts, c_r0, c_r1, c_node, node_c0, node_c1, arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"],
+        perm, pos, n_chunks, codes.stride(0), perm.stride(0), pos.stride(0),
         NB=nb, BM=SORT_TILE, HAS_POS=positions, num_warps=4)
     return perm, (pos if positions else None)
 
