@@ -15,7 +15,7 @@ from hyperref.plan import OffDiagonal, causal_nodes
 
 from .function import Plan, pieces_attention, pieces_attention_dense
 from .structure import (Layout, kv_heads, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes,
-                        sorted_order)
+                        sample_nodes_triton, sorted_order)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -139,10 +139,14 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q)
     perm_k, position = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash,
                                     use_triton, flag_k, positions=True)
-    idx, bias = sample_nodes(sq, u, config.sampler, layout, arrays)
-    stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1)).long()].reshape(idx.shape)
-    return Plan(perm_q, perm_k, arrays["lo"], arrays["hi"], arrays["rtag"], idx.int().contiguous(),
-                bias.contiguous(), stag.contiguous(), rb, h, hk, layout, config.block)
+    if use_triton:
+        idx, bias, stag = sample_nodes_triton(sq, u, config.sampler, layout, arrays, position)
+    else:
+        idx, bias = sample_nodes(sq, u, config.sampler, layout, arrays)
+        stag = arrays["ktag"][position.gather(1, idx.reshape(bh, -1)).long()].reshape(idx.shape)
+        idx, bias, stag = idx.int().contiguous(), bias.contiguous(), stag.contiguous()
+    return Plan(perm_q, perm_k, arrays["lo"], arrays["hi"], arrays["rtag"], idx, bias, stag,
+                rb, h, hk, layout, config.block)
 
 
 @torch.compiler.disable

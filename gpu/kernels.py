@@ -41,8 +41,9 @@ keys per (sample tile, row chunk), added atomically.
 The hash kernel computes the sortLSH sort keys of SPEC §3:
 ``node_base + gray⁻¹(c(x))·n_node + local_index`` (unique, so any sort is stable), or
 for few buckets (``r ≤ 8`` bits) the buckets alone, ordered by a stable counting sort
-(``_bucket_count_kernel``, prefix sums, ``_bucket_scatter_kernel``): the same order.
-It and the row-norm kernel can flag NaN/Inf in the rows they read (``CHECK``):
+(``_bucket_count_kernel`` counts per chunk, ``_bucket_scatter_kernel`` places each row):
+the same order. ``_sample_kernel`` draws each node's keys by binary searches of the
+sampling weights' prefix sums (SPEC §5). The hash and the row-norm kernels can flag NaN/Inf in the rows they read (``CHECK``):
 the input check without a separate pass. The causal leaves may instead be
 computed by cuDNN (:mod:`gpu.leaves`).
 """
@@ -200,6 +201,73 @@ def _bucket_scatter_kernel(CODES, COUNTS, C_R0, C_R1, C_NODE, NODE_C0, NODE_C1, 
         if HAS_POS:
             tl.store(POS + bh * s_ob + orig, dest, mask=valid)
         base += tl.histogram(codes, 2 * NB)
+
+
+@triton.jit
+def _first_index(ROW, lo, hi, target, STRICT: tl.constexpr, STEPS: tl.constexpr):
+    """Per lane: the first ``i`` in ``[lo, hi)`` with ``ROW[i] > target`` (``STRICT``) or
+    ``ROW[i] >= target``, else ``hi`` (binary search of a nondecreasing row; ``STEPS`` ≥
+    bit length of the longest range + 1)."""
+    for _ in range(STEPS):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        val = tl.load(ROW + mid, mask=active, other=0.0)
+        if STRICT:
+            right = val <= target
+        else:
+            right = val < target
+        lo = tl.where(active & right, mid + 1, lo)
+        hi = tl.where(active & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _sample_kernel(CUM, W, U, STARTS, ENDS, COL_ORIG, POS, KTAG, IDX, BIAS, STAG,
+                   n_nodes, m, G, s_cr, s_wr, s_pb,
+                   BLOCK: tl.constexpr, RATIO: tl.constexpr, STEPS: tl.constexpr):
+    """Inverse-CDF samples of node ``t`` for head ``bh`` (SPEC §5; gpu.structure.sample_nodes).
+
+    ``CUM`` (R, C) float64 prefix sums of the weights ``W`` over the piece's virtual keys, row
+    ``bh // G``. Sample ``j``: target ``base + u_j·(top − base)`` (``base``, ``top``: the
+    prefix sums before and at the node's keys), key = the first whose prefix sum exceeds it,
+    at most the node's last key of positive weight. ``p`` = ``W`` there (``RATIO``: divided
+    by the node total; a node of total 0 samples uniformly). Writes the original key, the
+    log-weight ``−log(m p)`` and its block tag ``KTAG[POS[bh, key]]``.
+    """
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
+    row = bh // G
+    start = tl.load(STARTS + t)
+    end = tl.load(ENDS + t)
+    cum = CUM + row * s_cr
+    base = tl.load(cum + tl.maximum(start - 1, 0))
+    base = tl.where(start > 0, base, 0.0)
+    top = tl.load(cum + end - 1)
+    tot = top - base
+    lanes = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], tl.int64)
+    # rounding can put a target at the top: the first key whose prefix sum reaches the top
+    last = _first_index(cum, zero + start, zero + end, zero.to(tl.float64) + top, False, STEPS)
+    n_node = end - start
+    for j0 in range(0, m, BLOCK):
+        offs = j0 + lanes
+        mask = offs < m
+        u = tl.load(U + (bh * n_nodes + t) * m + offs, mask=mask, other=0.0)
+        c = _first_index(cum, zero + start, zero + end, base + u * tot, True, STEPS)
+        c = tl.maximum(tl.minimum(tl.minimum(c, last), end - 1), start)
+        if RATIO:
+            pick = tl.minimum((u * n_node).to(tl.int64), n_node - 1)
+            c = tl.where(tot > 0, c, start + pick)
+            w = tl.load(W + row * s_wr + c, mask=mask, other=1.0)
+            p = tl.where(tot > 0, w / tl.where(tot > 0, tot, 1.0), 1.0 / n_node.to(tl.float64))
+        else:
+            p = tl.load(W + row * s_wr + c, mask=mask, other=1.0)
+        key = tl.load(COL_ORIG + c, mask=mask, other=0)
+        tag = tl.load(KTAG + tl.load(POS + bh * s_pb + key, mask=mask, other=0), mask=mask, other=0)
+        out = (bh * n_nodes + t) * m + offs
+        tl.store(IDX + out, key.to(tl.int32), mask=mask)
+        tl.store(BIAS + out, (-tl.log(m * p)).to(tl.float32), mask=mask)
+        tl.store(STAG + out, tag, mask=mask)
 
 
 @triton.jit

@@ -336,6 +336,23 @@ def _inverse_cdf(cum, starts, ends, u):
     return c.reshape(rows, -1), top - base
 
 
+def _sampling_weights(sq, sampler, arrays):
+    """Per virtual key weights (R, C) float64 whose prefix sums the inverse CDF searches, and
+    whether they are unnormalized (``rownorm``: ``‖v_j‖²``, ``p_j`` = weight / node total; the
+    others: the probabilities themselves). ``R`` = B·Hk (1 for ``uniform``)."""
+    c_node, c_orig, col_n = arrays["col_node"], arrays["col_orig"], arrays["col_n"]
+    uniform = (1.0 / col_n.double())[None, :]
+    if sampler == "rownorm":
+        return sq[:, c_orig], True
+    if sampler == "uniform":
+        return uniform, False
+    s = sq[:, c_orig]
+    padded = torch.nn.functional.pad(prefix_sums(s), (1, 0))
+    tot = (padded[:, arrays["col_ends"]] - padded[:, arrays["col_starts"]])[:, c_node]
+    rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
+    return 0.5 * rownorm + 0.5 * uniform, False
+
+
 def sample_nodes(sq, u, sampler, layout: Layout, arrays):
     """Sampled keys of every node of a piece by inverse CDF (SPEC §5), batched over nodes.
 
@@ -348,33 +365,48 @@ def sample_nodes(sq, u, sampler, layout: Layout, arrays):
     ``rownorm`` searches the prefix sums of ``‖v_j‖²`` themselves (target
     ``S_start + u·total``; a node whose rows of ``v`` are all zero samples
     uniformly), the others the prefix sums of the normalized probabilities; both
-    per key/value head, shared by its query heads.
+    per key/value head, shared by its query heads. :func:`sample_nodes_triton` is
+    the same search in one Triton launch.
     """
     bh, n_nodes, m = u.shape
-    c_node, c_orig, col_n = arrays["col_node"], arrays["col_orig"], arrays["col_n"]
+    c_orig = arrays["col_orig"]
     starts, ends = arrays["col_starts"], arrays["col_ends"]
-    uniform = (1.0 / col_n.double())[None, :]
-    if sampler == "rownorm":
-        s = sq[:, c_orig]
-        c, tot = _inverse_cdf(prefix_sums(s), starts, ends, u)
-        shape = (s.shape[0], bh // s.shape[0], n_nodes, m)
+    w, ratio = _sampling_weights(sq, sampler, arrays)
+    c, tot = _inverse_cdf(prefix_sums(w), starts, ends, u)
+    if ratio:
+        shape = (w.shape[0], bh // w.shape[0], n_nodes, m)
         tot = tot[:, None, :, None].expand(shape).reshape(c.shape)
         # a node whose rows of v are all zero samples uniformly (the reference's probabilities)
         first = starts[None, None, :, None].expand(shape).reshape(c.shape)
         n_node = (ends - starts)[None, None, :, None].expand(shape).reshape(c.shape)
         pick = torch.minimum((u.double().reshape(c.shape) * n_node).long(), n_node - 1)
         c = torch.where(tot > 0, c, first + pick)
-        p = torch.where(tot > 0, s.gather(1, c) / torch.where(tot > 0, tot, 1.0), 1.0 / n_node.double())
+        p = torch.where(tot > 0, w.gather(1, c) / torch.where(tot > 0, tot, 1.0), 1.0 / n_node.double())
     else:
-        if sampler == "uniform":
-            w = uniform
-        else:
-            s = sq[:, c_orig]
-            padded = torch.nn.functional.pad(prefix_sums(s), (1, 0))
-            tot = (padded[:, ends] - padded[:, starts])[:, c_node]
-            rownorm = torch.where(tot > 0, s / torch.where(tot > 0, tot, 1.0), uniform)
-            w = 0.5 * rownorm + 0.5 * uniform
-        c, _ = _inverse_cdf(prefix_sums(w), starts, ends, u)
         p = w.gather(1, c)
     log_w = -torch.log(m * p)
     return c_orig[c].reshape(bh, n_nodes, m), log_w.float().reshape(bh, n_nodes, m)
+
+
+def sample_nodes_triton(sq, u, sampler, layout: Layout, arrays, position):
+    """:func:`sample_nodes` by one Triton launch (a program per head and node: binary searches
+    of the weights' prefix sums), with each sample's block tag: returns ``idx`` (BH, T, m)
+    int32, log-weights float32 and ``stag`` int32 = ``ktag[position[bh, idx]]``, where
+    ``position`` (BH, Nk) int32 is the virtual key of each original key (the key sort's
+    inverse permutation)."""
+    from . import kernels as K
+
+    bh, n_nodes, m = u.shape
+    w, ratio = _sampling_weights(sq, sampler, arrays)
+    cum = prefix_sums(w)
+    idx = torch.empty((bh, n_nodes, m), dtype=torch.int32, device=u.device)
+    bias = torch.empty((bh, n_nodes, m), dtype=torch.float32, device=u.device)
+    stag = torch.empty((bh, n_nodes, m), dtype=torch.int32, device=u.device)
+    cb = layout.col_bounds
+    longest = max(b - a for a, b in zip(cb[:-1], cb[1:]))
+    K._sample_kernel[(bh, n_nodes)](
+        cum, w, u.contiguous(), arrays["col_starts"], arrays["col_ends"], arrays["col_orig"], position,
+        arrays["ktag"], idx, bias, stag, n_nodes, m, bh // w.shape[0], cum.stride(0), w.stride(0),
+        position.stride(0), BLOCK=min(256, _next_pow2(m)), RATIO=ratio, STEPS=longest.bit_length() + 1,
+        num_warps=4)
+    return idx, bias, stag
