@@ -408,5 +408,5 @@ def sample_nodes_triton(sq, u, sampler, layout: Layout, arrays, position):
         cum, w, u.contiguous(), arrays["col_starts"], arrays["col_ends"], arrays["col_orig"], position,
         arrays["ktag"], idx, bias, stag, n_nodes, m, bh // w.shape[0], cum.stride(0), w.stride(0),
         position.stride(0), BLOCK=min(256, _next_pow2(m)), RATIO=ratio, STEPS=longest.bit_length() + 1,
-        num_warps=4)
+        num_warps=4, enable_fp_fusion=False)  # targets rounded as torch rounds them (no FMA)
     return idx, bias, stag

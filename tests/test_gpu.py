@@ -208,16 +208,20 @@ def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
                                torch.arange(s0, s0 + b - a).expand(6, -1))
 
 
-def _check_triton_sampler(sq, u, sampler, layout, idx, log_w):
-    # gpu.structure.sample_nodes_triton = sample_nodes (keys, log-weights) and the block tags
-    # ktag[position[key]] for a random inverse permutation
-    from gpu.structure import layout_arrays, sample_nodes_triton
+def _check_triton_sampler(sq, u, sampler, layout):
+    # gpu.structure.sample_nodes_triton = sample_nodes on the same device (keys, log-weights;
+    # the same prefix sums, so the same keys even where a target ties with a prefix sum, as
+    # u = 0.5 on uniform weights does) and the block tags ktag[position[key]] for a random
+    # inverse permutation
+    from gpu.structure import layout_arrays, sample_nodes, sample_nodes_triton
 
     bh, nk = u.shape[0], sq.shape[1]
     g = torch.Generator().manual_seed(5)
     position = torch.stack([torch.randperm(nk, generator=g) for _ in range(bh)]).int()
     arrays = layout_arrays(layout, 4, torch.device(DEVICE))
-    keys, bias, tags = sample_nodes_triton(sq.to(DEVICE), u.to(DEVICE), sampler, layout, arrays, position.to(DEVICE))
+    sq, u = sq.to(DEVICE), u.to(DEVICE)
+    idx, log_w = (x.cpu() for x in sample_nodes(sq, u, sampler, layout, arrays))
+    keys, bias, tags = sample_nodes_triton(sq, u, sampler, layout, arrays, position.to(DEVICE))
     assert keys.dtype == torch.int32 and torch.equal(keys.cpu().long(), idx)
     torch.testing.assert_close(bias.cpu(), log_w, rtol=1e-6, atol=0)
     ktag = arrays["ktag"].cpu()
@@ -239,7 +243,7 @@ def test_samples_never_pick_zero_probability_keys():
         idx, log_w = sample_nodes(row_sq_norms(v, exact=True), u,
                                   sampler, layout, arrays)
         assert torch.isfinite(log_w).all()
-        _check_triton_sampler(row_sq_norms(v, exact=True), u, sampler, layout, idx, log_w)
+        _check_triton_sampler(row_sq_norms(v, exact=True), u, sampler, layout)
         if sampler == "rownorm":
             assert idx[0, 0, 2] == 6 and idx[0, 1, 2] == 17
             assert idx[0, 0, 0] == 0 and idx[0, 1, 0] == 10
@@ -398,7 +402,7 @@ def test_sample_nodes_match_reference_sampler(sampler):
             ref_idx, ref_log_w = sample_keys(u[head, t].numpy(), v[head // 2, k0:k1].numpy(), sampler)
             assert torch.equal(idx[head, t], torch.from_numpy(ref_idx) + k0), (head, t)
             np.testing.assert_allclose(log_w[head, t].numpy(), ref_log_w, rtol=1e-6)
-    _check_triton_sampler(row_sq_norms(v, exact=True), u, sampler, layout, idx, log_w)
+    _check_triton_sampler(row_sq_norms(v, exact=True), u, sampler, layout)
 
 
 def test_unknown_leaf_backend_is_an_error(monkeypatch):
