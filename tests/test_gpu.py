@@ -228,6 +228,24 @@ def _check_triton_sampler(sq, u, sampler, layout):
     assert torch.equal(tags.cpu(), ktag[position.gather(1, idx.reshape(bh, -1)).long()].reshape(idx.shape))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_counting_sort_pipeline_equals_radix_sort_pipeline(causal, monkeypatch):
+    # the whole forward with the counting sort (and its inverse permutation for the samples'
+    # block tags) = with torch's sort of the sort keys, on the same device draws: bitwise
+    import gpu.structure
+
+    q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, 96, 96, D_LIST[0], 3, torch.float64))
+    cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
+    outs = []
+    for counting in (True, False):
+        monkeypatch.setattr(gpu.structure, "COUNTING_ON_CPU", counting)
+        monkeypatch.setattr(gpu.structure, "COUNTING_BITS", 8 if counting else 0)
+        monkeypatch.setattr(gpu.structure, "SORT_TILE", 16)
+        gen = torch.Generator(DEVICE).manual_seed(1)
+        outs.append(gpu.hyper_attention(q, k, v, causal=causal, config=cfg, generator=gen, return_lse=True))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_samples_never_pick_zero_probability_keys():
     # u just below 1 can round the inverse-CDF target up to a node's top; the zero rows of V
     # after the node's last positive key must not be picked (reference: resolve_samples)
