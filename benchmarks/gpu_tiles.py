@@ -9,7 +9,10 @@ in every row, so differences are the kernels'. Configurations that fail to
 compile (shared memory) are reported as such. Ends with the best configuration
 per (pass, d) as a Python dict, to copy into ``gpu.function._tiles`` / ``_bwd_tiles``.
 
-Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128]``
+``--glue``: instead, the non-causal and causal forward under the hashing and
+sorting constants of ``gpu.structure`` (``HASH_ROWS``, ``SORT_CHUNK``, ``SORT_TILE``).
+
+Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128] [--glue]``
 """
 
 import argparse
@@ -18,7 +21,7 @@ import torch
 import triton.testing
 
 import gpu
-from gpu import function
+from gpu import function, structure
 from hyperref import HyperConfig
 
 # few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)
@@ -27,6 +30,9 @@ FWD = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 
 BWD = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
        "dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
        "smp": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]}
+
+
+GLUE = {"HASH_ROWS": [64, 128, 256], "SORT_CHUNK": [1024, 2048, 4096], "SORT_TILE": [128, 256, 512]}
 
 
 def time_ms(fn, rep):
@@ -40,10 +46,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--glue", action="store_true")
     args = parser.parse_args()
     cfg = HyperConfig()
     dtype = torch.bfloat16
     best = {}
+    if args.glue:
+        glue(args, cfg, dtype)
+        return
 
     def report(label, d, causal, tiles, t):
         """Print one table row; keep the fastest configuration per (pass, d, causal)."""
@@ -79,6 +89,25 @@ def main():
             function.TILE_OVERRIDES.pop((kernel, d, dtype))
         function.TILE_OVERRIDES.clear()
     print("best:", {f"{p}/d={d}/causal={c}": v for (p, d, c), v in best.items()})
+
+
+def glue(args, cfg, dtype):
+    """Forward times under each value of the hashing/sorting constants (one at a time)."""
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+          f"n = {args.n}, H = 32, bf16; forward ms")
+    print("| d | constant | value | non-causal | causal |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    for d in args.d:
+        q, k, v = (torch.randn(1, 32, args.n, d, device="cuda", dtype=dtype) for _ in range(3))
+        for name, values in GLUE.items():
+            default = getattr(structure, name)
+            for value in values:
+                setattr(structure, name, value)
+                times = [time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
+                         for causal in (False, True)]
+                cells = " | ".join(t if isinstance(t, str) else f"{t:.3f}" for t in times)
+                print(f"| {d} | {name} | {value} | {cells} |", flush=True)
+            setattr(structure, name, default)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
 # check it against the torch sort directly, tests/test_gpu.py::test_hash_kernel_matches_torch_hash)
 COUNTING_BITS = 8
 COUNTING_ON_CPU = False
+HASH_ROWS = 64  # rows per program of the hash kernel
 SORT_CHUNK = 2048
 SORT_TILE = 256
 
@@ -236,7 +237,7 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
         from . import kernels as K
         from .function import _prec
 
-        BM = 64
+        BM = HASH_ROWS
         t_r0, t_r1, t_node = tile_map(bounds, BM, x.device)
         keys = torch.empty((bh, total), dtype=torch.int64 if wide else torch.int32, device=x.device)
         planes = planes.contiguous()
