@@ -207,6 +207,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    levels, leaves = _nodes(nq, nk, causal, config.min_seq_len)
     # with the Triton hash and row-norm kernels, these flag NaN/Inf in the rows they read (all
     # of v; causal: the rows of q and k no level hashes are reduced here); else one reduction
     fold = (backend == "triton" and nq > config.min_seq_len and not exact_hash
@@ -214,7 +215,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if fold:
         flags = torch.zeros(3, dtype=torch.int32, device=q.device)
         if causal:
-            _flag_unhashed_rows(q, k, flags, _levels(nq, nk, causal, config.min_seq_len))
+            _flag_unhashed_rows(q, k, flags, levels)
         pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
     else:
         flags, pending = None, _nonfinite_by_reduction(q, k, v)
@@ -232,7 +233,6 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if nq <= config.min_seq_len or causal:
         leaf_len = 0
         if causal:
-            leaves = tuple(causal_nodes(nq, nk, config.min_seq_len)[1])
             lo, hi = leaf_intervals(leaves, nq, q.device)
             if nq == nk and len({(f.q1 - f.q0, f.k1 - f.k0) for f in leaves}) == 1:
                 leaf_len = leaves[0].q1 - leaves[0].q0  # equal squares (gpu.leaves)
@@ -243,7 +243,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if nq > config.min_seq_len:
         sq = None if config.sampler == "uniform" else \
             row_sq_norms(vf, exact_hash, use_triton=backend == "triton", flag=None if flags is None else flags[2:3])
-        for nodes in _levels(nq, nk, causal, config.min_seq_len):
+        for nodes in levels:
             # Triton: built when the kernels reach the piece (the host prepares a level while the
             # GPU computes the leaves and the previous levels); the draws keep their order
             build = functools.partial(_level_plan, draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash,
@@ -256,14 +256,16 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     return (out, lse) if return_lse else out
 
 
-def _levels(nq, nk, causal, n_min):
-    """Nodes of each sortLSH piece: the whole matrix, or each level's off-diagonal blocks."""
+def _nodes(nq, nk, causal, n_min):
+    """Nodes of each sortLSH piece (the whole matrix beyond ``n_min`` rows, or each level's
+    off-diagonal blocks) and the causal leaves (a tuple; empty if not causal)."""
     if not causal:
-        return [[OffDiagonal("", 0, nq, 0, nk)]]
+        return ([[OffDiagonal("", 0, nq, 0, nk)]] if nq > n_min else []), ()
+    offdiag, leaves = causal_nodes(nq, nk, n_min)
     levels = defaultdict(list)
-    for node in causal_nodes(nq, nk, n_min)[0]:
+    for node in offdiag:
         levels[node.depth].append(node)
-    return [sorted(levels[depth], key=lambda n: n.q0) for depth in sorted(levels)]
+    return [sorted(levels[depth], key=lambda n: n.q0) for depth in sorted(levels)], tuple(leaves)
 
 
 class HyperAttention(torch.nn.Module):
