@@ -35,6 +35,20 @@ BWD = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
 GLUE = {"HASH_ROWS": [64, 128, 256], "SORT_CHUNK": [1024, 2048, 4096], "SORT_TILE": [128, 256, 512]}
 
 
+def header(args, what):
+    """The table's first line: device, versions, size."""
+    return (f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
+            f"n = {args.n}, H = 32, bf16{what}")
+
+
+def inputs(n, d, dtype):
+    return tuple(torch.randn(1, 32, n, d, device="cuda", dtype=dtype) for _ in range(3))
+
+
+def fmt(t):
+    return t if isinstance(t, str) else f"{t:.3f}"
+
+
 def time_ms(fn, rep):
     try:
         return triton.testing.do_bench(fn, warmup=10, rep=rep)
@@ -57,18 +71,16 @@ def main():
 
     def report(label, d, causal, tiles, t):
         """Print one table row; keep the fastest configuration per (pass, d, causal)."""
-        print(f"| {label} | {d} | {causal} | {' | '.join(map(str, tiles))} | "
-              f"{t if isinstance(t, str) else f'{t:.3f}'} |", flush=True)
+        print(f"| {label} | {d} | {causal} | {' | '.join(map(str, tiles))} | {fmt(t)} |", flush=True)
         key = (label, d, causal)
         if not isinstance(t, str) and (key not in best or t < best[key][1]):
             best[key] = (tiles, t)
 
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
-          f"n = {args.n}, H = 32, bf16")
+    print(header(args, ""))
     print("| pass (fwd: forward; dq, dkdv, smp: forward+backward) | d | causal | BM | BN | warps | stages | ms |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for d in args.d:
-        q, k, v = (torch.randn(1, 32, args.n, d, device="cuda", dtype=dtype) for _ in range(3))
+        q, k, v = inputs(args.n, d, dtype)
         for causal in (False, True):
             for tiles in FWD:
                 function.TILE_OVERRIDES[("fwd", d, dtype)] = tiles
@@ -93,20 +105,18 @@ def main():
 
 def glue(args, cfg, dtype):
     """Forward times under each value of the hashing/sorting constants (one at a time)."""
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; "
-          f"n = {args.n}, H = 32, bf16; forward ms")
+    print(header(args, "; forward ms"))
     print("| d | constant | value | non-causal | causal |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for d in args.d:
-        q, k, v = (torch.randn(1, 32, args.n, d, device="cuda", dtype=dtype) for _ in range(3))
+        q, k, v = inputs(args.n, d, dtype)
         for name, values in GLUE.items():
             default = getattr(structure, name)
             for value in values:
                 setattr(structure, name, value)
                 times = [time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
                          for causal in (False, True)]
-                cells = " | ".join(t if isinstance(t, str) else f"{t:.3f}" for t in times)
-                print(f"| {d} | {name} | {value} | {cells} |", flush=True)
+                print(f"| {d} | {name} | {value} | {' | '.join(map(fmt, times))} |", flush=True)
             setattr(structure, name, default)
 
 

@@ -1,11 +1,11 @@
 """The autograd Function around the Triton kernels, and its dense torch twin.
 
 ``pieces_attention(q, k, v, pieces, scale)`` returns ``(out, lse)`` of a list of
-pieces of HyperAttention (each a :class:`Plan` or a callable building it) merged into one softmax: the sortLSH blocks with their
-samples (one piece; or one per level of the causal recursion) and the causal
-leaves (see :mod:`gpu.kernels`, :mod:`gpu.structure`). Heads are flattened:
-``q`` is (B·H, nq, D), ``k, v`` are (B·Hk, nk, ·). Each :class:`Plan` holds a
-piece's index tensors.
+pieces of HyperAttention (each a :class:`Plan` or a callable building it) merged
+into one softmax: the sortLSH blocks with their samples (one piece; or one per
+level of the causal recursion) and the causal leaves (see :mod:`gpu.kernels`,
+:mod:`gpu.structure`). Heads are flattened: ``q`` is (B·H, nq, D), ``k, v`` are
+(B·Hk, nk, ·). Each :class:`Plan` holds a piece's index tensors.
 
 :func:`pieces_attention_dense` computes the same function with dense torch
 operations (``O(nq·nk)`` memory: small sizes only) and is differentiable by

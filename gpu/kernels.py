@@ -43,9 +43,9 @@ The hash kernel computes the sortLSH sort keys of SPEC §3:
 for few buckets (``r ≤ 8`` bits) the buckets alone, ordered by a stable counting sort
 (``_bucket_count_kernel`` counts per chunk, ``_bucket_scatter_kernel`` places each row):
 the same order. ``_sample_kernel`` draws each node's keys by binary searches of the
-sampling weights' prefix sums (SPEC §5). The hash and the row-norm kernels can flag NaN/Inf in the rows they read (``CHECK``):
-the input check without a separate pass. The causal leaves may instead be
-computed by cuDNN (:mod:`gpu.leaves`).
+sampling weights' prefix sums (SPEC §5). The hash and the row-norm kernels can flag
+NaN/Inf in the rows they read (``CHECK``): the input check without a separate pass.
+The causal leaves may instead be computed by cuDNN (:mod:`gpu.leaves`).
 """
 
 from __future__ import annotations
