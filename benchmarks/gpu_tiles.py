@@ -12,7 +12,7 @@ per (pass, d) as a Python dict, to copy into ``gpu.function._tiles`` / ``_bwd_ti
 ``--glue``: instead, the non-causal and causal forward under the hashing and
 sorting constants of ``gpu.structure`` (``HASH_ROWS``, ``SORT_CHUNK``, ``SORT_TILE``).
 
-Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128] [--glue]``
+Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128] [--glue | --fwd]``
 """
 
 import argparse
@@ -26,7 +26,7 @@ from hyperref import HyperConfig
 
 # few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)
 FWD = [(128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-       (64, 32, 4, 3)]
+       (64, 32, 4, 3), (256, 64, 8, 2), (256, 64, 8, 3), (256, 32, 8, 3)]
 BWD = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
        "dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2)],
        "smp": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]}
@@ -61,6 +61,7 @@ def main():
     parser.add_argument("--n", type=int, default=131072)
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--glue", action="store_true")
+    parser.add_argument("--fwd", action="store_true", help="forward configurations only")
     args = parser.parse_args()
     cfg = HyperConfig()
     dtype = torch.bfloat16
@@ -86,6 +87,8 @@ def main():
                 function.TILE_OVERRIDES[("fwd", d, dtype)] = tiles
                 t = time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
                 report("fwd", d, causal, tiles, t)
+        if args.fwd:
+            continue
         function.TILE_OVERRIDES[("fwd", d, dtype)] = best[("fwd", d, False)][0]
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
         grad = torch.randn_like(q)

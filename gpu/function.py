@@ -96,8 +96,8 @@ LEAVES = "cudnn"
 TILE_OVERRIDES: dict = {}
 
 
-def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for the forward kernel."""
+def _tiles(d: int, dtype: torch.dtype, device, plan: Plan | None = None) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for the forward kernel on ``plan``'s piece."""
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
     if ("fwd", d, dtype) in TILE_OVERRIDES:
@@ -106,6 +106,8 @@ def _tiles(d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
         return 64, 32, 4, 2
     if d <= 64:  # benchmarks/results/gpu_tiles_*.md (H200, n = 131072)
         return 128, 64, 4, 3
+    if d <= 128:  # benchmarks/results/gpu_fwd_tiles_v6.md: one program per block of 256 rows
+        return (256, 32, 8, 3) if plan is not None and plan.one_block(256) else (64, 32, 4, 3)
     return 64, 64, 4, 3
 
 
@@ -177,7 +179,6 @@ class _PiecesAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, pieces, scale: float):
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
-        BM, BN, warps, stages = _tiles(d, q.dtype, q.device)
         ctx.set_materialize_grads(False)
         ctx.leaves = None
         pieces = list(pieces)
@@ -194,6 +195,7 @@ class _PiecesAttention(torch.autograd.Function):
             if i == 0 and ctx.leaves is not None:
                 continue
             plan = pieces[i] = _built(pieces[i])
+            BM, BN, warps, stages = _tiles(d, q.dtype, q.device, plan)
             pointers, index_strides = _index_args(plan, q.device)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
             K._fwd_kernel[(t_r0.shape[0], bh)](
@@ -228,10 +230,14 @@ class _PiecesAttention(torch.autograd.Function):
         vendor = ctx.leaves is not None and dlse is None  # (the vendor backward has no dlse term)
         if vendor:
             backend, state = ctx.leaves
-            dq, dk, dvv = L.backward(dout, q, k, v, out, lse, ctx.pieces[0].leaf_len, scale, backend, state)
+            leaf_grads = L.backward(dout, q, k, v, out, lse, ctx.pieces[0].leaf_len, scale, backend, state)
             if len(ctx.pieces) == 1:
-                return dq, dk, dvv, None, None
-            dq, dk, dvv = dq.float(), dk.float(), dvv.float()
+                return (*leaf_grads, None, None)
+            # the levels add into zeroed fp32 buffers; the leaves' gradients are added at the end
+            # in one pass that also converts (not copied to fp32 first and back at the end)
+            dq = torch.zeros((bh, nq, d), device=q.device, dtype=torch.float32)
+            dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+            dvv = torch.zeros(v.shape, device=q.device, dtype=torch.float32)
         else:
             dq = torch.empty((bh, nq, d), device=q.device,
                              dtype=torch.float32 if len(ctx.pieces) > 1 else q.dtype)
@@ -282,6 +288,8 @@ class _PiecesAttention(torch.autograd.Function):
                     dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[2],
                     dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
                     D=d, DV=dv, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
+        if vendor:  # the sum in fp32, rounded once to the inputs' dtype
+            return (*(torch.add(g, acc, out=g) for g, acc in zip(leaf_grads, (dq, dk, dvv))), None, None)
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 

@@ -363,6 +363,32 @@ def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
     assert calls == [backend, backend]
 
 
+@pytest.mark.skipif(not CUDA, reason="the tile choice depends on the CUDA device")
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_program_per_block_tiles_equal_small_tiles(causal, monkeypatch):
+    # at d = 128 (half precision) a sortLSH piece with blocks of 256 runs one program of 256
+    # rows per block; the same forward with tiles of 64 rows must agree
+    import gpu.function as F
+
+    cfg = HyperConfig(bits=5, block=256, samples=256, min_seq_len=512)
+    q, k, v = (torch.randn(1, 2, 2048, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    chosen = []
+    tiles = F._tiles
+    monkeypatch.setattr(F, "_tiles", lambda *a: chosen.append(tiles(*a)) or chosen[-1])
+
+    def run():
+        return gpu.hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True,
+                                   generator=torch.Generator(DEVICE).manual_seed(0))
+
+    out, lse = run()
+    assert chosen and all(t[0] == 256 for t in chosen), chosen
+    monkeypatch.setitem(F.TILE_OVERRIDES, ("fwd", 128, torch.bfloat16), (64, 32, 4, 3))
+    small, small_lse = run()
+    assert _rel(out, small) <= 1e-2
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(small_lse))
+    assert _rel(lse, small_lse) <= 1e-5
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", ["q", "k", "v"])
 def test_one_nonfinite_entry_is_refused(name, causal):
