@@ -155,6 +155,16 @@ def _sample_chunks(plan: Plan, BM: int, device):
     return S.tile_map(plan.row_bounds, rows, device)
 
 
+def _add_into(g: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+    """``g += acc`` in place, the sum in fp32 (``acc``) rounded once to ``g``'s dtype (one
+    Triton pass over contiguous tensors; torch's mixed-dtype add otherwise)."""
+    if g.is_contiguous() and acc.is_contiguous() and g.shape == acc.shape and acc.dtype == torch.float32:
+        n = g.numel()
+        K._add_into_kernel[(triton.cdiv(n, 4096),)](g, acc, n, BLOCK=4096, num_warps=8)
+        return g
+    return torch.add(g, acc, out=g)
+
+
 def _built(piece) -> Plan:
     """The plan of a piece given as a :class:`Plan` or as a callable returning one."""
     return piece if isinstance(piece, Plan) else piece()
@@ -289,7 +299,7 @@ class _PiecesAttention(torch.autograd.Function):
                     dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
                     D=d, DV=dv, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
         if vendor:  # the sum in fp32, rounded once to the inputs' dtype
-            return (*(torch.add(g, acc, out=g) for g, acc in zip(leaf_grads, (dq, dk, dvv))), None, None)
+            return (*(_add_into(g, acc) for g, acc in zip(leaf_grads, (dq, dk, dvv))), None, None)
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
 
 

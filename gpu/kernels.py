@@ -567,6 +567,17 @@ def _delta_kernel(DO, O, LSE, DLSE, DELTA, rows, s_do, s_o, DV: tl.constexpr, BM
 
 
 @triton.jit
+def _add_into_kernel(G, ACC, n, BLOCK: tl.constexpr):
+    """``G[i] = G[i] + ACC[i]`` over ``n`` contiguous entries: the sum in fp32 (``ACC``),
+    rounded once to the dtype of ``G``."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(ACC + offs, mask=mask, other=0.0)
+    tl.store(G + offs, (g + acc).to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _bwd_rows(Q, DO, LSE, DELTA, bh, qi, rmask, s_qb, s_qn, s_ob, s_on, s_lb, offd, offv):
     """What backward needs of a set of rows: q, do, base-2 lse and Δ."""
     q = _gather(Q, bh * s_qb, qi, s_qn, offd, rmask)

@@ -405,6 +405,22 @@ def test_one_nonfinite_entry_is_refused(name, causal):
     gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_add_into_rounds_the_fp32_sum_once(dtype):
+    # the vendor-leaf backward adds the levels' fp32 gradients into the leaves' in one pass:
+    # the same as torch's fp32 sum rounded to the dtype, bitwise, including a ragged tail
+    from gpu.function import _add_into
+
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("the Triton interpreter does not round fp32 to bfloat16 (it does not support bf16)")
+    g = torch.randn(3, 1000, 7, device=DEVICE).to(dtype)
+    acc = 1e-3 * torch.randn(3, 1000, 7, device=DEVICE)
+    expect = (g.float() + acc).to(dtype)
+    got = _add_into(g, acc)
+    assert got.data_ptr() == g.data_ptr() and got.dtype == dtype
+    assert torch.equal(got, expect)
+
+
 @pytest.mark.parametrize("n", [8, 9, 37, 64])
 def test_blocked_prefix_sums(n):
     # two-level prefix sums = cumsum up to rounding, and nondecreasing for nonnegative input
