@@ -120,6 +120,8 @@ def _bwd_tiles(kernel: str, d: int, dtype: torch.dtype, device) -> tuple[int, in
             return TILE_OVERRIDES[key]
     if kernel == "dq" and d <= 64 and dtype != torch.float32:  # benchmarks/results/gpu_ab_bwd_v4.md
         return 64, 32, 4, 2
+    if d > 128 and dtype == torch.float32:  # 64 × 64 tiles need more shared memory than sm_90
+        return 32, 32, 4, 2  # has (dq: 279 KB of 227 KB; benchmarks/results/gpu_resources_sm90.md)
     return 64, 64, 4, 2
 
 

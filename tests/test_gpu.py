@@ -405,6 +405,34 @@ def test_one_nonfinite_entry_is_refused(name, causal):
     gpu.hyper_attention(q, k, v, causal=causal, config=CFG)  # and the clean inputs pass
 
 
+@pytest.mark.skipif(not CUDA, reason="tiles and shared memory are the CUDA device's")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d", [16, 32, 256])
+def test_other_head_dims_launch_and_match(d, dtype):
+    # head dims besides 64 and 128 (the others' tests): every kernel launches at the tiles
+    # gpu.function picks (within the device's shared memory) and the causal forward and its
+    # gradients match the float64 dense twin as in test_gradients_match_dense_autograd
+    cfg = HyperConfig(bits=4, block=64, samples=64, min_seq_len=128)
+    n = 600
+    q, k, v = _inputs(1, 2, 2, n, n, d, d, dtype)
+    draws = make_draws(cfg, n, n, d, causal=True, batch_shape=(1, 2), rng=4)
+    g_out = torch.randn(1, 2, n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def run(dtype_, backend, device):
+        xs = [x.detach().to(device, dtype_).clone().requires_grad_() for x in (q, k, v)]
+        out = gpu.hyper_attention(*xs, causal=True, config=cfg, draws=draws, exact_hash=True, backend=backend)
+        (out.double() * g_out.to(device)).sum().backward()
+        return [out] + [x.grad for x in xs]
+
+    ref = run(torch.float64, "dense", "cpu")
+    fast = run(dtype, "triton", DEVICE)
+    same = run(dtype, "dense", DEVICE)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), fast, same, ref):
+        assert torch.isfinite(a).all(), name
+        err, err_same = _rel(a, r), _rel(b, r)
+        assert err <= 2 * err_same + 4 * _floor(dtype), (name, err, err_same)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_add_into_rounds_the_fp32_sum_once(dtype):
     # the vendor-leaf backward adds the levels' fp32 gradients into the leaves' in one pass:
