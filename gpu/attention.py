@@ -51,16 +51,20 @@ def _check(q, k, v, config, backend):
                          "use hyperref (the NumPy reference) for the others")
 
 
+def _holds_nonfinite(t):
+    """A device bool: whether the nonempty tensor ``t`` holds NaN/Inf (amax/amin propagate NaN
+    and show ±Inf; read later, so the GPU never waits for the host)."""
+    return (~torch.isfinite(torch.stack(torch.aminmax(t.detach())))).any()
+
+
 def _nonfinite_by_reduction(q, k, v):
     """Names of the nonempty inputs and a pending device answer: int per input, nonzero if it
-    holds NaN/Inf (``None`` if all are empty)."""
-    # amax/amin propagate NaN and show ±Inf; the answer is read (one device sync) by
-    # _raise_if_nonfinite after the kernels are queued, so the GPU never waits for the host
+    holds NaN/Inf (``None`` if all are empty); read (one device sync) by _raise_if_nonfinite
+    after the kernels are queued."""
     tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
     if not tensors:
         return None
-    extremes = torch.stack([torch.stack(torch.aminmax(t.detach())).float() for _, t in tensors])
-    return [name for name, _ in tensors], (~torch.isfinite(extremes).all(dim=1)).int()
+    return [name for name, _ in tensors], torch.stack([_holds_nonfinite(t) for _, t in tensors]).int()
 
 
 def _gaps(ranges, n):
@@ -79,8 +83,7 @@ def _flag_unhashed_rows(q, k, flags, levels):
     nodes = [n for level in levels for n in level]
     for i, (x, ranges) in enumerate(((q, [(n.q0, n.q1) for n in nodes]), (k, [(n.k0, n.k1) for n in nodes]))):
         for a, b in _gaps(ranges, x.shape[2]):
-            part = x[:, :, a:b].detach()
-            flags[i:i + 1] |= (~torch.isfinite(torch.stack(torch.aminmax(part)))).any().int()
+            flags[i:i + 1] |= _holds_nonfinite(x[:, :, a:b]).int()
 
 
 def _raise_if_nonfinite(pending):
