@@ -16,9 +16,10 @@ for stage in "$@"; do
          python3 -m pytest --collect-only -q -p no:cacheprovider -k "${PYTEST_K:-}" tests/test_gpu.py | grep "::" > /tmp/ids
          rm -f /tmp/shard_*; split -n r/4 /tmp/ids /tmp/shard_
          for f in /tmp/shard_*; do
-           xargs -a "$f" -d '\n' python3 -m pytest -v -p no:cacheprovider -rf > "$OUT/${stage}_$(basename "$f").log" 2>&1 &
+           xargs -a "$f" -d '\n' python3 -m pytest -v -p no:cacheprovider -rf --durations=8 > "$OUT/${stage}_$(basename "$f").log" 2>&1 &
          done
-         wait; grep -hE "passed|failed|^FAILED" "$OUT/${stage}"_shard_*.log
+         wait; cat "$OUT/${stage}"_shard_*.log > "$OUT/${stage}.log"; rm "$OUT/${stage}"_shard_*.log
+         grep -hE "passed|failed|^FAILED" "$OUT/${stage}.log"
          unset HYPERREF_GPU_FULL ;;
     full) HYPERREF_GPU_FULL=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests_full.log" | tail -5 ;;
     smoke) python3 benchmarks/gpu_bench.py --d 64 --min-n 8192 --max-n 32768 --rows 64 2>&1 | tee "$OUT/smoke.log" | tail -12 ;;
