@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one device call runs (see the device tool): versions, the GPU tests, the benchmark.
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
-#        profile glue fwdtiles atomics tiles64 tiles128 ab
+#        profile glue fwdtiles launchres atomics tiles64 tiles128 ab
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -26,6 +26,7 @@ for stage in "$@"; do
     profile) python3 benchmarks/gpu_profile.py 131072 64 2>&1 | tee "$OUT/profile.txt" | tail -3 ;;
     glue) python3 benchmarks/gpu_tiles.py --glue 2>&1 | tee "$OUT/glue.md" | tail -3 ;;
     fwdtiles) python3 benchmarks/gpu_tiles.py --fwd 2>&1 | tee "$OUT/fwd_tiles.md" | tail -3 ;;
+    launchres) python3 benchmarks/gpu_launch_resources.py 2>&1 | tee "$OUT/launch_resources.md" | tail -3 ;;
     atomics) python3 benchmarks/gpu_atomics_probe.py 2>&1 | tee "$OUT/atomics.md" | tail -3 ;;
     tiles64) python3 benchmarks/gpu_tiles.py --d 64 2>&1 | tee "$OUT/tiles_64.md" | tail -3 ;;
     tiles128) python3 benchmarks/gpu_tiles.py --d 128 2>&1 | tee "$OUT/tiles_128.md" | tail -3 ;;

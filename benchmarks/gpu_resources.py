@@ -6,6 +6,11 @@ memory exceeds the per-block limit (227 KB on sm_90), with an ``OutOfResources``
 nothing about head dims; this table shows which (head dim, dtype) pairs fit, and the register
 use and stack (spill) bytes per thread that ptxas reports (``cuobjdump -res-usage``).
 
+The registers and spills here are an upper bound: the runtime specializes the launched kernels
+(32-bit strides where they fit), and on the H200 they use fewer registers and spill little or
+nothing; ``gpu_launch_resources.py`` reports those (needs the GPU). The shared-memory check is
+what this script is for.
+
 Usage: ``python benchmarks/gpu_resources.py [--d 16 32 64 128 256] [--dtype bf16 fp32]``; prints
 one markdown table. Compiling the fp32 kernels at d = 256 takes minutes.
 """

@@ -205,6 +205,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(q, k, v, config, backend)
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -213,7 +215,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     levels, leaves = _nodes(nq, nk, causal, config.min_seq_len)
     # with the Triton hash and row-norm kernels, these flag NaN/Inf in the rows they read (all
     # of v; causal: the rows of q and k no level hashes are reduced here); else one reduction
-    fold = (backend == "triton" and nq > config.min_seq_len and not exact_hash
+    fold = (backend == "triton" and b * h and nq > config.min_seq_len and not exact_hash
             and config.sampler != "uniform")
     if fold:
         flags = torch.zeros(3, dtype=torch.int32, device=q.device)
@@ -222,10 +224,14 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
     else:
         flags, pending = None, _nonfinite_by_reduction(q, k, v)
-    if nq == 0:
+    if b * h * nq == 0:  # no query rows: an empty answer (the nonempty k, v are still checked)
         _raise_if_nonfinite(pending)
-        out = q.new_zeros((b, h, 0, dv))
-        return (out, q.new_zeros((b, h, 0), dtype=torch.float32)) if return_lse else out
+        out, lse = q.new_zeros((b, h, nq, dv)), q.new_zeros((b, h, nq), dtype=torch.float32)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # in the graph, so that a backward through it gives zero gradients (k, v are finite)
+            tie = sum(t.sum() for t in (q, k, v)) * 0
+            out, lse = out + tie, lse + tie.float()
+        return (out, lse) if return_lse else out
     fn = pieces_attention if backend == "triton" else pieces_attention_dense
     qf, kf, vf = q.reshape(b * h, nq, d), k.reshape(b * hk, nk, d), v.reshape(b * hk, nk, dv)
     if draws is not None:

@@ -100,7 +100,7 @@ def make_attention_function(config: HyperConfig | None = None, *, layers=None, s
             if keep is not None and not bool(keep.all()):
                 k_b, v_b = k_b[:, :, keep], v_b[:, :, keep]
             outs.append(_attend(query[b:b + 1], k_b, v_b, causal, scaling, cfg, state["rng"]))
-        out = torch.cat(outs, dim=0)
+        out = torch.cat(outs, dim=0) if outs else query.new_zeros(query.shape[:3] + value.shape[3:])
         return out.transpose(1, 2).contiguous(), None
 
     return hyper_attention_forward

@@ -159,6 +159,29 @@ def test_bad_input(mutate, match):
         gpu.hyper_attention(*mutate(q, k, v), config=CFG)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(0, 2, 200, 16), (1, 2, 0, 16), (1, 0, 200, 16)])
+def test_no_query_rows_give_an_empty_answer(shape, causal):
+    # empty batch, no queries, no query heads (with one kv head): empty out and lse, like SDPA;
+    # a NaN in the (nonempty) keys is still refused
+    b, h, n, d = shape
+    q = torch.randn(shape, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(b, 1, 200, d, device=DEVICE) for _ in range(2))
+    out, lse = gpu.hyper_attention(q, k, v, causal=causal, config=CFG, return_lse=True)
+    assert out.shape == shape and lse.shape == shape[:3] and lse.dtype == torch.float32
+    (out.sum() + lse.sum()).backward()
+    assert q.grad.shape == shape and not q.grad.any()
+    if b:
+        with pytest.raises(ValueError, match="k contains"):
+            gpu.hyper_attention(q, torch.full_like(k, float("nan")), v, causal=causal, config=CFG)
+
+
+def test_causal_must_be_a_bool():
+    q = torch.randn(1, 1, 64, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="causal"):
+        gpu.hyper_attention(q, q, q, causal="no", config=CFG)
+
+
 def test_unsupported_estimator_is_an_error():
     q = torch.randn(1, 1, 64, 16, device=DEVICE)
     with pytest.raises(ValueError, match="masked"):

@@ -88,3 +88,13 @@ def test_per_call_config_and_gradients_on_cpu(setup):
     out.sum().backward()
     grads = [p.grad for p in model.encoder.layer[0].attention.self.query.parameters()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_empty_batch_gives_an_empty_answer():
+    # no sequences in the batch: an empty (B, N, H, Dv) answer, as sdpa gives, not a failed concat
+    import gpu.hf_attention as hf
+
+    fn = hf.make_attention_function(HyperConfig(block=32, samples=32, min_seq_len=16))
+    q, k, v = (torch.randn(0, 2, 40, 16) for _ in range(3))
+    out, weights_ = fn(torch.nn.Module(), q, k, v, None)
+    assert out.shape == (0, 40, 2, 16) and weights_ is None
