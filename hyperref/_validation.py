@@ -60,6 +60,13 @@ def check_qkv(q, k, v):
     return q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(dtype, copy=False), single
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is a bool (Python or NumPy); a string such as ``"no"`` would be truthy."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
 def check_scale(scale, d: int) -> float:
     """The softmax scale, default ``1/sqrt(d)``; must be a finite real number."""
     if scale is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import InputError, check_qkv, check_scale
+from ._validation import InputError, check_bool, check_qkv, check_scale
 from .causal import causal_head
 from .config import HyperConfig
 from .draws import Draws, make_draws
@@ -63,6 +63,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     [[0.5, 0.5], [0.5, 0.5]]
     """
     q, k, v, single = check_qkv(q, k, v)
+    causal = check_bool(causal, "causal")
     s = check_scale(scale, q.shape[3])
     out, lse = _for_each_head(q, k, v, single,
                               lambda _, qh, kh, vh: exact_head(qh, kh, vh, s, causal=causal))
@@ -154,6 +155,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     (512, 16)
     """
     q, k, v, single = check_qkv(q, k, v)
+    causal = check_bool(causal, "causal")
     engine = default_engine() if engine is None else engine
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
@@ -208,6 +210,7 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     from .plan import causal_nodes
 
     config = HyperConfig() if config is None else config
+    causal = check_bool(causal, "causal")
     q, k = np.asarray(q), np.asarray(k)
     nq, nk = len(q), len(k)
     if nq <= config.min_seq_len:

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ._validation import check_bool
 from .config import HyperConfig
 from .plan import causal_nodes
 
@@ -141,6 +142,7 @@ def make_draws(
     >>> dr.blocks[""].sample_u.shape
     (3,)
     """
+    causal = check_bool(causal, "causal")
     rng = np.random.default_rng(rng)
     batch_shape = tuple(int(s) for s in batch_shape)
     blocks: dict[str, BlockDraws] = {}

@@ -103,6 +103,17 @@ def test_bad_scale_and_config_and_draws():
         hyper_attention(q, k, v, config=HyperConfig(block=8, min_seq_len=16), draws=draws)
 
 
+@pytest.mark.parametrize("fn", [exact_attention, hyper_attention])
+def test_causal_must_be_a_bool(fn):
+    # "no" is truthy: taken as a flag it would silently give the causal answer
+    q, k, v = _batched()
+    with pytest.raises(InputError, match="causal must be a bool"):
+        fn(q, k, v, causal="no")
+    assert np.array_equal(fn(q, k, v, causal=np.bool_(True)), fn(q, k, v, causal=True))
+    with pytest.raises(InputError, match="causal must be a bool"):
+        make_draws(CFG, 80, 80, 8, causal=1)
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(block=0), ValueError), (dict(samples=-1), ValueError), (dict(bits=31), ValueError),
     (dict(bits=2.5), TypeError), (dict(block=True), TypeError),
