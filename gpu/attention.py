@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections import defaultdict
 
 import numpy as np
 import torch
 
+from hyperref._validation import check_scale
 from hyperref.config import HyperConfig
 from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
@@ -205,13 +205,14 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(q, k, v, config, backend)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    for name, flag in (("causal", causal), ("return_lse", return_lse), ("exact_hash", exact_hash)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = check_scale(scale, d)  # a finite real number (ValueError otherwise)
     levels, leaves = _nodes(nq, nk, causal, config.min_seq_len)
     # with the Triton hash and row-norm kernels, these flag NaN/Inf in the rows they read (all
     # of v; causal: the rows of q and k no level hashes are reduced here); else one reduction

@@ -63,7 +63,7 @@ def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     [[0.5, 0.5], [0.5, 0.5]]
     """
     q, k, v, single = check_qkv(q, k, v)
-    causal = check_bool(causal, "causal")
+    causal, return_lse = check_bool(causal, "causal"), check_bool(return_lse, "return_lse")
     s = check_scale(scale, q.shape[3])
     out, lse = _for_each_head(q, k, v, single,
                               lambda _, qh, kh, vh: exact_head(qh, kh, vh, s, causal=causal))
@@ -155,7 +155,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     (512, 16)
     """
     q, k, v, single = check_qkv(q, k, v)
-    causal = check_bool(causal, "causal")
+    causal, return_lse = check_bool(causal, "causal"), check_bool(return_lse, "return_lse")
     engine = default_engine() if engine is None else engine
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")

@@ -112,6 +112,8 @@ def test_causal_must_be_a_bool(fn):
     assert np.array_equal(fn(q, k, v, causal=np.bool_(True)), fn(q, k, v, causal=True))
     with pytest.raises(InputError, match="causal must be a bool"):
         make_draws(CFG, 80, 80, 8, causal=1)
+    with pytest.raises(InputError, match="return_lse must be a bool"):
+        fn(q, k, v, return_lse="no")
 
 
 @pytest.mark.parametrize("kwargs,exc", [

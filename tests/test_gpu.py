@@ -176,10 +176,19 @@ def test_no_query_rows_give_an_empty_answer(shape, causal):
             gpu.hyper_attention(q, torch.full_like(k, float("nan")), v, causal=causal, config=CFG)
 
 
-def test_causal_must_be_a_bool():
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(causal="no"), TypeError, "causal must be a bool"),  # "no" is truthy
+    (dict(return_lse="no"), TypeError, "return_lse must be a bool"),
+    (dict(exact_hash=1), TypeError, "exact_hash must be a bool"),
+    (dict(generator=3), TypeError, "torch.Generator"),
+    (dict(scale=True), ValueError, "real number"),
+    (dict(scale="0.5"), ValueError, "real number"),
+    (dict(scale=float("inf")), ValueError, "finite"),
+])
+def test_bad_arguments(kwargs, exc, match):
     q = torch.randn(1, 1, 64, 16, device=DEVICE)
-    with pytest.raises(TypeError, match="causal"):
-        gpu.hyper_attention(q, q, q, causal="no", config=CFG)
+    with pytest.raises(exc, match=match):
+        gpu.hyper_attention(q, q, q, config=CFG, **kwargs)
 
 
 def test_unsupported_estimator_is_an_error():
