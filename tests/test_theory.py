@@ -12,7 +12,7 @@ from hyperref import HyperConfig
 from hyperref.mask import block_structure, dense_mask
 from hyperref.sampling import resolve_samples, sampling_probabilities
 from theory import bounds, symbolic
-from theory.parameters import attention_parameters
+from theory.parameters import attention_parameters, spectral_error
 
 from .strategies import attention_inputs
 
@@ -38,6 +38,39 @@ def test_bound_functions_and_sample_sizes():
     assert paper["lemma2_product"] == pytest.approx(64 * 10 / 0.01)
     with pytest.raises(ValueError):
         bounds.g2_bound(10, 1.5, 1, 1)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: bounds.g1_bound(float("nan")),
+    lambda: bounds.g2_bound(0, 0.1, 2.0, 2.0),
+    lambda: bounds.g2_bound(10, 0.1, 0.5, 2.0),  # a stable rank is 0 or >= 1
+    lambda: bounds.g2_samples(-1.0, 0.1, 2.0, 2.0),  # was 40 samples
+    lambda: bounds.g2_samples(0.0, 0.1, 2.0, 2.0),  # was ZeroDivisionError
+    lambda: bounds.g2_samples_alpha(0.3, 0.1, 2.0, 7.0, 0, 100),
+    lambda: bounds.g3_bound(10, 0.1, -1.0, 1.0, 2.0),
+    lambda: bounds.g4_bound(-0.1, 0.0),
+    lambda: bounds.g5_failure(10, 0.1, 0.0, 100),  # rho >= 1; was ZeroDivisionError
+    lambda: bounds.g5_samples(0.1, 0.1, 1.0, 0),  # was a math domain error
+    lambda: bounds.g5_eta(2.0),  # was -2.0
+    lambda: bounds.paper_sample_sizes(0.1, 2.0, 0.5, 10.0, 64, 4096),  # kappa >= 1
+    lambda: bounds.product_bound(0, 0.1, [1.0], [[1.0]], [1.0], 1.0, 1.0),
+])
+def test_bound_arguments_outside_their_domain_are_errors(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_parameter_inputs_are_checked():
+    q = np.random.default_rng(0).standard_normal((20, 4))
+    for bad, match in [((q[None, None], q[None, None], q[None, None]), "one head"),
+                       ((q * np.nan, q, q), "NaN"), ((q[:0], q, q), "nq, nk >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            attention_parameters(*bad)
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        attention_parameters(q, q, q, causal="no")
+    with pytest.raises(ValueError, match="one shape"):
+        spectral_error(q, q[:5], 1.0, 1.0)
+    assert spectral_error(q, q, 1.0, 0.0) == 0.0 and spectral_error(q, 0 * q, 1.0, 0.0) == math.inf
 
 
 def _dense(q, k, v, scale):

@@ -57,15 +57,46 @@ from __future__ import annotations
 import math
 
 
+# Argument checks. Comparisons are written so that NaN fails them.
+_ROUNDING = 1e-9  # stable ranks and entry ratios are >= 1 exactly, computed ones up to rounding
+
+
 def _check_prob(delta: float) -> None:
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
+def _check_eps(eps: float, below_one: bool = False) -> None:
+    if not (0 < eps < (1 if below_one else math.inf)):
+        raise ValueError(f"eps must be in (0, {1 if below_one else 'inf'}), got {eps}")
+
+
+def _check_nonneg(x: float, name: str) -> None:
+    """``x >= 0`` (``inf`` allowed: a bound may be vacuous, not wrong)."""
+    if not x >= 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+
+
+def _check_count(x: int, name: str, least: int = 1) -> None:
+    if isinstance(x, bool) or not float(x).is_integer() or x < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {x}")
+
+
+def _check_rho(rho: float) -> None:
+    """The residual entry ratio ``ρ = max_i nk max_j A^res_ij / r_i`` is ``>= 1``."""
+    if not 1 - _ROUNDING <= rho < math.inf:
+        raise ValueError(f"rho must be a finite number >= 1, got {rho}")
+
+
+def _check_srank(x: float, name: str) -> None:
+    """A stable rank ``‖X‖_F²/‖X‖_op²`` is 0 (the zero matrix, by convention) or ``>= 1``."""
+    if not (x == 0 or 1 - _ROUNDING <= x < math.inf):
+        raise ValueError(f"{name} must be 0 (zero matrix) or a finite number >= 1, got {x}")
+
+
 def g1_bound(eta: float) -> float:
     """G1: the normalizer's contribution ``η`` (deterministic)."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_nonneg(eta, "eta")
     return float(eta)
 
 
@@ -78,28 +109,37 @@ def g2_bound(m: int, delta: float, srank_p: float, srank_v: float) -> float:
     1.0
     """
     _check_prob(delta)
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
+    _check_count(m, "m")
+    _check_srank(srank_p, "srank_p")
+    _check_srank(srank_v, "srank_v")
     return math.sqrt(srank_p * srank_v / (delta * m))
 
 
 def g2_samples(eps: float, delta: float, srank_p: float, srank_v: float) -> int:
     """Samples for G2 ≤ ε: ``m = ⌈srank(P) srank(V) / (δ ε²)⌉``."""
     _check_prob(delta)
+    _check_eps(eps)
+    _check_srank(srank_p, "srank_p")
+    _check_srank(srank_v, "srank_v")
     return max(1, math.ceil(srank_p * srank_v / (delta * eps**2)))
 
 
 def g2_samples_alpha(eps: float, delta: float, alpha: float, srank_v: float, nq: int, nk: int) -> int:
     """Samples for G2 ≤ ε via ``srank(P) ≤ α nk/nq``: ``⌈α srank(V) (nk/nq) / (δ ε²)⌉``."""
+    _check_count(nq, "nq")
+    _check_count(nk, "nk")
+    _check_nonneg(alpha, "alpha")
     return g2_samples(eps, delta, alpha * nk / nq, srank_v)
 
 
 def g3_bound(m: int, delta: float, fro_res: float, op_p: float, srank_v: float) -> float:
     """G3: ``sqrt(‖P_res‖_F² srank(V) / (δ m)) / ‖P‖_op`` (``masked`` estimator, exact D)."""
     _check_prob(delta)
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
-    if op_p <= 0:
+    _check_count(m, "m")
+    _check_srank(srank_v, "srank_v")
+    _check_nonneg(fro_res, "fro_res")
+    _check_nonneg(op_p, "op_p")
+    if op_p == 0:  # P = 0, so P_res = 0: no error
         return 0.0
     return math.sqrt(fro_res**2 * srank_v / (delta * m)) / op_p
 
@@ -120,6 +160,9 @@ def product_bound(m: int, delta: float, col_sq, v, p, op_p: float, op_v: float) 
     import numpy as np
 
     _check_prob(delta)
+    _check_count(m, "m")
+    _check_nonneg(op_p, "op_p")
+    _check_nonneg(op_v, "op_v")
     col_sq = np.asarray(col_sq, dtype=np.float64)
     row_sq = np.einsum("ij,ij->i", np.asarray(v, dtype=np.float64), np.asarray(v, dtype=np.float64))
     p = np.asarray(p, dtype=np.float64)
@@ -133,24 +176,32 @@ def product_bound(m: int, delta: float, col_sq, v, p, op_p: float, op_v: float) 
 
 def g4_bound(eps_prod: float, eta: float) -> float:
     """G4: ``(1 + η) ε_prod + η``."""
+    _check_nonneg(eps_prod, "eps_prod")
+    _check_nonneg(eta, "eta")
     return (1.0 + eta) * eps_prod + eta
 
 
 def g5_failure(m_d: int, eps: float, rho: float, nq: int) -> float:
     """G5: ``Pr[η > ε/(1−ε)] ≤ min(1, 2 nq exp(−ε² m_d / (2ρ(1 + ε/3))))`` (needs κ ≥ κ_true)."""
-    if not 0 < eps < 1:
-        raise ValueError(f"eps must be in (0, 1), got {eps}")
+    _check_eps(eps, below_one=True)
+    _check_count(m_d, "m_d", least=0)
+    _check_count(nq, "nq")
+    _check_rho(rho)
     return min(1.0, 2 * nq * math.exp(-eps**2 * m_d / (2 * rho * (1 + eps / 3))))
 
 
 def g5_samples(eps: float, delta: float, rho: float, nq: int) -> int:
     """G5: ``m_d = ⌈2ρ(1 + ε/3) log(2nq/δ) / ε²⌉`` gives ``η ≤ ε/(1−ε)`` w.p. ``≥ 1 − δ``."""
     _check_prob(delta)
+    _check_eps(eps, below_one=True)
+    _check_count(nq, "nq")
+    _check_rho(rho)
     return math.ceil(2 * rho * (1 + eps / 3) * math.log(2 * nq / delta) / eps**2)
 
 
 def g5_eta(eps: float) -> float:
     """The ``η`` level ``ε/(1 − ε)`` that G5 guarantees."""
+    _check_eps(eps, below_one=True)
     return eps / (1 - eps)
 
 
@@ -159,6 +210,13 @@ def paper_sample_sizes(eps: float, alpha: float, kappa: float, srank_p: float, d
 
     Returns ``{"lemma1_approxd": κ⁷α²/ε⁶·log n, "lemma2_product": d·srank(P)/ε²}``.
     """
+    _check_eps(eps)
+    _check_nonneg(alpha, "alpha")
+    if not 1 <= kappa < math.inf:
+        raise ValueError(f"kappa must be a finite number >= 1, got {kappa}")
+    _check_srank(srank_p, "srank_p")
+    _check_count(d, "d")
+    _check_count(n, "n")
     return {
         "lemma1_approxd": kappa**7 * alpha**2 / eps**6 * math.log(n),
         "lemma2_product": d * srank_p / eps**2,

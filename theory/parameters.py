@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from hyperref._validation import InputError, check_bool, check_qkv, check_scale
 from hyperref.exact import logit_blocks
 from hyperref.mask import HeavyMask
 
@@ -220,11 +221,20 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
         \\kappa = \\frac{\\max_i r_i}{\\min_i r_i},\\quad
         \\mathrm{srank}(X) = \\frac{\\|X\\|_F^2}{\\|X\\|_{op}^2}
     """
-    q, k, v = (np.asarray(a) for a in (q, k, v))
+    q, k, v, single = check_qkv(q, k, v)
+    if not single:
+        raise InputError(f"q, k, v must be one head, shapes (nq, d), (nk, d), (nk, dv); got {q.shape[:2]} "
+                         "batch and head axes")
+    q, k, v = q[0, 0], k[0, 0], v[0, 0]
+    if not (len(q) and len(k)):
+        raise InputError(f"the parameters need nq, nk >= 1, got nq={len(q)}, nk={len(k)}")
+    causal = check_bool(causal, "causal")
+    scale = check_scale(scale, q.shape[1])
+    if mask is not None and (mask.nq, mask.nk) != (len(q), len(k)):
+        raise InputError(f"mask is for a {mask.nq} x {mask.nk} matrix, not {len(q)} x {len(k)}")
     dtype = np.result_type(q.dtype, k.dtype, np.float32)
     q, k, v = q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(np.float64)
     nq, nk = len(q), len(k)
-    scale = 1.0 / math.sqrt(q.shape[1]) if scale is None else float(scale)
     col_sq = np.zeros(nk)
     col_sq_res = np.zeros(nk)
     lse = np.empty(nq)
@@ -304,6 +314,13 @@ def spectral_error(approx, exact, op_p: float, op_v: float) -> float:
     difference (LAPACK SVD), the denominator uses the norms of
     :func:`attention_parameters`.
     """
-    diff = np.asarray(approx, dtype=np.float64) - np.asarray(exact, dtype=np.float64)
+    approx, exact = np.asarray(approx, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    if approx.shape != exact.shape or approx.ndim != 2:
+        raise InputError(f"approx and exact must be (nq, dv) arrays of one shape, got {approx.shape}, {exact.shape}")
+    if not (op_p >= 0 and op_v >= 0):
+        raise InputError(f"op_p and op_v must be >= 0, got {op_p}, {op_v}")
+    err = float(np.linalg.norm(approx - exact, 2)) if approx.size else 0.0
     denom = op_p * op_v
-    return float(np.linalg.norm(diff, 2) / denom) if denom > 0 else 0.0
+    if denom > 0:
+        return err / denom
+    return 0.0 if err == 0 else math.inf  # V = 0: exact is 0, any nonzero answer is unboundedly wrong
