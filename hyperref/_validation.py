@@ -60,6 +60,13 @@ def check_qkv(q, k, v):
     return q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(dtype, copy=False), single
 
 
+def check_count(value, name: str, least: int = 0) -> int:
+    """``value`` as an int if it is an integer ``>= least`` (bools and floats are refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
+        raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
 def check_bool(value, name: str) -> bool:
     """``value`` if it is a bool (Python or NumPy); a string such as ``"no"`` would be truthy."""
     if not isinstance(value, (bool, np.bool_)):

@@ -210,11 +210,19 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     from .plan import causal_nodes
 
     config = HyperConfig() if config is None else config
+    if not isinstance(config, HyperConfig):
+        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
     causal = check_bool(causal, "causal")
-    q, k = np.asarray(q), np.asarray(k)
+    q4, k4, _, single = check_qkv(q, k, k)
+    if not single:
+        raise InputError(f"heavy_mask takes one head, q (N, D) and k (Nk, D); got {np.shape(q)}, {np.shape(k)}")
+    q, k = q4[0, 0], k4[0, 0]
     nq, nk = len(q), len(k)
     if nq <= config.min_seq_len:
         return HeavyMask(nq, nk, [(0, nq, 0, nk)], ())
+    if draws is None:
+        raise InputError("heavy_mask needs the call's draws (hyperref.make_draws) beyond config.min_seq_len rows")
+    check_draws(draws, config, q4, k4, causal, single=True)
     if not causal:
         return HeavyMask.noncausal(block_structure(q, k, draws.blocks[""].lsh_planes, config.block))
     offdiag, leaves = causal_nodes(nq, nk, config.min_seq_len)

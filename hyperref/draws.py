@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._validation import check_bool
+from ._validation import InputError, check_bool, check_count
 from .config import HyperConfig
 from .plan import causal_nodes
 
@@ -142,9 +142,14 @@ def make_draws(
     >>> dr.blocks[""].sample_u.shape
     (3,)
     """
+    if not isinstance(config, HyperConfig):
+        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    nq, nk, d = check_count(nq, "nq"), check_count(nk, "nk"), check_count(d, "d", least=1)
     causal = check_bool(causal, "causal")
+    if isinstance(batch_shape, (str, bytes)) or not hasattr(batch_shape, "__iter__"):
+        raise InputError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
+    batch_shape = tuple(check_count(s, "each batch_shape entry") for s in batch_shape)
     rng = np.random.default_rng(rng)
-    batch_shape = tuple(int(s) for s in batch_shape)
     blocks: dict[str, BlockDraws] = {}
     if nq > config.min_seq_len and nk > 0:
         if causal:

@@ -116,6 +116,34 @@ def test_causal_must_be_a_bool(fn):
         fn(q, k, v, return_lse="no")
 
 
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((CFG, -5, 10, 4), {}, "nq must be an integer"),
+    ((CFG, 100.5, 100, 4), {}, "nq must be an integer"),
+    ((CFG, 100, 100, 0), {}, "d must be an integer >= 1"),
+    ((CFG, 100, 100, 4), dict(batch_shape=(-1, 2)), "batch_shape entry"),
+    ((CFG, 100, 100, 4), dict(batch_shape="ab"), "tuple of ints"),
+    (({"block": 3}, 100, 100, 4), {}, "HyperConfig"),
+])
+def test_make_draws_checks_its_arguments(args, kwargs, match):
+    with pytest.raises(InputError, match=match):
+        make_draws(*args, **kwargs)
+
+
+def test_heavy_mask_checks_its_arguments():
+    from hyperref.attention import heavy_mask
+
+    q = np.random.default_rng(0).standard_normal((80, 8))
+    draws = make_draws(CFG, 80, 80, 8, rng=0)
+    assert heavy_mask(q, q, config=CFG, draws=draws).nq == 80
+    for args, kwargs, match in [((q[None], q[None]), dict(draws=draws), "all be"),
+                                ((q, q[:, :4]), dict(draws=draws), "head dimension"),
+                                ((q, q), {}, "needs the call's draws"),
+                                ((q, q), dict(draws=draws, causal=True), "draws were made for"),
+                                ((q, q), dict(draws=draws, config={"block": 3}), "HyperConfig")]:
+        with pytest.raises(InputError, match=match):
+            heavy_mask(*args, **{"config": CFG, **kwargs})
+
+
 @pytest.mark.parametrize("kwargs,exc", [
     (dict(block=0), ValueError), (dict(samples=-1), ValueError), (dict(bits=31), ValueError),
     (dict(bits=2.5), TypeError), (dict(block=True), TypeError),
