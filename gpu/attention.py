@@ -234,7 +234,9 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
             out, lse = out + tie, lse + tie.float()
         return (out, lse) if return_lse else out
     fn = pieces_attention if backend == "triton" else pieces_attention_dense
-    qf, kf, vf = q.reshape(b * h, nq, d), k.reshape(b * hk, nk, d), v.reshape(b * hk, nk, dv)
+    # contiguous here (the kernels read rows with unit column stride; the hash and row-norm
+    # kernels run before the attention kernels' own .contiguous())
+    qf, kf, vf = (t.reshape(-1, *t.shape[2:]).contiguous() for t in (q, k, v))
     if draws is not None:
         draw = _from_reference_draws(draws, config, nq, nk, d, causal, b, h, q.device)
     else:

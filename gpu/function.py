@@ -225,6 +225,9 @@ class _PiecesAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
+            raise RuntimeError("gpu.hyper_attention (Triton) has no double backward; use backend='dense' "
+                               "for gradients of gradients (small N)")
         q, k, v, out, lse = ctx.saved_tensors
         scale = ctx.scale
         bh, nq, d = q.shape

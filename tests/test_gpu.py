@@ -191,6 +191,32 @@ def test_bad_arguments(kwargs, exc, match):
         gpu.hyper_attention(q, q, q, config=CFG, **kwargs)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_inputs_give_the_contiguous_answer(causal):
+    # a step of 2 along the head dim (the hash and row-norm kernels read rows with unit stride:
+    # this gave another answer, silently), a transposed (B, N, H, D) layout, a broadcast key row
+    base = torch.randn(1, 2, N, 2 * D_LIST[0], device=DEVICE)
+    q = base[..., ::2]
+    k = torch.randn(1, N, 2, D_LIST[0], device=DEVICE).transpose(1, 2)
+    v = torch.randn(1, 2, 1, D_LIST[0], device=DEVICE).expand(1, 2, N, -1)
+    gen = lambda: torch.Generator(DEVICE).manual_seed(3)  # noqa: E731
+    strided = gpu.hyper_attention(q, k, v, causal=causal, config=CFG, generator=gen())
+    dense = gpu.hyper_attention(*(t.contiguous() for t in (q, k, v)), causal=causal, config=CFG, generator=gen())
+    assert torch.equal(strided, dense)
+
+
+def test_double_backward_is_refused_not_zero():
+    # create_graph=True would give a gradient without a graph: a gradient penalty would add nothing
+    q, k, v = (torch.randn(1, 2, N, D_LIST[0], device=DEVICE) for _ in range(3))
+    q.requires_grad_()
+    out = gpu.hyper_attention(q, k, v, config=CFG)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (grad,) = torch.autograd.grad(gpu.hyper_attention(q, k, v, config=CFG, backend="dense").sum(), q,
+                                  create_graph=True)
+    assert grad.requires_grad  # the dense twin has one
+
+
 def test_unsupported_estimator_is_an_error():
     q = torch.randn(1, 1, 64, 16, device=DEVICE)
     with pytest.raises(ValueError, match="masked"):
