@@ -12,6 +12,7 @@ markdown table. Needs a CUDA device.
 """
 
 import argparse
+import datetime
 
 import torch
 import triton
@@ -62,7 +63,8 @@ def main():
                 table.append((d, causal, name, md.num_warps, md.num_stages, md.shared, kernel.n_regs,
                               kernel.n_spills))
             del q, k, v, out
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.date.today()}; "
           f"one forward+backward per (d, causal), n = {args.n}, B = 1, H = 32, bf16, HyperConfig()")
     print("Each kernel is listed under the first call that compiled it. `local` is the local (spill) memory per "
           "thread the loaded binary reports.")

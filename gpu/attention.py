@@ -229,8 +229,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         _raise_if_nonfinite(pending)
         out, lse = q.new_zeros((b, h, nq, dv)), q.new_zeros((b, h, nq), dtype=torch.float32)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            # in the graph, so that a backward through it gives zero gradients (k, v are finite)
-            tie = sum(t.sum() for t in (q, k, v)) * 0
+            # in the graph, so that a backward through it gives zero gradients (sums of no entries)
+            tie = sum(t.reshape(-1)[:0].sum() for t in (q, k, v))
             out, lse = out + tie, lse + tie.float()
         return (out, lse) if return_lse else out
     fn = pieces_attention if backend == "triton" else pieces_attention_dense

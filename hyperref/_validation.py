@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from .config import HyperConfig
+
 
 class InputError(ValueError):
     """Invalid input to a public function (shapes, dtypes, values)."""
@@ -65,6 +67,13 @@ def check_count(value, name: str, least: int = 0) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < least:
         raise InputError(f"{name} must be an integer >= {least}, got {value!r}")
     return int(value)
+
+
+def check_config(config):
+    """``config`` if it is a :class:`hyperref.HyperConfig`; :class:`InputError` otherwise."""
+    if not isinstance(config, HyperConfig):
+        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    return config
 
 
 def check_bool(value, name: str) -> bool:

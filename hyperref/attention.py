@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import InputError, check_bool, check_qkv, check_scale
+from ._validation import InputError, check_bool, check_config, check_qkv, check_scale
 from .causal import causal_head
 from .config import HyperConfig
 from .draws import Draws, make_draws
@@ -159,10 +159,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     engine = default_engine() if engine is None else engine
     if engine not in ENGINES:
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    if config is None:
-        config = HyperConfig()
-    if not isinstance(config, HyperConfig):
-        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    config = check_config(HyperConfig() if config is None else config)
     s = check_scale(scale, q.shape[3])
     b, h, nq, d = q.shape
     if draws is None:
@@ -209,9 +206,7 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     from .mask import HeavyMask, block_structure
     from .plan import causal_nodes
 
-    config = HyperConfig() if config is None else config
-    if not isinstance(config, HyperConfig):
-        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    config = check_config(HyperConfig() if config is None else config)
     causal = check_bool(causal, "causal")
     q4, k4, _, single = check_qkv(q, k, k)
     if not single:

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ._validation import InputError, check_bool, check_count
+from ._validation import InputError, check_bool, check_config, check_count
 from .config import HyperConfig
 from .plan import causal_nodes
 
@@ -142,8 +142,7 @@ def make_draws(
     >>> dr.blocks[""].sample_u.shape
     (3,)
     """
-    if not isinstance(config, HyperConfig):
-        raise InputError(f"config must be a HyperConfig, got {type(config).__name__}")
+    config = check_config(config)
     nq, nk, d = check_count(nq, "nq"), check_count(nk, "nk"), check_count(d, "d", least=1)
     causal = check_bool(causal, "causal")
     if isinstance(batch_shape, (str, bytes)) or not hasattr(batch_shape, "__iter__"):

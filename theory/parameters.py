@@ -232,8 +232,8 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
     scale = check_scale(scale, q.shape[1])
     if mask is not None and (mask.nq, mask.nk) != (len(q), len(k)):
         raise InputError(f"mask is for a {mask.nq} x {mask.nk} matrix, not {len(q)} x {len(k)}")
-    dtype = np.result_type(q.dtype, k.dtype, np.float32)
-    q, k, v = q.astype(dtype, copy=False), k.astype(dtype, copy=False), v.astype(np.float64)
+    dtype = q.dtype  # check_qkv's common dtype, float32 or wider
+    v = v.astype(np.float64)
     nq, nk = len(q), len(k)
     col_sq = np.zeros(nk)
     col_sq_res = np.zeros(nk)
