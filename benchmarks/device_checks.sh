@@ -3,7 +3,11 @@
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
 #        profile glue fwdtiles launchres atomics tiles64 tiles128 ab
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+# the package maps theory/ and gpu/ to hyperref.theory / hyperref.gpu: install it (editable, no
+# dependencies: the device image has them); wheels carried in .whl (gguf, a newer setuptools) first
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; export PYTHONPATH=/tmp/site; fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 for stage in "$@"; do
   case $stage in

@@ -15,8 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
-import gpu
-from gpu.distributed import hyper_attention_distributed
+from hyperref import gpu
+from hyperref.gpu.distributed import hyper_attention_distributed
 from hyperref import HyperConfig
 
 

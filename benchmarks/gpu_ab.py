@@ -1,11 +1,11 @@
 """A/B timing of implementation switches of gpu/ at one length; prints a table.
 
-Times ``gpu.hyper_attention`` (B = 1, H = 32, bf16, default config), forward and
+Times ``hyperref.gpu.hyper_attention`` (B = 1, H = 32, bf16, default config), forward and
 forward+backward (backward from a fixed output gradient), causal and not, under
-each variant of the module switches ``gpu.function.ONE_BLOCK`` (single
+each variant of the module switches ``hyperref.gpu.function.ONE_BLOCK`` (single
 interval+sample loop for row tiles inside one sortLSH block),
-``gpu.function.LEAVES`` (who computes the exact causal leaves) and
-``gpu.structure.COUNTING_BITS`` (0: radix sort of the LSH sort keys; 8: counting
+``hyperref.gpu.function.LEAVES`` (who computes the exact causal leaves) and
+``hyperref.gpu.structure.COUNTING_BITS`` (0: radix sort of the LSH sort keys; 8: counting
 sort of the buckets for up to 8 bits), next to exact
 SDPA under cuDNN and FlashAttention measured in the same run. Tile sweeps:
 ``benchmarks/gpu_tiles.py``.
@@ -21,8 +21,8 @@ import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-import gpu
-from gpu import function, structure
+from hyperref import gpu
+from hyperref.gpu import function, structure
 from hyperref import HyperConfig
 
 VARIANTS = {  # name: (ONE_BLOCK, LEAVES, COUNTING_BITS)

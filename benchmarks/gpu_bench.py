@@ -27,7 +27,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-import gpu
+from hyperref import gpu
 from hyperref import HyperConfig
 
 

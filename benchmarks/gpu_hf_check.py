@@ -10,7 +10,7 @@ kernels.
 import torch
 from transformers import BertConfig, BertModel
 
-import gpu.hf_attention as hf
+import hyperref.gpu.hf_attention as hf
 from hyperref import HyperConfig
 
 torch.manual_seed(0)

@@ -4,7 +4,7 @@
 local Triton; the launched kernels are specialized by the runtime (32-bit strides where they
 fit, divisibility) and compiled by the device's Triton, so their register use may differ. This
 script runs one forward+backward per (head dim, causal) at ``n`` tokens, then lists every compiled
-kernel of :mod:`gpu.kernels` with what the loaded binary reports: registers per thread, spill
+kernel of :mod:`hyperref.gpu.kernels` with what the loaded binary reports: registers per thread, spill
 bytes (local memory per thread), shared memory, warps, stages.
 
 Usage: ``python benchmarks/gpu_launch_resources.py [--n 131072] [--d 64 128]``; prints one
@@ -17,8 +17,8 @@ import datetime
 import torch
 import triton
 
-import gpu
-import gpu.kernels as K
+from hyperref import gpu
+import hyperref.gpu.kernels as K
 from hyperref import HyperConfig
 
 
@@ -31,7 +31,7 @@ def compiled(fn):
 
 
 def kernels():
-    """Every compiled kernel of :mod:`gpu.kernels`, by id: (name, compiled kernel)."""
+    """Every compiled kernel of :mod:`hyperref.gpu.kernels`, by id: (name, compiled kernel)."""
     found = {}
     for name in sorted(dir(K)):
         if name.endswith("_kernel"):

@@ -15,7 +15,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import gpu
+from hyperref import gpu
 from hyperref import HyperConfig
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]

@@ -1,4 +1,4 @@
-"""Shared memory, registers and spills of the Triton kernels at the tiles ``gpu.function`` picks.
+"""Shared memory, registers and spills of the Triton kernels at the tiles ``hyperref.gpu.function`` picks.
 
 Compiles the forward and the three backward kernels ahead of time for sm_90 (H100/H200) with
 the installed Triton: no GPU is needed. A launch fails on the device when a kernel's shared
@@ -25,8 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import gpu.function as F
-import gpu.kernels as K
+import hyperref.gpu.function as F
+import hyperref.gpu.kernels as K
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_MAX = 232448  # bytes of dynamic shared memory per block on sm_90
@@ -82,7 +82,7 @@ def usage(kernel) -> str:
 
 
 class _Piece:
-    """Stands for a plan in ``gpu.function._tiles``: whether its 256-row tiles lie in one block."""
+    """Stands for a plan in ``hyperref.gpu.function._tiles``: whether its 256-row tiles lie in one block."""
 
     def __init__(self, one_block: bool):
         self._one = one_block

@@ -1,16 +1,16 @@
 """Sweep the kernels' tile configurations (BM, BN, warps, stages) on one GPU; prints a table.
 
-For each head dim, times ``gpu.hyper_attention`` at n = 131072 (B = 1, H = 32, bf16,
+For each head dim, times ``hyperref.gpu.hyper_attention`` at n = 131072 (B = 1, H = 32, bf16,
 default config) with every forward configuration (non-causal and causal forward)
 and, one backward kernel at a time (dq, dk/dv of the interval keys, dk/dv of the
 sampled keys; the others at their defaults), every backward configuration
-(non-causal forward+backward), through ``gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
+(non-causal forward+backward), through ``hyperref.gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
 in every row, so differences are the kernels'. Configurations that fail to
 compile (shared memory) are reported as such. Ends with the best configuration
-per (pass, d) as a Python dict, to copy into ``gpu.function._tiles`` / ``_bwd_tiles``.
+per (pass, d) as a Python dict, to copy into ``hyperref.gpu.function._tiles`` / ``_bwd_tiles``.
 
 ``--glue``: instead, the non-causal and causal forward under the hashing and
-sorting constants of ``gpu.structure`` (``HASH_ROWS``, ``SORT_CHUNK``, ``SORT_TILE``).
+sorting constants of ``hyperref.gpu.structure`` (``HASH_ROWS``, ``SORT_CHUNK``, ``SORT_TILE``).
 
 Usage: ``python benchmarks/gpu_tiles.py [--n 131072] [--d 64 128] [--glue | --fwd]``
 """
@@ -20,8 +20,8 @@ import argparse
 import torch
 import triton.testing
 
-import gpu
-from gpu import function, structure
+from hyperref import gpu
+from hyperref.gpu import function, structure
 from hyperref import HyperConfig
 
 # few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)

@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from hyperref import HyperConfig, exact_attention, hyper_attention, make_draws  # noqa: E402
 from hyperref.attention import heavy_mask  # noqa: E402
 from hyperref.sampling import sampling_probabilities  # noqa: E402
-from theory.bounds import g4_bound, product_bound  # noqa: E402
-from theory.parameters import attention_parameters, spectral_error  # noqa: E402
+from hyperref.theory.bounds import g4_bound, product_bound  # noqa: E402
+from hyperref.theory.parameters import attention_parameters, spectral_error  # noqa: E402
 
 SKIP = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3", "pydoc_data",
         "ensurepip", "venv", "webbrowser", "xxsubtype", "msilib", "winreg", "winsound", "_winapi"}
@@ -128,7 +128,7 @@ def main():
     from transformers import AutoModel, AutoTokenizer
     import transformers
 
-    import gpu.hf_attention as hf
+    import hyperref.gpu.hf_attention as hf
 
     torch.manual_seed(0)
     path = model_dir()

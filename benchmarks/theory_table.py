@@ -23,7 +23,7 @@ import numpy as np
 from hyperref import HyperConfig
 from hyperref.cli import evaluate
 from hyperref.workloads import planted_workload
-from theory.bounds import g2_samples, paper_sample_sizes
+from hyperref.theory.bounds import g2_samples, paper_sample_sizes
 
 
 def main():

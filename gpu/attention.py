@@ -247,7 +247,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         if causal:
             lo, hi = leaf_intervals(leaves, nq, q.device)
             if nq == nk and len({(f.q1 - f.q0, f.k1 - f.k0) for f in leaves}) == 1:
-                leaf_len = leaves[0].q1 - leaves[0].q0  # equal squares (gpu.leaves)
+                leaf_len = leaves[0].q1 - leaves[0].q0  # equal squares (hyperref.gpu.leaves)
         else:
             lo = torch.zeros(nq, dtype=torch.int32, device=q.device)
             hi = torch.full((nq,), nk, dtype=torch.int32, device=q.device)

@@ -5,7 +5,7 @@ Each rank holds a contiguous shard of the sequence, for all heads:
 order. One all-to-all turns that into the full sequence for H/W query heads
 (and Hk/W key/value heads: rank r gets query heads ``[r·H/W, (r+1)·H/W)`` and
 key/value heads ``[r·Hk/W, (r+1)·Hk/W)``, which keeps every GQA group on one
-rank); each rank runs ordinary single-device :func:`gpu.hyper_attention`; a
+rank); each rank runs ordinary single-device :func:`hyperref.gpu.hyper_attention`; a
 second all-to-all returns sequence shards of the output (and ``lse``).
 Backward runs the same exchanges in reverse (each exchange's gradient is the
 opposite exchange), so gradients equal those of the single-process call on
@@ -90,7 +90,7 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
         Draws for the *whole* problem, batch shape (B, H), identical on every
         rank; each rank uses its heads' part. Without it each rank draws on
         its device from ``generator``.
-    Other arguments as :func:`gpu.hyper_attention`.
+    Other arguments as :func:`hyperref.gpu.hyper_attention`.
 
     Returns
     -------

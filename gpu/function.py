@@ -3,8 +3,8 @@
 ``pieces_attention(q, k, v, pieces, scale)`` returns ``(out, lse)`` of a list of
 pieces of HyperAttention (each a :class:`Plan` or a callable building it) merged
 into one softmax: the sortLSH blocks with their samples (one piece; or one per
-level of the causal recursion) and the causal leaves (see :mod:`gpu.kernels`,
-:mod:`gpu.structure`). Heads are flattened: ``q`` is (B·H, nq, D), ``k, v`` are
+level of the causal recursion) and the causal leaves (see :mod:`hyperref.gpu.kernels`,
+:mod:`hyperref.gpu.structure`). Heads are flattened: ``q`` is (B·H, nq, D), ``k, v`` are
 (B·Hk, nk, ·). Each :class:`Plan` holds a piece's index tensors.
 
 :func:`pieces_attention_dense` computes the same function with dense torch
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - triton is an optional extra
 
 @dataclass
 class Plan:
-    """Index tensors of one piece (all on the device of ``q``; see :mod:`gpu.structure`).
+    """Index tensors of one piece (all on the device of ``q``; see :mod:`hyperref.gpu.structure`).
 
     ``perm_q`` (BH, R) / ``perm_k`` (BH, C): original query / key of each virtual
     row / key (``None`` for the causal leaves, whose virtual order is the
@@ -86,7 +86,7 @@ def _interpret() -> bool:
 # the single-loop forward for row tiles inside one sortLSH block (False: the general loops)
 ONE_BLOCK = True
 
-# exact causal leaves by a vendor kernel when gpu.leaves.supported ("cudnn", "flash"), or by
+# exact causal leaves by a vendor kernel when hyperref.gpu.leaves.supported ("cudnn", "flash"), or by
 # the Triton kernel ("triton")
 LEAVES = "cudnn"
 
@@ -182,7 +182,7 @@ class _PiecesAttention(torch.autograd.Function):
     sampling launches and their index plumbing) while the GPU runs the kernels
     already queued (the leaves, the previous levels). Only ``q, k,
     v, out, lse`` and the index tensors are kept for backward: memory ``O(n·d)``.
-    Equal square causal leaves may be computed by cuDNN (:mod:`gpu.leaves`,
+    Equal square causal leaves may be computed by cuDNN (:mod:`hyperref.gpu.leaves`,
     switch ``LEAVES``); their backward then runs there too unless a gradient
     flows into ``lse``.
     """
@@ -196,7 +196,7 @@ class _PiecesAttention(torch.autograd.Function):
         pieces = list(pieces)
         first = pieces[0] = _built(pieces[0])
         if LEAVES not in L.BACKENDS + ("triton",):
-            raise ValueError(f"gpu.function.LEAVES must be one of {L.BACKENDS + ('triton',)}, got {LEAVES!r}")
+            raise ValueError(f"hyperref.gpu.function.LEAVES must be one of {L.BACKENDS + ('triton',)}, got {LEAVES!r}")
         if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk, LEAVES):
             out, lse, state = L.forward(q, k, v, first.leaf_len, scale, LEAVES)
             ctx.leaves = (LEAVES, state)
@@ -226,7 +226,7 @@ class _PiecesAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         if torch.is_grad_enabled():  # create_graph=True: the kernels' gradients are not differentiable
-            raise RuntimeError("gpu.hyper_attention (Triton) has no double backward; use backend='dense' "
+            raise RuntimeError("hyperref.gpu.hyper_attention (Triton) has no double backward; use backend='dense' "
                                "for gradients of gradients (small N)")
         q, k, v, out, lse = ctx.saved_tensors
         scale = ctx.scale

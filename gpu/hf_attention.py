@@ -1,6 +1,6 @@
 """HyperAttention inside Hugging Face ``transformers`` models, through ``AttentionInterface``.
 
->>> import gpu.hf_attention as hf                                      # doctest: +SKIP
+>>> import hyperref.gpu.hf_attention as hf                                      # doctest: +SKIP
 >>> hf.register(HyperConfig(block=64, samples=64, min_seq_len=64))     # doctest: +SKIP
 >>> model = AutoModel.from_pretrained(path, attn_implementation="hyper")  # doctest: +SKIP
 
@@ -9,7 +9,7 @@ The registered function has the signature transformers expects
 ``query`` of shape (B, H, N, D)) and returns ``(out, None)`` with ``out`` of
 shape (B, N, H, D), like the built-in ``sdpa`` function.
 
-* CUDA tensors go to :func:`gpu.hyper_attention` (Triton, differentiable;
+* CUDA tensors go to :func:`hyperref.gpu.hyper_attention` (Triton, differentiable;
   ``masked`` estimator, ``self`` normalizer).
 * CPU tensors go to the reference :func:`hyperref.hyper_attention` (Numba
   engine, any configuration) when no gradient is needed, and to the dense torch
@@ -31,6 +31,8 @@ import torch
 
 from hyperref import HyperConfig
 from hyperref import hyper_attention as reference_attention
+
+from .attention import hyper_attention as gpu_attention
 
 NAME = "hyper"
 
@@ -58,18 +60,15 @@ def _valid_keys(attention_mask, b, nk):
 def _attend(q, k, v, causal, scale, config, rng):
     """One sequence: q (1, H, N, D), k/v (1, Hk, Nk, ·)."""
     if q.is_cuda:
-        import gpu
-
-        return gpu.hyper_attention(q, k, v, causal=causal, scale=scale, config=config,
-                                   generator=torch.Generator(q.device).manual_seed(int(rng.integers(2**62))))
+        return gpu_attention(q, k, v, causal=causal, scale=scale, config=config,
+                             generator=torch.Generator(q.device).manual_seed(int(rng.integers(2**62))))
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        import gpu
         from hyperref import make_draws
 
         draws = make_draws(config, q.shape[2], k.shape[2], q.shape[3], causal=causal,
                            batch_shape=tuple(q.shape[:2]), rng=rng)
-        return gpu.hyper_attention(q, k, v, causal=causal, scale=scale, config=config,
-                                   draws=draws, backend="dense")
+        return gpu_attention(q, k, v, causal=causal, scale=scale, config=config,
+                             draws=draws, backend="dense")
     out = reference_attention(*(t.detach().cpu().numpy() for t in (q, k, v)), causal=causal,
                               scale=scale, config=config, rng=rng)
     return torch.from_numpy(out).to(q.dtype)

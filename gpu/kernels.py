@@ -45,7 +45,7 @@ for few buckets (``r ≤ 8`` bits) the buckets alone, ordered by a stable counti
 the same order. ``_sample_kernel`` draws each node's keys by binary searches of the
 sampling weights' prefix sums (SPEC §5). The hash and the row-norm kernels can flag
 NaN/Inf in the rows they read (``CHECK``): the input check without a separate pass.
-The causal leaves may instead be computed by cuDNN (:mod:`gpu.leaves`).
+The causal leaves may instead be computed by cuDNN (:mod:`hyperref.gpu.leaves`).
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def _first_index(ROW, lo, hi, target, STRICT: tl.constexpr, STEPS: tl.constexpr)
 def _sample_kernel(CUM, W, U, STARTS, ENDS, COL_ORIG, POS, KTAG, IDX, BIAS, STAG,
                    n_nodes, m, G, s_cr, s_wr, s_pb,
                    BLOCK: tl.constexpr, RATIO: tl.constexpr, STEPS: tl.constexpr):
-    """Inverse-CDF samples of node ``t`` for head ``bh`` (SPEC §5; gpu.structure.sample_nodes).
+    """Inverse-CDF samples of node ``t`` for head ``bh`` (SPEC §5; hyperref.gpu.structure.sample_nodes).
 
     ``CUM`` (R, C) float64 prefix sums of the weights ``W`` over the piece's virtual keys, row
     ``bh // G``. Sample ``j``: target ``base + u_j·(top − base)`` (``base``, ``top``: the

@@ -104,8 +104,8 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
     Returns the report dict and ``(out, lse)`` of HyperAttention. For batched
     input each parameter and error is the maximum over (batch, head).
     """
-    from theory.bounds import g2_bound, g3_bound, g4_bound, product_bound
-    from theory.parameters import attention_parameters, spectral_error
+    from hyperref.theory.bounds import g2_bound, g3_bound, g4_bound, product_bound
+    from hyperref.theory.parameters import attention_parameters, spectral_error
 
     from .sampling import sampling_probabilities
 

@@ -34,7 +34,7 @@ def logit_blocks(q, k, scale, *, causal=False, max_block_bytes=DEFAULT_BLOCK_BYT
     """Yield ``(start, stop, logits)`` row blocks of ``S = scale · QKᵀ``.
 
     Causally hidden entries are ``-inf``. Used by exact attention and by the
-    parameters in :mod:`theory.parameters`.
+    parameters in :mod:`hyperref.theory.parameters`.
     """
     nq, nk = len(q), len(k)
     chunk = row_chunk(nk, q.dtype.itemsize, max_block_bytes)

@@ -27,7 +27,7 @@ import numpy as np
 
 from hyperref import HyperConfig, exact_attention, hyper_attention, make_draws
 from hyperref.workloads import planted_workload
-from theory.parameters import attention_parameters, spectral_error
+from hyperref.theory.parameters import attention_parameters, spectral_error
 
 n, d = 8192, 64
 q, k, v = planted_workload(n, d, rng=0)  # half of the queries put a logit ≈ 12 on one key

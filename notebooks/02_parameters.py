@@ -25,8 +25,8 @@ import numpy as np
 
 from hyperref import HyperConfig, exact_attention, hyper_attention, make_draws
 from hyperref.attention import heavy_mask
-from theory.bounds import g2_bound
-from theory.parameters import attention_parameters, spectral_error
+from hyperref.theory.bounds import g2_bound
+from hyperref.theory.parameters import attention_parameters, spectral_error
 
 n, d = 1024, 16
 cfg = HyperConfig(block=64, samples=64, min_seq_len=128)

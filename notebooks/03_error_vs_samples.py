@@ -25,7 +25,7 @@ import numpy as np
 
 from hyperref.mask import block_structure, dense_mask
 from hyperref.sampling import resolve_samples, sampling_probabilities
-from theory.bounds import product_bound
+from hyperref.theory.bounds import product_bound
 
 rng = np.random.default_rng(0)
 n, d = 768, 16

@@ -37,7 +37,7 @@ print("CUDA available:", CUDA)
 
 # %%
 if CUDA:
-    import gpu
+    from hyperref import gpu
     import hyperref
     from hyperref import HyperConfig, make_draws
 

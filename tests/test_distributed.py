@@ -25,8 +25,8 @@ def _worker(rank, world, port, causal, backend, hk, results):
     try:
         from hyperref import HyperConfig, make_draws
 
-        import gpu
-        from gpu.distributed import hyper_attention_distributed
+        from hyperref import gpu
+        from hyperref.gpu.distributed import hyper_attention_distributed
 
         b, h, n, d = 1, 4, 128, 16
         cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
@@ -86,7 +86,7 @@ def _bad_worker(rank, world, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from gpu.distributed import hyper_attention_distributed
+        from hyperref.gpu.distributed import hyper_attention_distributed
 
         q = torch.randn(1, 3, 8, 16)
         try:

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 import hyperref  # noqa: E402
 from hyperref import HyperConfig, make_draws  # noqa: E402
 
-import gpu  # noqa: E402
+from hyperref import gpu  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -239,12 +239,12 @@ def test_torch_compile_dense_matches_eager():
 def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
     # bits <= 8: counting sort (chunks of 32/48 rows: several per node, one crossing none);
     # 25: sort keys need int64 (torch sort)
-    import gpu.structure
-    from gpu.structure import Layout, layout_arrays, sorted_order
+    import hyperref.gpu.structure
+    from hyperref.gpu.structure import Layout, layout_arrays, sorted_order
 
-    monkeypatch.setattr(gpu.structure, "SORT_CHUNK", chunk)
-    monkeypatch.setattr(gpu.structure, "SORT_TILE", 16)
-    monkeypatch.setattr(gpu.structure, "COUNTING_ON_CPU", True)
+    monkeypatch.setattr(hyperref.gpu.structure, "SORT_CHUNK", chunk)
+    monkeypatch.setattr(hyperref.gpu.structure, "SORT_TILE", 16)
+    monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_ON_CPU", True)
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 150, 16, generator=g).to(DEVICE)
     layout = Layout(((10, 60, 0, 40), (60, 150, 40, 150)))  # two nodes of different sizes
@@ -267,11 +267,11 @@ def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
 
 
 def _check_triton_sampler(sq, u, sampler, layout):
-    # gpu.structure.sample_nodes_triton = sample_nodes on the same device (keys, log-weights;
+    # hyperref.gpu.structure.sample_nodes_triton = sample_nodes on the same device (keys, log-weights;
     # the same prefix sums, so the same keys even where a target ties with a prefix sum, as
     # u = 0.5 on uniform weights does) and the block tags ktag[position[key]] for a random
     # inverse permutation
-    from gpu.structure import layout_arrays, sample_nodes, sample_nodes_triton
+    from hyperref.gpu.structure import layout_arrays, sample_nodes, sample_nodes_triton
 
     bh, nk = u.shape[0], sq.shape[1]
     g = torch.Generator().manual_seed(5)
@@ -290,15 +290,15 @@ def _check_triton_sampler(sq, u, sampler, layout):
 def test_counting_sort_pipeline_equals_radix_sort_pipeline(causal, monkeypatch):
     # the whole forward with the counting sort (and its inverse permutation for the samples'
     # block tags) = with torch's sort of the sort keys, on the same device draws: bitwise
-    import gpu.structure
+    import hyperref.gpu.structure
 
     q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, 96, 96, D_LIST[0], 3, torch.float64))
     cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
     outs = []
     for counting in (True, False):
-        monkeypatch.setattr(gpu.structure, "COUNTING_ON_CPU", counting)
-        monkeypatch.setattr(gpu.structure, "COUNTING_BITS", 8 if counting else 0)
-        monkeypatch.setattr(gpu.structure, "SORT_TILE", 16)
+        monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_ON_CPU", counting)
+        monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_BITS", 8 if counting else 0)
+        monkeypatch.setattr(hyperref.gpu.structure, "SORT_TILE", 16)
         gen = torch.Generator(DEVICE).manual_seed(1)
         outs.append(gpu.hyper_attention(q, k, v, causal=causal, config=cfg, generator=gen, return_lse=True))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -307,7 +307,7 @@ def test_counting_sort_pipeline_equals_radix_sort_pipeline(causal, monkeypatch):
 def test_samples_never_pick_zero_probability_keys():
     # u just below 1 can round the inverse-CDF target up to a node's top; the zero rows of V
     # after the node's last positive key must not be picked (reference: resolve_samples)
-    from gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
+    from hyperref.gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
 
     v = torch.randn(1, 20, 16, dtype=torch.float64)
     v[0, 7:10] = 0.0  # node 0 covers keys [0, 10): its last positive key is 6
@@ -367,8 +367,8 @@ def test_torch_compile_triton_matches_eager():
 def test_one_block_loop_equals_general_loops(causal, monkeypatch):
     # row tiles inside one sortLSH block take the single interval+samples loop with per-column
     # masks; the general loops (per-row intervals, 2-D masks) must give the same answer
-    import gpu.function as F
-    from gpu.structure import Layout, tiles_in_one_block
+    import hyperref.gpu.function as F
+    from hyperref.gpu.structure import Layout, tiles_in_one_block
 
     bm = F._tiles(D_LIST[0], torch.float32, torch.device(DEVICE))[0]
     assert tiles_in_one_block(Layout(((0, N, 0, N),)), CFG.block, bm)  # the whole, non-causal
@@ -394,8 +394,8 @@ def test_one_block_loop_equals_general_loops(causal, monkeypatch):
 def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
     # causal leaves by cuDNN / FlashAttention (out, lse and the backward from the final out, lse)
     # against the Triton leaves, same draws; with a gradient into lse the Triton backward runs
-    import gpu.function as F
-    import gpu.leaves as L
+    import hyperref.gpu.function as F
+    import hyperref.gpu.leaves as L
 
     cfg = HyperConfig(bits=5, block=64, samples=64, min_seq_len=256)
     q, k, v = (torch.randn(1, 4, 2048, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
@@ -426,7 +426,7 @@ def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
 def test_one_program_per_block_tiles_equal_small_tiles(causal, monkeypatch):
     # at d = 128 (half precision) a sortLSH piece with blocks of 256 runs one program of 256
     # rows per block; the same forward with tiles of 64 rows must agree
-    import gpu.function as F
+    import hyperref.gpu.function as F
 
     cfg = HyperConfig(bits=5, block=256, samples=256, min_seq_len=512)
     q, k, v = (torch.randn(1, 2, 2048, 128, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
@@ -468,7 +468,7 @@ def test_one_nonfinite_entry_is_refused(name, causal):
 @pytest.mark.parametrize("d", [16, 32, 256])
 def test_other_head_dims_launch_and_match(d, dtype):
     # head dims besides 64 and 128 (the others' tests): every kernel launches at the tiles
-    # gpu.function picks (within the device's shared memory) and the causal forward and its
+    # hyperref.gpu.function picks (within the device's shared memory) and the causal forward and its
     # gradients match the float64 dense twin as in test_gradients_match_dense_autograd
     cfg = HyperConfig(bits=4, block=64, samples=64, min_seq_len=128)
     n = 600
@@ -495,7 +495,7 @@ def test_other_head_dims_launch_and_match(d, dtype):
 def test_add_into_rounds_the_fp32_sum_once(dtype):
     # the vendor-leaf backward adds the levels' fp32 gradients into the leaves' in one pass:
     # the same as torch's fp32 sum rounded to the dtype, bitwise, including a ragged tail
-    from gpu.function import _add_into
+    from hyperref.gpu.function import _add_into
 
     if dtype == torch.bfloat16 and not CUDA:
         pytest.skip("the Triton interpreter does not round fp32 to bfloat16 (it does not support bf16)")
@@ -511,7 +511,7 @@ def test_add_into_rounds_the_fp32_sum_once(dtype):
 def test_blocked_prefix_sums(n):
     # two-level prefix sums = cumsum up to rounding, and nondecreasing for nonnegative input
     # (the inverse-CDF search needs it); zero stretches stay flat
-    from gpu.structure import prefix_sums
+    from hyperref.gpu.structure import prefix_sums
 
     g = torch.Generator().manual_seed(n)
     x = torch.rand(3, n, generator=g, dtype=torch.float64) ** 4
@@ -522,7 +522,7 @@ def test_blocked_prefix_sums(n):
 
 
 def test_gaps_of_hashed_rows():
-    from gpu.attention import _gaps
+    from hyperref.gpu.attention import _gaps
 
     assert _gaps([(4, 8), (2, 4), (6, 8), (12, 14)], 16) == [(0, 2), (8, 12), (14, 16)]
     assert _gaps([(0, 16)], 16) == [] and _gaps([], 3) == [(0, 3)]
@@ -533,7 +533,7 @@ def test_sample_nodes_match_reference_sampler(sampler):
     # node-batched inverse CDF = hyperref.sampling.sample_keys on each node's keys, per head;
     # two query heads per key/value head, zero rows of v, a node whose rows of v are all zero
     from hyperref.sampling import sample_keys
-    from gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
+    from hyperref.gpu.structure import Layout, layout_arrays, row_sq_norms, sample_nodes
 
     g = torch.Generator().manual_seed(11)
     v = torch.randn(2, 60, 8, generator=g, dtype=torch.float64)
@@ -552,7 +552,7 @@ def test_sample_nodes_match_reference_sampler(sampler):
 
 
 def test_unknown_leaf_backend_is_an_error(monkeypatch):
-    import gpu.function as F
+    import hyperref.gpu.function as F
 
     monkeypatch.setattr(F, "LEAVES", "foo")
     q = torch.randn(1, 1, 64, 16, device=DEVICE)

@@ -1,11 +1,11 @@
-"""theory.parameters against brute force (SPEC §2)."""
+"""hyperref.theory.parameters against brute force (SPEC §2)."""
 
 import numpy as np
 import pytest
 
 from hyperref import HyperConfig, make_draws
 from hyperref.attention import heavy_mask
-from theory.parameters import SoftmaxOperator, attention_parameters, spectral_error
+from hyperref.theory.parameters import SoftmaxOperator, attention_parameters, spectral_error
 
 from .dense import brute_mask
 

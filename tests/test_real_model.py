@@ -46,7 +46,7 @@ def _embed(model, enc):
 def _cosines(setup, config, **kw):
     from transformers import AutoModel
 
-    import gpu.hf_attention as hf
+    import hyperref.gpu.hf_attention as hf
 
     path, enc, ref = setup
     name = hf.register(config, name="hyper_test", **kw)
@@ -78,7 +78,7 @@ def test_layers_outside_the_set_stay_exact(setup):
 def test_per_call_config_and_gradients_on_cpu(setup):
     from transformers import AutoModel
 
-    import gpu.hf_attention as hf
+    import hyperref.gpu.hf_attention as hf
 
     path, enc, _ = setup
     name = hf.register(HyperConfig(block=64, samples=64, min_seq_len=64), name="hyper_grad")
@@ -92,7 +92,7 @@ def test_per_call_config_and_gradients_on_cpu(setup):
 
 def test_empty_batch_gives_an_empty_answer():
     # no sequences in the batch: an empty (B, N, H, Dv) answer, as sdpa gives, not a failed concat
-    import gpu.hf_attention as hf
+    import hyperref.gpu.hf_attention as hf
 
     fn = hf.make_attention_function(HyperConfig(block=32, samples=32, min_seq_len=16))
     q, k, v = (torch.randn(0, 2, 40, 16) for _ in range(3))

@@ -11,8 +11,8 @@ from scipy.stats import binom
 from hyperref import HyperConfig
 from hyperref.mask import block_structure, dense_mask
 from hyperref.sampling import resolve_samples, sampling_probabilities
-from theory import bounds, symbolic
-from theory.parameters import attention_parameters, spectral_error
+from hyperref.theory import bounds, symbolic
+from hyperref.theory.parameters import attention_parameters, spectral_error
 
 from .strategies import attention_inputs
 

@@ -10,7 +10,7 @@ G1 (normalizer, deterministic)
 G2 (product, ``paper`` estimator, exact D)
     For ``m`` i.i.d. samples with probabilities ``p``,
     ``E‖P SᵀS V − PV‖_F² = (1/m)(Σ_j ‖Pe_j‖²‖v_j‖²/p_j − ‖PV‖_F²)``
-    (verified symbolically in :mod:`theory.symbolic`). With ``rownorm``
+    (verified symbolically in :mod:`hyperref.theory.symbolic`). With ``rownorm``
     sampling this is ``≤ ‖P‖_F²‖V‖_F²/m``; Markov's inequality on the squared
     Frobenius error and ``‖·‖_op ≤ ‖·‖_F`` give, with probability ``≥ 1 − δ``,
     ``err ≤ sqrt(srank(P) srank(V) / (δ m))``, and ``srank(P) ≤ α nk/nq``.

@@ -160,7 +160,7 @@ class Parameters:
         Number of ones of ``M``.
     col_sq, col_sq_res : ndarray, shape (nk,)
         Squared column norms ``‖P e_j‖²`` and ``‖(P∘(1−M)) e_j‖²`` (the latter
-        ``None`` without a mask), for :func:`theory.bounds.product_bound`.
+        ``None`` without a mask), for :func:`hyperref.theory.bounds.product_bound`.
     """
 
     nq: int

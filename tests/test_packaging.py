@@ -1,0 +1,47 @@
+"""The installed package: one top-level name, ``hyperref``, with ``hyperref.theory`` and ``hyperref.gpu``."""
+
+import doctest
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_only_hyperref_is_installed_at_the_top(tmp_path):
+    # run outside the checkout, so that the repository's folders are not on sys.path
+    code = ("import importlib.util as u, hyperref.theory, hyperref.gpu;"
+            "print(u.find_spec('theory') is None, u.find_spec('gpu') is None)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"]
+
+
+def test_a_users_own_theory_and_gpu_modules_do_not_shadow_the_package(tmp_path):
+    (tmp_path / "theory.py").write_text("raise ImportError('the user module was imported')\n")
+    (tmp_path / "gpu.py").write_text("raise ImportError('the user module was imported')\n")
+    code = "import hyperref.theory.bounds, hyperref.theory.parameters; print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+def test_no_source_imports_the_old_top_level_names():
+    pattern = re.compile(r"^\s*(import|from)\s+(gpu|theory)\b", re.M)
+    sources = [p for folder in ("hyperref", "theory", "gpu", "tests", "benchmarks", "notebooks")
+               for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".ipynb")]
+    sources += [ROOT / "README.md"]
+    offenders = [str(p.relative_to(ROOT)) for p in sources
+                 if pattern.search(p.read_text().replace('\\n', '\n').replace('"', ''))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("name", ["hyperref.theory.bounds", "hyperref.theory.parameters",
+                                  "hyperref.theory.symbolic"])
+def test_subpackage_doctests(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
