@@ -6,6 +6,7 @@ import numpy as np
 
 from ._validation import InputError, check_bool, check_config, check_qkv, check_scale
 from .causal import causal_head
+from .direct import direct_head
 from .config import HyperConfig
 from .draws import Draws, make_draws
 from .estimators import noncausal_head
@@ -167,6 +168,10 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
                            batch_shape=() if single else (b, h), rng=rng)
     check_draws(draws, config, q, k, causal, single)
     exact = nq <= config.min_seq_len
+    if not exact and config.mode == "direct":
+        out, lse = _for_each_head(q, k, v, single, lambda index, qh, kh, vh: direct_head(
+            qh, kh, vh, s, config, draws.direct.head(() if single else index), causal))
+        return (out, lse) if return_lse else out
     if not exact and engine == "numba" and nq:
         from .engine_numba import hyper_heads
 

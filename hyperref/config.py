@@ -8,6 +8,8 @@ import math
 ESTIMATORS = ("paper", "masked")
 SAMPLERS = ("rownorm", "uniform", "mixed")
 NORMALIZERS = ("approxd", "self")
+#: how a causal call is computed: the paper's recursion (SPEC §6) or query blocks (SPEC §6b)
+MODES = ("recursive", "direct")
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,10 @@ class HyperConfig:
     estimator : {"masked", "paper"}
         ``masked``: exact on the sortLSH blocks, sampled on the residual;
         ``paper``: sampled on everything, Algorithm 3 as printed (SPEC §5).
-    sampler : {"rownorm", "uniform", "mixed"}
-        Sampling distribution of the ``m`` keys (SPEC §5).
+    sampler : {"mixed", "rownorm", "uniform"}
+        Sampling distribution of the ``m`` keys (SPEC §5). The default ``mixed``
+        gives every key positive probability, so the ``self`` normalizer
+        converges also when some ``v_j = 0``; ``rownorm`` (the paper's) does not.
     normalizer : {"self", "approxd"}
         ``self``: the ratio estimator (what a fused kernel computes);
         ``approxd``: the row sums of Algorithm 2 (SPEC §4).
@@ -41,6 +45,18 @@ class HyperConfig:
     kappa : float or None
         Upper bound on the row-ratio parameter κ for the ApproxD floor
         ``τ/κ``; ``None`` estimates it from the rows ``T`` (a heuristic).
+    mode : {"recursive", "direct"}
+        ``recursive``: the paper — non-causal calls as Algorithms 1–3, causal
+        ones by the recursion of SPEC §6. ``direct``: query blocks of
+        ``query_block`` rows, each with its exact set and a residual sampled from
+        its own support (SPEC §6b), causal or not; ``masked`` estimator and
+        ``self`` normalizer only.
+    exact_set : hyperref.exact_set.ExactSet or None
+        The keys computed exactly (SPEC §3b), e.g.
+        ``sinks(4) | window(256) | sortlsh(7, 64, 2)``. ``None``: the paper's
+        ``sortlsh(bits, block, 1)``; the recursive mode takes only that one.
+    query_block : int
+        Rows per query block ``bq`` of the direct mode. Default 64.
 
     Examples
     --------
@@ -53,13 +69,16 @@ class HyperConfig:
     samples: int = 256
     min_seq_len: int = 4096
     estimator: str = "masked"
-    sampler: str = "rownorm"
+    sampler: str = "mixed"
     normalizer: str = "self"
     approxd_samples: int = 256
     kappa: float | None = None
+    mode: str = "recursive"
+    exact_set: "ExactSet | None" = None
+    query_block: int = 64
 
     def __post_init__(self):
-        for name in ("bits", "block", "samples", "min_seq_len", "approxd_samples"):
+        for name in ("bits", "block", "samples", "min_seq_len", "approxd_samples", "query_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"HyperConfig.{name} must be an int, got {value!r}")
@@ -71,6 +90,7 @@ class HyperConfig:
             ("estimator", ESTIMATORS),
             ("sampler", SAMPLERS),
             ("normalizer", NORMALIZERS),
+            ("mode", MODES),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -84,6 +104,21 @@ class HyperConfig:
             if not math.isfinite(kappa) or kappa < 1:
                 raise ValueError(f"HyperConfig.kappa must be finite and >= 1, got {kappa}")
 
+        if self.exact_set is not None:
+            from .exact_set import ExactSet
+
+            if not isinstance(self.exact_set, ExactSet):
+                raise TypeError("HyperConfig.exact_set must be an ExactSet (e.g. sinks(4) | window(256)) "
+                                f"or None, got {self.exact_set!r}")
+            if self.mode == "recursive":
+                raise ValueError("HyperConfig.exact_set needs mode='direct' (the recursion of SPEC §6 "
+                                 "uses the paper's sortLSH mask, set by bits and block)")
+        if self.mode == "direct" and (self.estimator, self.normalizer) != ("masked", "self"):
+            raise ValueError("mode='direct' computes the masked estimator with the self normalizer; "
+                             f"got estimator={self.estimator!r}, normalizer={self.normalizer!r}")
+
     def as_dict(self) -> dict:
-        """All settings as a plain dict (JSON-serializable)."""
-        return asdict(self)
+        """All settings as a plain dict (JSON-serializable; the exact set as its description)."""
+        out = asdict(self)
+        out["exact_set"] = None if self.exact_set is None else self.exact_set.describe()
+        return out

@@ -60,6 +60,30 @@ class BlockDraws:
 
 
 @dataclass(frozen=True)
+class DirectDraws:
+    """Draws of one call in the direct mode (SPEC §6b), for every head at once.
+
+    Attributes
+    ----------
+    exact : tuple
+        One entry per part of the exact set: its random array with leading
+        ``batch_shape`` (for ``sortlsh``: the projections, ``(rounds, d, bits)``
+        per head), or ``None`` for deterministic parts.
+    sample_u : ndarray of float64, shape ``batch_shape + (T, m)``
+        Uniforms on ``[0, 1)`` selecting the ``m`` sampled keys of each of the
+        ``T = ⌈nq / query_block⌉`` query blocks.
+    """
+
+    exact: tuple
+    sample_u: np.ndarray
+
+    def head(self, index: tuple) -> "DirectDraws":
+        """The draws of one head, ``index`` into the batch shape."""
+        return DirectDraws(tuple(None if a is None else a[index] for a in self.exact),
+                           self.sample_u[index])
+
+
+@dataclass(frozen=True)
 class Draws:
     """The frozen record of all random choices of one HyperAttention call.
 
@@ -76,7 +100,11 @@ class Draws:
     blocks : mapping of str to BlockDraws
         Non-causal: one entry, ``""``. Causal: one entry per off-diagonal
         block of the recursion, keyed by its path (:mod:`hyperref.plan`).
-        Empty when the call is computed exactly (``nq <= min_seq_len``).
+        Empty when the call is computed exactly (``nq <= min_seq_len``) or in
+        the direct mode.
+    direct : DirectDraws or None
+        The draws of the direct mode (``config.mode == "direct"``), ``None``
+        otherwise or when the call is computed exactly.
     """
 
     nq: int
@@ -86,12 +114,14 @@ class Draws:
     batch_shape: tuple
     config: HyperConfig
     blocks: Mapping[str, BlockDraws] = field(default_factory=dict)
+    direct: DirectDraws | None = None
 
     def head(self, index: tuple) -> "Draws":
         """The draws of one head (``batch_shape`` becomes ``()``)."""
         return Draws(
             self.nq, self.nk, self.d, self.causal, (), self.config,
             {path: blk.head(index) for path, blk in self.blocks.items()},
+            None if self.direct is None else self.direct.head(index),
         )
 
 
@@ -150,11 +180,18 @@ def make_draws(
     batch_shape = tuple(check_count(s, "each batch_shape entry") for s in batch_shape)
     rng = np.random.default_rng(rng)
     blocks: dict[str, BlockDraws] = {}
-    if nq > config.min_seq_len and nk > 0:
+    direct = None
+    if nq > config.min_seq_len and nk > 0 and config.mode == "direct":
+        from .direct import n_query_blocks, paper_exact_set
+
+        exact = paper_exact_set(config).draw(d, batch_shape, rng)
+        u = rng.random(batch_shape + (n_query_blocks(nq, config.query_block), config.samples))
+        direct = DirectDraws(exact, u)
+    elif nq > config.min_seq_len and nk > 0:
         if causal:
             offdiag, _ = causal_nodes(nq, nk, config.min_seq_len)
             for node in offdiag:
                 blocks[node.path] = _block_draws(node.nq, node.nk, d, batch_shape, config, rng)
         else:
             blocks[""] = _block_draws(nq, nk, d, batch_shape, config, rng)
-    return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks)
+    return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks, direct)

@@ -59,11 +59,13 @@ def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraw
     log_w = np.stack([s[1] for s in samples]).astype(q.dtype)
     out = np.zeros((n_heads, nq, dv), dtype=v.dtype)
     lse = np.full((n_heads, nq), -np.inf, dtype=v.dtype)
-    if config.estimator == "masked":
-        nk_.masked_partial(q, k, v, kv_of, q.dtype.type(scale), perm_q, q_starts, perm_k,
-                           config.block, k_block, idx, log_w, out, lse)
-    else:
-        nk_.paper_partial(q, k, v, kv_of, q.dtype.type(scale), idx, log_w, out, lse)
+    s = q.dtype.type(scale)
+    kernels = {  # the estimators of SPEC §5 (hyperref.estimators.ESTIMATORS)
+        "masked": lambda: nk_.masked_partial(q, k, v, kv_of, s, perm_q, q_starts, perm_k,
+                                             config.block, k_block, idx, log_w, out, lse),
+        "paper": lambda: nk_.paper_partial(q, k, v, kv_of, s, idx, log_w, out, lse),
+    }
+    kernels[config.estimator]()
     if config.normalizer == "approxd":
         log_d = _approx_d(q, k, kv_of, scale, config, draws, perm_q, q_starts, perm_k,
                           q_block, k_block).astype(v.dtype)

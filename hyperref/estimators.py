@@ -74,6 +74,13 @@ def paper_partial(q, k, v, scale, idx, log_w):
     return out, lse
 
 
+#: the output estimators of SPEC §5 by name: ``(q, k, v, scale, structure, idx, log_w) -> (o, lse)``
+ESTIMATORS = {
+    "masked": masked_partial,
+    "paper": lambda q, k, v, scale, structure, idx, log_w: paper_partial(q, k, v, scale, idx, log_w),
+}
+
+
 def noncausal_head(q, k, v, scale, config: HyperConfig, draws: BlockDraws,
                    structure: BlockStructure | None = None):
     """Non-causal HyperAttention of one head; returns ``(out, lse)``.
@@ -98,10 +105,7 @@ def noncausal_head(q, k, v, scale, config: HyperConfig, draws: BlockDraws,
     if structure is None:
         structure = block_structure(q, k, draws.lsh_planes, config.block)
     idx, log_w = sample_keys(draws.sample_u, v, config.sampler)
-    if config.estimator == "masked":
-        out, lse = masked_partial(q, k, v, scale, structure, idx, log_w)
-    else:
-        out, lse = paper_partial(q, k, v, scale, idx, log_w)
+    out, lse = ESTIMATORS[config.estimator](q, k, v, scale, structure, idx, log_w)
     if config.normalizer == "approxd":
         log_d = approx_d(q, k, scale, structure, draws.approxd_rows,
                          draws.approxd_cols, config.kappa).log_d.astype(v.dtype)

@@ -1,0 +1,309 @@
+"""Structured exact sets: the keys each query row computes exactly (SPEC §3b).
+
+An exact set ``E`` is a union of named parts; every part is intersected with
+what row ``i`` may see. Positions are absolute: row ``i`` is aligned with key
+position ``c_i = i + (nk − nq)`` (SPEC §1), causal or not.
+
+* :func:`sinks` ``(s)`` — keys ``j < s`` (the attention sinks of language models);
+* :func:`window` ``(w)`` — causal: ``c_i − w < j ≤ c_i``; non-causal: ``|c_i − j| < w``;
+* :func:`sortlsh` ``(bits, block, rounds)`` — the sortLSH block mask of SPEC §3 for
+  ``rounds`` independent projections, united (``rounds = 1``, ``bits = 7``,
+  ``block = 256`` is the paper); ``centred=True`` hashes the keys minus their mean
+  (a row's ranking of logits does not change when one vector is subtracted from
+  every key, but the angles the hash sees do);
+* :func:`topk` ``(k)`` — the *oracle*: the ``k`` visible keys of largest logit
+  (ties by smaller ``j``). ``O(nq·nk)``; a yardstick for detectors, not an algorithm.
+
+Parts combine with ``|``::
+
+    >>> E = sinks(4) | window(256) | sortlsh(bits=7, block=64, rounds=2)
+    >>> E.describe()
+    'sinks(4) | window(256) | sortlsh(bits=7, block=64, rounds=2)'
+
+Each part is a small frozen dataclass with one method, :meth:`ExactPart.member`,
+that returns the boolean membership of a row range over a key prefix. A part
+that needs randomness declares the shape of its draws (:meth:`ExactPart.draw`);
+the draws live in the call's frozen record (:mod:`hyperref.draws`), so every
+engine sees the same exact set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from ._validation import InputError, check_bool, check_count
+from .lsh import buckets
+from .mask import query_blocks
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Shapes of one head's problem: ``nq`` rows, ``nk`` keys, causal or not.
+
+    ``offset = nk − nq`` aligns row ``i`` with key position ``c_i = i + offset``.
+    """
+
+    nq: int
+    nk: int
+    causal: bool
+
+    @property
+    def offset(self) -> int:
+        return self.nk - self.nq
+
+    def visible(self, rows: np.ndarray, nkeys: int) -> np.ndarray:
+        """Boolean ``(len(rows), nkeys)``: key ``j`` is visible to row ``i``."""
+        if not self.causal:
+            return np.ones((len(rows), nkeys), dtype=bool)
+        return np.arange(nkeys)[None, :] <= (rows[:, None] + self.offset)
+
+
+class ExactPart:
+    """One named part of an exact set (an interface; see the implementations below)."""
+
+    #: name used by :meth:`describe` and the registry :data:`PARTS`
+    kind: ClassVar[str] = ""
+    #: True for parts that are yardsticks only (O(nq·nk) work)
+    oracle: ClassVar[bool] = False
+
+    def draw(self, d: int, batch_shape: tuple, rng: np.random.Generator) -> np.ndarray | None:
+        """The random array this part needs for head dim ``d`` (``None``: deterministic)."""
+        return None
+
+    def prepare(self, q: np.ndarray, k: np.ndarray, scale: float, geom: Geometry, draws):
+        """Per-head state computed once (hashes, sorted orders); default none."""
+        return None
+
+    def member(self, state, q, k, scale, geom: Geometry, rows: np.ndarray, nkeys: int) -> np.ndarray:
+        """Boolean ``(len(rows), nkeys)``: key ``j < nkeys`` is in this part for row ``i``.
+
+        Visibility is applied by :meth:`ExactSet.member`, not here.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The part as the constructor call that makes it."""
+        raise NotImplementedError
+
+    def __or__(self, other) -> "ExactSet":
+        return ExactSet((self,)) | other
+
+
+@dataclass(frozen=True)
+class Sinks(ExactPart):
+    """Keys ``j < count`` (attention sinks)."""
+
+    count: int
+    kind: ClassVar[str] = "sinks"
+
+    def __post_init__(self):
+        check_count(self.count, "sinks count", least=1)
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        return np.broadcast_to(np.arange(nkeys)[None, :] < self.count, (len(rows), nkeys))
+
+    def describe(self) -> str:
+        return f"sinks({self.count})"
+
+
+@dataclass(frozen=True)
+class Window(ExactPart):
+    """Recent keys: causal ``c_i − w < j ≤ c_i``; non-causal ``|c_i − j| < w``."""
+
+    width: int
+    kind: ClassVar[str] = "window"
+
+    def __post_init__(self):
+        check_count(self.width, "window width", least=1)
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        c = rows[:, None] + geom.offset
+        j = np.arange(nkeys)[None, :]
+        if geom.causal:
+            return (j > c - self.width) & (j <= c)
+        return np.abs(c - j) < self.width
+
+    def describe(self) -> str:
+        return f"window({self.width})"
+
+
+@dataclass(frozen=True)
+class SortLSH(ExactPart):
+    """The sortLSH block mask of SPEC §3, united over ``rounds`` independent hashes.
+
+    Each round hashes all queries and keys of the head with its own Gaussian
+    projections ``W ∈ R^{d×bits}``, stable-sorts both by bucket and cuts them
+    into blocks (query at sorted position ``p`` joins block
+    ``min(⌊p·nk/(nq·b)⌋, G−1)``). Key ``j`` is in row ``i``'s set if the two share a
+    block in any round. ``centred`` hashes ``k_j − mean_j k_j`` instead of ``k_j``.
+    """
+
+    bits: int = 7
+    block: int = 256
+    rounds: int = 1
+    centred: bool = False
+    kind: ClassVar[str] = "sortlsh"
+
+    def __post_init__(self):
+        check_count(self.bits, "sortlsh bits", least=1)
+        if self.bits > 30:
+            raise InputError(f"sortlsh bits must be <= 30, got {self.bits}")
+        check_count(self.block, "sortlsh block", least=1)
+        check_count(self.rounds, "sortlsh rounds", least=1)
+        check_bool(self.centred, "sortlsh centred")
+
+    def draw(self, d, batch_shape, rng):
+        return rng.standard_normal(batch_shape + (self.rounds, d, self.bits))
+
+    def prepare(self, q, k, scale, geom, draws):
+        keys = k - k.mean(axis=0, keepdims=True) if self.centred else k
+        q_block = np.empty((self.rounds, len(q)), dtype=np.int64)
+        k_block = np.empty((self.rounds, len(k)), dtype=np.int64)
+        for r in range(self.rounds):
+            planes = draws[r]
+            perm_q = np.argsort(buckets(q, planes), kind="stable")
+            perm_k = np.argsort(buckets(keys, planes), kind="stable")
+            q_block[r, perm_q] = query_blocks(len(q), len(k), self.block)
+            k_block[r, perm_k] = np.arange(len(k), dtype=np.int64) // self.block
+        return q_block, k_block
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        q_block, k_block = state
+        out = np.zeros((len(rows), nkeys), dtype=bool)
+        for r in range(self.rounds):
+            out |= q_block[r, rows][:, None] == k_block[r, None, :nkeys]
+        return out
+
+    def describe(self) -> str:
+        centred = ", centred=True" if self.centred else ""
+        return f"sortlsh(bits={self.bits}, block={self.block}, rounds={self.rounds}{centred})"
+
+
+@dataclass(frozen=True)
+class TopK(ExactPart):
+    """Oracle: the ``k`` visible keys of largest logit per row (ties by smaller ``j``).
+
+    Reference only (``O(nq·nk)`` logits): the upper bound a detector is measured against.
+    """
+
+    k: int
+    kind: ClassVar[str] = "topk"
+    oracle: ClassVar[bool] = True
+
+    def __post_init__(self):
+        check_count(self.k, "topk k", least=1)
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        logits = (q[rows] @ k[:nkeys].T) * scale
+        logits = np.where(geom.visible(rows, nkeys), logits, -np.inf)
+        top = min(self.k, nkeys)
+        # stable sort of −logits: among equal logits the smaller j comes first
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :top]
+        out = np.zeros((len(rows), nkeys), dtype=bool)
+        np.put_along_axis(out, order, True, axis=1)
+        return out & np.isfinite(logits)
+
+    def describe(self) -> str:
+        return f"topk({self.k})"
+
+
+@dataclass(frozen=True)
+class ExactSet:
+    """A union of :class:`ExactPart` values (SPEC §3b).
+
+    Examples
+    --------
+    >>> E = sinks(2) | window(2)
+    >>> E.member_rows(np.zeros((6, 1)), np.zeros((6, 1)), 1.0, Geometry(6, 6, True),
+    ...               np.arange(6), 6).astype(int)
+    array([[1, 0, 0, 0, 0, 0],
+           [1, 1, 0, 0, 0, 0],
+           [1, 1, 1, 0, 0, 0],
+           [1, 1, 1, 1, 0, 0],
+           [1, 1, 0, 1, 1, 0],
+           [1, 1, 0, 0, 1, 1]])
+    """
+
+    parts: tuple = field(default_factory=tuple)
+
+    def __post_init__(self):
+        parts = tuple(self.parts)
+        for p in parts:
+            if not isinstance(p, ExactPart):
+                raise InputError(f"an exact set is made of exact-set parts, got {p!r}")
+        object.__setattr__(self, "parts", parts)
+
+    def __or__(self, other) -> "ExactSet":
+        if isinstance(other, ExactPart):
+            return ExactSet(self.parts + (other,))
+        if isinstance(other, ExactSet):
+            return ExactSet(self.parts + other.parts)
+        return NotImplemented
+
+    def describe(self) -> str:
+        return " | ".join(p.describe() for p in self.parts) or "(empty)"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def part(self, kind: str):
+        """The first part of type ``kind`` (``"sinks"``, ``"window"``, …) or ``None``."""
+        return next((p for p in self.parts if p.kind == kind), None)
+
+    @property
+    def sink_count(self) -> int:
+        """Largest ``s`` of the ``sinks`` parts (0 if none)."""
+        return max((p.count for p in self.parts if isinstance(p, Sinks)), default=0)
+
+    @property
+    def window_width(self) -> int:
+        """Largest ``w`` of the ``window`` parts (0 if none)."""
+        return max((p.width for p in self.parts if isinstance(p, Window)), default=0)
+
+    def draw(self, d: int, batch_shape: tuple, rng) -> tuple:
+        """Draws of every part, in order (``None`` for deterministic parts)."""
+        return tuple(p.draw(d, batch_shape, rng) for p in self.parts)
+
+    def prepare(self, q, k, scale, geom: Geometry, draws: tuple) -> tuple:
+        """Per-head state of every part (``draws`` of this head)."""
+        return tuple(p.prepare(q, k, scale, geom, dr) for p, dr in zip(self.parts, draws))
+
+    def member(self, states, q, k, scale, geom: Geometry, rows, nkeys) -> np.ndarray:
+        """Boolean ``(len(rows), nkeys)``: ``j ∈ E_i`` and ``j`` visible to row ``i``."""
+        out = np.zeros((len(rows), nkeys), dtype=bool)
+        for p, st in zip(self.parts, states):
+            out |= p.member(st, q, k, scale, geom, rows, nkeys)
+        return out & geom.visible(rows, nkeys)
+
+    def member_rows(self, q, k, scale, geom: Geometry, rows, nkeys, draws=None) -> np.ndarray:
+        """:meth:`member` with the per-head state prepared here (tests, notebooks)."""
+        draws = tuple(None for _ in self.parts) if draws is None else draws
+        return self.member(self.prepare(q, k, scale, geom, draws), q, k, scale, geom,
+                           np.asarray(rows), nkeys)
+
+
+def sinks(count: int) -> ExactSet:
+    """The first ``count`` keys (SPEC §3b)."""
+    return ExactSet((Sinks(count),))
+
+
+def window(width: int) -> ExactSet:
+    """The ``width`` most recent keys of each row (causal), or ``|c_i − j| < width``."""
+    return ExactSet((Window(width),))
+
+
+def sortlsh(bits: int = 7, block: int = 256, rounds: int = 1, *, centred: bool = False) -> ExactSet:
+    """The sortLSH block mask of ``rounds`` independent hashes (SPEC §3, §3b)."""
+    return ExactSet((SortLSH(bits, block, rounds, centred),))
+
+
+def topk(k: int) -> ExactSet:
+    """The oracle heavy set: the ``k`` largest visible logits of each row (reference only)."""
+    return ExactSet((TopK(k),))
+
+
+#: exact-set parts by name
+PARTS = {cls.kind: cls for cls in (Sinks, Window, SortLSH, TopK)}

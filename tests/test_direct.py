@@ -1,0 +1,160 @@
+"""The direct mode and structured exact sets (SPEC §3b, §6b) against brute force."""
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from hyperref import HyperConfig, InputError, exact_attention, hyper_attention, make_draws
+from hyperref.direct import block_rows, block_support, n_query_blocks
+from hyperref.exact_set import ExactSet, Geometry, sinks, sortlsh, topk, window
+
+
+def _qkv(n, d=16, nk=None, seed=0, zero_every=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, d))
+    k = rng.standard_normal((nk or n, d))
+    v = rng.standard_normal((nk or n, d))
+    if zero_every:
+        v[::zero_every] = 0.0
+    return q, k, v
+
+
+def _direct(exact_set, **kw):
+    kw.setdefault("min_seq_len", 16)
+    return HyperConfig(mode="direct", exact_set=exact_set, **kw)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk", [(200, 200), (130, 257), (257, 130)])
+def test_exact_set_covering_everything_is_exact(causal, nq, nk):
+    q, k, v = _qkv(nq, nk=nk)
+    want, want_lse = exact_attention(q, k, v, causal=causal, return_lse=True)
+    for E in (window(nq + nk), topk(nk), sinks(nk)):
+        cfg = _direct(E, query_block=32, samples=8)
+        out, lse = hyper_attention(q, k, v, causal=causal, config=cfg, rng=0, return_lse=True)
+        np.testing.assert_allclose(out, want, atol=1e-12)
+        np.testing.assert_allclose(lse, want_lse, atol=1e-12)
+
+
+def test_exact_set_membership_by_brute_force():
+    n = 40
+    q, k, _ = _qkv(n, seed=3)
+    geom = Geometry(n, n, True)
+    rows = np.arange(n)
+    i, j = np.meshgrid(rows, rows, indexing="ij")
+    visible = j <= i
+    np.testing.assert_array_equal((sinks(3) | window(5)).member_rows(q, k, 0.25, geom, rows, n),
+                                  visible & ((j < 3) | (j > i - 5)))
+    logits = np.where(visible, q @ k.T * 0.25, -np.inf)
+    top = topk(4).member_rows(q, k, 0.25, geom, rows, n)
+    assert (top.sum(axis=1) == np.minimum(4, rows + 1)).all()
+    kth = np.sort(logits, axis=1)[:, ::-1][rows, np.minimum(3, rows)]
+    assert (logits[top] >= np.repeat(kth, top.sum(axis=1))).all()
+
+
+def test_sortlsh_part_is_the_paper_mask_in_one_round():
+    from hyperref.mask import block_structure, dense_mask
+
+    n, d = 256, 8
+    q, k, _ = _qkv(n, d=d, seed=4)
+    part = sortlsh(bits=5, block=32).parts[0]
+    planes = np.random.default_rng(0).standard_normal((1, d, 5))
+    state = part.prepare(q, k, 1.0, Geometry(n, n, False), planes)
+    mine = part.member(state, q, k, 1.0, Geometry(n, n, False), np.arange(n), n)
+    np.testing.assert_array_equal(mine, dense_mask(block_structure(q, k, planes[0], 32)))
+
+
+@given(nq=st.integers(1, 300), extra=st.integers(0, 200), bq=st.integers(1, 70),
+       s=st.integers(0, 9), w=st.integers(0, 90), causal=st.booleans())
+def test_block_support_holds_every_residual_key(nq, extra, bq, s, w, causal):
+    nk = nq + extra
+    parts = ([sinks(s)] if s else []) + ([window(w)] if w else [])
+    E = ExactSet(tuple(p for e in parts for p in e.parts))
+    geom = Geometry(nq, nk, causal)
+    z = np.zeros((max(nq, nk), 1))
+    for t in range(n_query_blocks(nq, bq)):
+        rows = block_rows(t, nq, bq)
+        member = E.member_rows(z[:nq], z[:nk], 1.0, geom, rows, nk)
+        resid = geom.visible(rows, nk) & ~member
+        lo, hi = block_support(t, geom, E, bq)
+        cols = np.flatnonzero(resid.any(axis=0))
+        assert ((cols >= lo) & (cols < hi)).all()
+
+
+def _mse(out, want):
+    return float(np.mean((out - want) ** 2))
+
+
+def test_default_sampler_converges_when_values_vanish():
+    # SPEC §5 (normalizer bias): with ‖v_j‖ = 0 on a third of the keys, rownorm never samples
+    # them, so the self normalizer misses their mass at any m; mixed (the default) converges.
+    q, k, v = _qkv(512, seed=1, zero_every=3)
+    want = exact_attention(q, k, v, causal=True)
+    assert HyperConfig().sampler == "mixed"
+
+    def mse(sampler, m):
+        cfg = _direct(window(8), samples=m, sampler=sampler, query_block=8)
+        return np.mean([_mse(hyper_attention(q, k, v, causal=True, config=cfg, rng=seed), want)
+                        for seed in range(6)])
+
+    small, large = mse("mixed", 2**10), mse("mixed", 2**15)
+    assert large < small / 8  # the variance falls like 1/m: 32x expected
+    stalled_small, stalled_large = mse("rownorm", 2**10), mse("rownorm", 2**15)
+    assert stalled_large > stalled_small / 4  # bias: it stops falling
+    assert stalled_large > 10 * large
+
+
+def test_same_draws_same_answer_and_batched_equals_per_head():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((2, 3, 300, 16))
+    k, v = rng.standard_normal((2, 2, 1, 300, 16))
+    cfg = _direct(sinks(2) | window(32) | sortlsh(4, 32, 2, centred=True), samples=32, query_block=32)
+    draws = make_draws(cfg, 300, 300, 16, causal=True, batch_shape=(2, 3), rng=7)
+    out = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws)
+    for b in range(2):
+        for h in range(3):
+            one = hyper_attention(q[b, h], k[b, 0], v[b, 0], causal=True, config=cfg,
+                                  draws=draws.head((b, h)))
+            np.testing.assert_allclose(out[b, h], one, atol=1e-12)
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="mode='direct'"):
+        HyperConfig(exact_set=window(4))
+    with pytest.raises(ValueError, match="masked estimator"):
+        HyperConfig(mode="direct", estimator="paper")
+    with pytest.raises(TypeError, match="ExactSet"):
+        HyperConfig(mode="direct", exact_set="window(4)")
+    with pytest.raises(ValueError, match="mode"):
+        HyperConfig(mode="fast")
+    with pytest.raises(InputError):
+        window(0)
+    with pytest.raises(InputError):
+        sortlsh(bits=31)
+    with pytest.raises(InputError):
+        ExactSet(("window",))
+    assert HyperConfig(mode="direct", exact_set=sinks(4) | window(8)).as_dict()["exact_set"] == \
+        "sinks(4) | window(8)"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sampler", ["mixed", "rownorm", "uniform"])
+def test_torch_twin_matches_the_reference_on_the_same_draws(causal, sampler):
+    torch = pytest.importorskip("torch")
+    from hyperref.gpu.direct import direct_attention
+
+    rng = np.random.default_rng(8)
+    nq, nk = 333, 333 if causal else 200
+    q = rng.standard_normal((1, 4, nq, 16))
+    k, v = rng.standard_normal((2, 1, 2, nk, 16))
+    v[..., ::5, :] = 0.0
+    E = sinks(3) | window(40) | sortlsh(5, 32, 3, centred=True) | topk(7)
+    cfg = _direct(E, samples=48, query_block=32, sampler=sampler)
+    draws = make_draws(cfg, nq, nk, 16, causal=causal, batch_shape=(1, 4), rng=2)
+    want, want_lse = hyper_attention(q, k, v, causal=causal, config=cfg, draws=draws, return_lse=True)
+    got, got_lse, counts = direct_attention(*(torch.from_numpy(x) for x in (q, k, v)), causal=causal,
+                                            scale=0.25, config=cfg, draws=draws, chunk_rows=64,
+                                            return_counts=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
+    np.testing.assert_allclose(got_lse.numpy(), want_lse, atol=1e-5)  # lse is returned in float32
+    assert (counts.numpy() >= 1).all()
