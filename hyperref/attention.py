@@ -170,7 +170,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     exact = nq <= config.min_seq_len
     if not exact and config.mode == "direct":
         out, lse = _for_each_head(q, k, v, single, lambda index, qh, kh, vh: direct_head(
-            qh, kh, vh, s, config, draws.direct.head(() if single else index), causal))
+            qh, kh, vh, s, config, draws.head(() if single else index).direct, causal))
         return (out, lse) if return_lse else out
     if not exact and engine == "numba" and nq:
         from .engine_numba import hyper_heads

@@ -75,7 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
                      help="numba kernels (default when installed) or the NumPy reference")
     run.add_argument("--save", metavar="OUT.npz", help="write out and lse to an .npz file")
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_lm_parser(sub, parser)
     return parser
+
+
+def _add_lm_parser(sub, parser) -> None:
+    from .presets import causal_lm
+
+    best = causal_lm()
+    lm = sub.add_parser("lm", help="perplexity of a pretrained LM (SmolLM2-135M) with exact and "
+                        "HyperAttention")
+    lm.error = parser.error
+    lm.add_argument("--text", metavar="FILE", help="a UTF-8 text (default: Python's own sources)")
+    lm.add_argument("--n", type=_positive_int, default=8192, help="tokens (even, <= 8192)")
+    lm.add_argument("--copy", action="store_true", help="the text's first n/2 tokens, twice")
+    lm.add_argument("--layers", default="all", help="all, last:K, first:K or a list such as 0,5,9")
+    lm.add_argument("--exact-set", default=best.exact_set.describe(),
+                    help="the exactly computed keys, e.g. 'sinks(4) | window(256) | sortlsh(7, 64, 4)'")
+    lm.add_argument("--samples", type=_int, default=best.samples, help="sampled keys per query block")
+    lm.add_argument("--sampler", choices=SAMPLERS, default=best.sampler)
+    lm.add_argument("--query-block", type=_positive_int, default=best.query_block)
+    lm.add_argument("--min-seq-len", type=_positive_int, default=best.min_seq_len)
+    lm.add_argument("--seed", type=_int, default=0, help="seed of the draws")
+    lm.add_argument("--device", default="cpu", help="cpu (the NumPy reference) or cuda (its torch twin)")
+    lm.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _load_input(path: str):
@@ -250,15 +273,57 @@ def run(args) -> int:
     return 0
 
 
+def _format_lm(report: dict) -> str:
+    lines = [f"n = {report['n']}{' (copy)' if report['copy'] else ''}, layers {report['layers']}, "
+             f"exact set {report['config']['exact_set']}, samples {report['config']['samples']}",
+             "", "| attention | ppl | ppl1 | ppl2 | keys per query | seconds |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in ("exact", "hyper"):
+        r = report[name]
+        keys = "n/a" if r["keys_per_query"] is None else f"{r['keys_per_query']:.0f}"
+        lines.append(f"| {name} | {r['ppl']:.3f} | {r['ppl1']:.3f} | {r['ppl2']:.3f} | {keys} | "
+                     f"{r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def lm(args) -> int:
+    from . import lm as lm_
+    from .exact_set import parse_exact_set
+
+    try:
+        config = HyperConfig(mode="direct", exact_set=parse_exact_set(args.exact_set),
+                             samples=args.samples, sampler=args.sampler,
+                             query_block=args.query_block, min_seq_len=args.min_seq_len)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    text = None
+    if args.text is not None:
+        try:
+            with open(args.text, encoding="utf-8") as fh:
+                text = fh.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read {args.text}: {exc}") from None
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"device must be cpu or cuda, got {args.device!r}")
+    try:
+        report = lm_.evaluate(config, text=text, n=args.n, copy=args.copy, layers=args.layers,
+                              device=args.device, seed=args.seed, progress=lm_.main_progress)
+    except lm_.MissingDependency as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(report, indent=2) if args.json else _format_lm(report))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run"] + argv
     try:
         args = build_parser().parse_args(argv)
-        if args.command != "run":
-            raise UsageError("unknown command; use 'hyperref run' (see 'hyperref --help')")
-        return run(args)
+        commands = {"run": run, "lm": lm}
+        if args.command not in commands:
+            raise UsageError("unknown command; use 'hyperref run' or 'hyperref lm' (see 'hyperref --help')")
+        return commands[args.command](args)
     except (UsageError, InputError) as exc:
         print(f"hyperref: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,7 +24,8 @@ class HyperConfig:
     block : int
         Key block size ``b`` of the sortLSH mask (SPEC §3). Default 256.
     samples : int
-        Number ``m`` of i.i.d. key samples of the output estimator (SPEC §5).
+        Number ``m`` of i.i.d. key samples of the output estimator (SPEC §5);
+        in the direct mode per query block, and 0 allowed (the exact set alone).
         Default 256.
     min_seq_len : int
         Exact attention is used when the query length ``nq <= min_seq_len``;
@@ -82,8 +83,10 @@ class HyperConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"HyperConfig.{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"HyperConfig.{name} must be >= 1, got {value}")
+            least = 0 if name == "samples" and self.mode == "direct" else 1
+            if value < least:
+                raise ValueError(f"HyperConfig.{name} must be >= {least}, got {value}"
+                                 + (" (0 samples: the direct mode only)" if name == "samples" else ""))
         if self.bits > 30:
             raise ValueError(f"HyperConfig.bits must be <= 30, got {self.bits}")
         for name, allowed in (

@@ -127,6 +127,28 @@ def block_weights(member: np.ndarray, visible: np.ndarray, samples: BlockSamples
     return w
 
 
+def direct_heads(q, k, v, scale, config: HyperConfig, draws, causal: bool):
+    """The direct mode on batched heads; returns ``(out, lse, keys)``.
+
+    ``q`` is (B, H, nq, d), ``k, v`` (B, Hk, nk, ·) with ``Hk`` dividing ``H``;
+    ``draws`` has batch shape ``(B, H)``. ``keys`` (B, H, nq) counts the keys
+    with nonzero weight of every row: exact plus distinct sampled residual keys.
+    """
+    b, h, nq, _ = q.shape
+    group = h // k.shape[1]
+    out = np.zeros((b, h, nq, v.shape[3]), dtype=v.dtype)
+    lse = np.full((b, h, nq), -np.inf, dtype=v.dtype)
+    keys = np.zeros((b, h, nq), dtype=np.int64)
+    for bi in range(b):
+        for hi in range(h):
+            counts = []
+            out[bi, hi], lse[bi, hi] = direct_head(q[bi, hi], k[bi, hi // group], v[bi, hi // group],
+                                                   scale, config, draws.head((bi, hi)).direct,
+                                                   causal, counts=counts)
+            keys[bi, hi] = counts[0]
+    return out, lse, keys
+
+
 def direct_head(q, k, v, scale, config: HyperConfig, draws, causal: bool, *, counts=None):
     """The direct mode of one head; returns ``(out, lse)``.
 

@@ -30,6 +30,7 @@ engine sees the same exact set.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -305,5 +306,50 @@ def topk(k: int) -> ExactSet:
     return ExactSet((TopK(k),))
 
 
-#: exact-set parts by name
-PARTS = {cls.kind: cls for cls in (Sinks, Window, SortLSH, TopK)}
+#: exact-set constructors by name (what :func:`parse_exact_set` accepts)
+PARTS = {"sinks": sinks, "window": window, "sortlsh": sortlsh, "topk": topk}
+
+_CALL = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$")
+
+
+def _literal(text: str):
+    text = text.strip()
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"exact-set arguments are integers or True/False, got {text!r}") from None
+
+
+def parse_exact_set(text: str) -> ExactSet:
+    """An exact set from its description, e.g. ``"sinks(4) | window(256) | sortlsh(7, 64, 2)"``.
+
+    The inverse of :meth:`ExactSet.describe`; parts are the constructors of
+    :data:`PARTS` with integer (or ``True``/``False``) arguments, positional or by name.
+
+    Examples
+    --------
+    >>> parse_exact_set("sinks(4) | sortlsh(bits=7, block=64, rounds=2, centred=True)").describe()
+    'sinks(4) | sortlsh(bits=7, block=64, rounds=2, centred=True)'
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"an exact set is a description such as 'sinks(4) | window(256)', got {text!r}")
+    result = ExactSet(())
+    for piece in text.split("|"):
+        match = _CALL.match(piece)
+        if not match or match.group(1) not in PARTS:
+            raise InputError(f"unknown exact-set part {piece.strip()!r}; parts are "
+                             + ", ".join(f"{name}(...)" for name in PARTS))
+        args, kwargs = [], {}
+        for arg in filter(None, (a.strip() for a in match.group(2).split(","))):
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+                kwargs[key.strip()] = _literal(value)
+            else:
+                args.append(_literal(arg))
+        try:
+            result = result | PARTS[match.group(1)](*args, **kwargs)
+        except TypeError as err:
+            raise InputError(f"bad arguments in {piece.strip()!r}: {err}") from None
+    return result

@@ -92,7 +92,8 @@ def test_sampling_concentrated_on_sparse_v_is_exact_for_paper_product():
     q, k, v = _inputs(30, 40, 4, 3, 9)
     v[:] = 0.0
     v[17] = [1.0, -2.0, 0.5]
-    cfg = HyperConfig(block=8, samples=5, min_seq_len=4, estimator="paper", normalizer="approxd")
+    cfg = HyperConfig(block=8, samples=5, min_seq_len=4, estimator="paper", normalizer="approxd",
+                      sampler="rownorm")
     draws = make_draws(cfg, 30, 40, 4, rng=0)
     numer, _ = dense_hyper(q, k, v, 0.5, cfg, draws.blocks[""])
     A = np.exp(0.5 * q @ k.T)
