@@ -22,7 +22,7 @@ import platform
 import sys
 
 from hyperref import HyperConfig, lm
-from hyperref.exact_set import sinks, sortlsh, topk, window
+from hyperref.exact_set import blocktop, heavykeys, sinks, sortlsh, topk, window
 
 
 def direct(exact_set, samples=256, **kw) -> HyperConfig:
@@ -45,6 +45,27 @@ def variants() -> dict:
             ("sinks 4 + window 256 + topk 128 + 256 samples", direct(SW | window(256) | topk(128))),
             ("sinks 4 + window 256 + topk 32", direct(SW | window(256) | topk(32), samples=0)),
             ("sinks 4 + window 128 + topk 64 + 128 samples", direct(SW | window(128) | topk(64), samples=128)),
+        ],
+        "structured": [
+            ("sinks 4 + window 764", direct(SW | window(764), samples=0)),
+            ("sinks 4 + window 640", direct(SW | window(640), samples=0)),
+            ("sinks 4 + window 256 + blocktop(64, 4)", direct(SW | window(256) | blocktop(64, 4), samples=0)),
+            ("sinks 4 + window 256 + blocktop(64, 4) + heavykeys(64)",
+             direct(SW | window(256) | blocktop(64, 4) | heavykeys(64, 256), samples=0)),
+            ("sinks 4 + window 256 + blocktop(64, 4) + heavykeys(64) + 64 samples",
+             direct(SW | window(256) | blocktop(64, 4) | heavykeys(64, 256), samples=64)),
+            ("sinks 4 + window 256 + blocktop(64, 4) + heavykeys(64) + 128 samples",
+             direct(SW | window(256) | blocktop(64, 4) | heavykeys(64, 256), samples=128)),
+            ("same, 128 uniform samples",
+             direct(SW | window(256) | blocktop(64, 4) | heavykeys(64, 256), samples=128, sampler="uniform")),
+            ("sinks 4 + window 128 + blocktop(64, 6) + heavykeys(64) + 128 samples",
+             direct(SW | window(128) | blocktop(64, 6) | heavykeys(64, 256), samples=128)),
+            ("sinks 4 + window 256 + blocktop(32, 8) + heavykeys(64) + 128 samples",
+             direct(SW | window(256) | blocktop(32, 8) | heavykeys(64, 256), samples=128)),
+            ("sinks 4 + window 256 + blocktop(64, 3) + heavykeys(128) + 64 samples",
+             direct(SW | window(256) | blocktop(64, 3) | heavykeys(128, 256), samples=64)),
+            ("sinks 4 + window 256 + heavykeys(64) + sortlsh(7, 64, 2, centred) + 64 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | sortlsh(7, 64, 2, centred=True), samples=64)),
         ],
         "detectors": [
             (f"sinks 4 + window 256 + sortlsh({bits}, {block}, {rounds}{', centred' if c else ''}) + {m} samples",

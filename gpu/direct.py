@@ -15,7 +15,9 @@ import math
 import torch
 
 from hyperref.direct import block_support, n_query_blocks, paper_exact_set
-from hyperref.exact_set import Geometry, Sinks, SortLSH, TopK, Window
+import numpy as np
+
+from hyperref.exact_set import BlockTop, Geometry, HeavyKeys, Sinks, SortLSH, TopK, Window
 
 
 def _gray_inverse(c):
@@ -65,6 +67,11 @@ def _member(parts, states, logits, rows, geom: Geometry):
         elif isinstance(part, SortLSH):
             qb, kb = state
             out |= (qb[:, :, rows, None] == kb[:, :, None, :]).any(dim=0)
+        elif isinstance(part, BlockTop):
+            picked = state[:, rows // part.block]  # (H, rows, count), −1 for none
+            out |= (picked[..., None] == (j // part.block)[None, None, None, :]).any(dim=2)
+        elif isinstance(part, HeavyKeys):
+            out |= state[:, None, :nk]
         elif isinstance(part, TopK):
             top = torch.topk(logits, min(part.k, nk), dim=-1).indices
             out |= torch.zeros_like(out).scatter_(-1, top, True)
@@ -144,10 +151,13 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
         vh = v[bi].repeat_interleave(group, dim=0).to(work)
         dr = draws.direct.head((bi,))
         states = []
+        covered = (exact_set.sink_count, exact_set.window_width)
         for part, arr in zip(exact_set.parts, dr.exact):
             if isinstance(part, SortLSH):
                 planes = torch.as_tensor(arr, device=dev, dtype=torch.float64).to(work)
                 states.append(_lsh_blocks(part, qh, kh, planes, nq, nk))
+            elif isinstance(part, (BlockTop, HeavyKeys)):
+                states.append(_host_selection(part, qh, kh, scale, geom, arr, covered))
             else:
                 states.append(None)
         sq = (vh.double() ** 2).sum(-1)
@@ -178,9 +188,28 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
     return (out, lse, counts) if return_counts else (out, lse)
 
 
+def _host_selection(part, q, k, scale, geom, draws, covered):
+    """The key selection of a ``blocktop`` or ``heavykeys`` part, per head, by the reference.
+
+    These selections are index planning (scores of ``O(nq·nk/b)`` or
+    ``O(|T|·nk)`` entries): the reference's own ``prepare`` computes them on the
+    host, so both engines use the same keys. Returns, on the device of ``q``,
+    the chosen key blocks (H, row blocks, count) or a key mark (H, nk).
+    """
+    qs, ks = q.detach().cpu().numpy(), k.detach().cpu().numpy()
+    picked = [part.prepare(qs[h], ks[h], scale, geom, None if draws is None else draws[h], covered)
+              for h in range(len(qs))]
+    if isinstance(part, BlockTop):
+        return torch.as_tensor(np.stack(picked), device=q.device)
+    mark = torch.zeros((len(qs), k.shape[1]), dtype=torch.bool, device=q.device)
+    for h, keys in enumerate(picked):
+        mark[h, torch.as_tensor(keys, device=q.device, dtype=torch.int64)] = True
+    return mark
+
+
 def _cut(state, kend):
     """A part's state with keys past ``kend`` dropped (sortLSH key blocks)."""
-    if state is None:
-        return None
+    if state is None or not isinstance(state, tuple):
+        return state
     qb, kb = state
     return qb, kb[..., :kend]

@@ -183,8 +183,9 @@ def make_draws(
     direct = None
     if nq > config.min_seq_len and nk > 0 and config.mode == "direct":
         from .direct import n_query_blocks, paper_exact_set
+        from .exact_set import Geometry
 
-        exact = paper_exact_set(config).draw(d, batch_shape, rng)
+        exact = paper_exact_set(config).draw(Geometry(nq, nk, causal), d, batch_shape, rng)
         u = rng.random(batch_shape + (n_query_blocks(nq, config.query_block), config.samples))
         direct = DirectDraws(exact, u)
     elif nq > config.min_seq_len and nk > 0:

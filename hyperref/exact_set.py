@@ -70,12 +70,17 @@ class ExactPart:
     #: True for parts that are yardsticks only (O(nq·nk) work)
     oracle: ClassVar[bool] = False
 
-    def draw(self, d: int, batch_shape: tuple, rng: np.random.Generator) -> np.ndarray | None:
-        """The random array this part needs for head dim ``d`` (``None``: deterministic)."""
+    def draw(self, geom: Geometry, d: int, batch_shape: tuple, rng: np.random.Generator):
+        """The random array this part needs (leading ``batch_shape``); ``None``: deterministic."""
         return None
 
-    def prepare(self, q: np.ndarray, k: np.ndarray, scale: float, geom: Geometry, draws):
-        """Per-head state computed once (hashes, sorted orders); default none."""
+    def prepare(self, q: np.ndarray, k: np.ndarray, scale: float, geom: Geometry, draws,
+                covered: tuple = (0, 0)):
+        """Per-head state computed once (hashes, sorted orders, selections); default none.
+
+        ``covered = (s, w)``: the sink count and window width of the whole exact
+        set, which a detector need not spend its budget on.
+        """
         return None
 
     def member(self, state, q, k, scale, geom: Geometry, rows: np.ndarray, nkeys: int) -> np.ndarray:
@@ -156,10 +161,10 @@ class SortLSH(ExactPart):
         check_count(self.rounds, "sortlsh rounds", least=1)
         check_bool(self.centred, "sortlsh centred")
 
-    def draw(self, d, batch_shape, rng):
+    def draw(self, geom, d, batch_shape, rng):
         return rng.standard_normal(batch_shape + (self.rounds, d, self.bits))
 
-    def prepare(self, q, k, scale, geom, draws):
+    def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
         keys = k - k.mean(axis=0, keepdims=True) if self.centred else k
         q_block = np.empty((self.rounds, len(q)), dtype=np.int64)
         k_block = np.empty((self.rounds, len(k)), dtype=np.int64)
@@ -209,6 +214,116 @@ class TopK(ExactPart):
 
     def describe(self) -> str:
         return f"topk({self.k})"
+
+
+def _far_from_covered(rows: np.ndarray, nkeys: int, geom: Geometry, covered: tuple) -> np.ndarray:
+    """Boolean (len(rows), nkeys): visible keys outside the sinks and window ``covered``."""
+    s, w = covered
+    j = np.arange(nkeys)[None, :]
+    far = geom.visible(rows, nkeys) & (j >= s)
+    if w:
+        c = rows[:, None] + geom.offset
+        far &= (j <= c - w) if geom.causal else (np.abs(c - j) >= w)
+    return far
+
+
+@dataclass(frozen=True)
+class BlockTop(ExactPart):
+    """Per block of ``block`` consecutive rows, the ``count`` key blocks of highest score.
+
+    Keys are cut by position into blocks of ``block`` (``g``-th: keys
+    ``g·b … (g+1)·b − 1``) with mean key ``k̄_g``. Row block ``t`` scores each
+    key block that lies wholly outside the window (causal: ends at or before
+    ``c_first − w``, ``c_first`` the block's first aligned row) by
+
+    .. math:: \\sigma_{tg} = \\max_{i \\in t}\\; q_i \\cdot \\bar k_g
+
+    and takes the ``count`` best (ties by smaller ``g``). Work
+    ``O(nq · nk/b · d)`` for the scores: a fraction ``1/b`` of exact attention's,
+    not near-linear. Retrieval keys of language models come in runs of
+    consecutive positions (a copied passage), which whole key blocks capture.
+    """
+
+    block: int = 64
+    count: int = 4
+    kind: ClassVar[str] = "blocktop"
+
+    def __post_init__(self):
+        check_count(self.block, "blocktop block", least=1)
+        check_count(self.count, "blocktop count", least=1)
+
+    def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
+        b, nq, nk = self.block, len(q), len(k)
+        starts = np.arange(0, nk, b)
+        means = np.add.reduceat(k.astype(np.float64), starts, axis=0) / np.diff(np.append(starts, nk))[:, None]
+        n_rb = -(-nq // b)
+        per_row = q.astype(np.float64) @ means.T  # (nq, key blocks)
+        pad = np.full((n_rb * b - nq, len(starts)), -np.inf)
+        score = np.concatenate([per_row, pad]).reshape(n_rb, b, len(starts)).max(axis=1)
+        if geom.causal:  # key blocks wholly before every row's window
+            g_end = np.minimum(starts + b, nk) - 1
+            first = np.arange(n_rb) * b + geom.offset
+            score = np.where(g_end[None, :] <= (first - covered[1])[:, None], score, -np.inf)
+        order = np.argsort(-score, axis=1, kind="stable")[:, :self.count]
+        best = np.take_along_axis(score, order, axis=1)
+        return np.where(np.isfinite(best), order, -1)
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        key_block = np.arange(nkeys) // self.block
+        picked = state[rows // self.block]  # (rows, count), −1 for none
+        return (picked[:, :, None] == key_block[None, None, :]).any(axis=1)
+
+    def describe(self) -> str:
+        return f"blocktop(block={self.block}, count={self.count})"
+
+
+@dataclass(frozen=True)
+class HeavyKeys(ExactPart):
+    """The ``count`` keys of largest attention from a uniform sample of ``rows`` queries.
+
+    Draw rows ``T`` uniformly without replacement; with ``P_T`` their exact
+    softmax rows restricted to keys outside the sinks and window
+    (:func:`_far_from_covered`), score key ``j`` by its sampled column mass
+    ``Σ_{i∈T} P_ij`` and keep the ``count`` best (ties by smaller ``j``): one
+    static set per head, intersected with what each row sees. It finds the
+    "secondary sinks" that language-model heads keep at fixed positions. Work
+    ``O(|T| · nk · d)``.
+    """
+
+    count: int = 64
+    rows: int = 256
+    kind: ClassVar[str] = "heavykeys"
+
+    def __post_init__(self):
+        check_count(self.count, "heavykeys count", least=1)
+        check_count(self.rows, "heavykeys rows", least=1)
+
+    def draw(self, geom, d, batch_shape, rng):
+        n_rows = min(self.rows, geom.nq)
+        heads = int(np.prod(batch_shape, dtype=np.int64))
+        out = np.stack([np.sort(rng.choice(geom.nq, size=n_rows, replace=False))
+                        for _ in range(heads)]) if heads else np.zeros((0, n_rows), np.int64)
+        return out.reshape(batch_shape + (n_rows,)).astype(np.int64)
+
+    def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
+        rows = np.asarray(draws, dtype=np.int64)
+        nk = len(k)
+        logits = (q[rows].astype(np.float64) @ k.T.astype(np.float64)) * scale
+        logits = np.where(geom.visible(rows, nk), logits, -np.inf)
+        peak = logits.max(axis=1, keepdims=True)
+        p = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+        p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        score = np.where(_far_from_covered(rows, nk, geom, covered), p, 0.0).sum(axis=0)
+        keep = np.argsort(-score, kind="stable")[:self.count]
+        return np.sort(keep[score[keep] > 0])
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        mark = np.zeros(nkeys, dtype=bool)
+        mark[state[state < nkeys]] = True
+        return np.broadcast_to(mark[None, :], (len(rows), nkeys))
+
+    def describe(self) -> str:
+        return f"heavykeys(count={self.count}, rows={self.rows})"
 
 
 @dataclass(frozen=True)
@@ -264,13 +379,14 @@ class ExactSet:
         """Largest ``w`` of the ``window`` parts (0 if none)."""
         return max((p.width for p in self.parts if isinstance(p, Window)), default=0)
 
-    def draw(self, d: int, batch_shape: tuple, rng) -> tuple:
+    def draw(self, geom: Geometry, d: int, batch_shape: tuple, rng) -> tuple:
         """Draws of every part, in order (``None`` for deterministic parts)."""
-        return tuple(p.draw(d, batch_shape, rng) for p in self.parts)
+        return tuple(p.draw(geom, d, batch_shape, rng) for p in self.parts)
 
     def prepare(self, q, k, scale, geom: Geometry, draws: tuple) -> tuple:
         """Per-head state of every part (``draws`` of this head)."""
-        return tuple(p.prepare(q, k, scale, geom, dr) for p, dr in zip(self.parts, draws))
+        covered = (self.sink_count, self.window_width)
+        return tuple(p.prepare(q, k, scale, geom, dr, covered) for p, dr in zip(self.parts, draws))
 
     def member(self, states, q, k, scale, geom: Geometry, rows, nkeys) -> np.ndarray:
         """Boolean ``(len(rows), nkeys)``: ``j ∈ E_i`` and ``j`` visible to row ``i``."""
@@ -301,13 +417,24 @@ def sortlsh(bits: int = 7, block: int = 256, rounds: int = 1, *, centred: bool =
     return ExactSet((SortLSH(bits, block, rounds, centred),))
 
 
+def blocktop(block: int = 64, count: int = 4) -> ExactSet:
+    """Per row block, the ``count`` key blocks of highest ``max_i q_i · k̄_g`` (SPEC §3b)."""
+    return ExactSet((BlockTop(block, count),))
+
+
+def heavykeys(count: int = 64, rows: int = 256) -> ExactSet:
+    """The ``count`` keys with the largest attention from ``rows`` sampled queries (SPEC §3b)."""
+    return ExactSet((HeavyKeys(count, rows),))
+
+
 def topk(k: int) -> ExactSet:
     """The oracle heavy set: the ``k`` largest visible logits of each row (reference only)."""
     return ExactSet((TopK(k),))
 
 
 #: exact-set constructors by name (what :func:`parse_exact_set` accepts)
-PARTS = {"sinks": sinks, "window": window, "sortlsh": sortlsh, "topk": topk}
+PARTS = {"sinks": sinks, "window": window, "sortlsh": sortlsh, "blocktop": blocktop,
+         "heavykeys": heavykeys, "topk": topk}
 
 _CALL = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$")
 
