@@ -22,7 +22,7 @@ import platform
 import sys
 
 from hyperref import HyperConfig, lm
-from hyperref.exact_set import blocktop, heavykeys, sinks, sortlsh, topk, window
+from hyperref.exact_set import blocktop, heavykeys, quest, sinks, sortlsh, topk, window
 
 
 def direct(exact_set, samples=256, **kw) -> HyperConfig:
@@ -66,6 +66,25 @@ def variants() -> dict:
              direct(SW | window(256) | blocktop(64, 3) | heavykeys(128, 256), samples=64)),
             ("sinks 4 + window 256 + heavykeys(64) + sortlsh(7, 64, 2, centred) + 64 samples",
              direct(SW | window(256) | heavykeys(64, 256) | sortlsh(7, 64, 2, centred=True), samples=64)),
+        ],
+        "quest": [
+            ("sinks 4 + window 512", direct(SW | window(512), samples=0)),
+            ("sinks 4 + window 256 + quest(16, 1024, 128) + 128 samples",
+             direct(SW | window(256) | quest(16, 1024, 128), samples=128)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 1024, 128) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 1024, 128), samples=128)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 1024, 128)",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 1024, 128), samples=0)),
+            ("sinks 4 + window 128 + heavykeys(64) + quest(16, 1024, 128) + 128 samples",
+             direct(SW | window(128) | heavykeys(64, 256) | quest(16, 1024, 128), samples=128)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 512, 64) + 64 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 512, 64), samples=64)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 1024, 256) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 1024, 256), samples=128)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 256, 256) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 256, 256), samples=128)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(32, 1024, 128) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(32, 1024, 128), samples=128)),
         ],
         "detectors": [
             (f"sinks 4 + window 256 + sortlsh({bits}, {block}, {rounds}{', centred' if c else ''}) + {m} samples",

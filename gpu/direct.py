@@ -17,7 +17,7 @@ import torch
 from hyperref.direct import block_support, n_query_blocks, paper_exact_set
 import numpy as np
 
-from hyperref.exact_set import BlockTop, Geometry, HeavyKeys, Sinks, SortLSH, TopK, Window
+from hyperref.exact_set import BlockTop, Geometry, HeavyKeys, Quest, Sinks, SortLSH, TopK, Window
 
 
 def _gray_inverse(c):
@@ -72,6 +72,8 @@ def _member(parts, states, logits, rows, geom: Geometry):
             out |= (picked[..., None] == (j // part.block)[None, None, None, :]).any(dim=2)
         elif isinstance(part, HeavyKeys):
             out |= state[:, None, :nk]
+        elif isinstance(part, Quest):
+            out |= _quest_member(part, state, logits, rows, geom)
         elif isinstance(part, TopK):
             top = torch.topk(logits, min(part.k, nk), dim=-1).indices
             out |= torch.zeros_like(out).scatter_(-1, top, True)
@@ -156,6 +158,13 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
             if isinstance(part, SortLSH):
                 planes = torch.as_tensor(arr, device=dev, dtype=torch.float64).to(work)
                 states.append(_lsh_blocks(part, qh, kh, planes, nq, nk))
+            elif isinstance(part, Quest):
+                starts = torch.arange(0, nk, part.block, device=dev)
+                kb = torch.nn.functional.pad(kh.double(), (0, 0, 0, len(starts) * part.block - nk),
+                                             value=float("nan")).unflatten(1, (len(starts), part.block))
+                states.append((torch.nan_to_num(kb, nan=math.inf).amin(2),
+                               torch.nan_to_num(kb, nan=-math.inf).amax(2), qh.double(), kh.double(),
+                               scale, covered[1]))
             elif isinstance(part, (BlockTop, HeavyKeys)):
                 states.append(_host_selection(part, qh, kh, scale, geom, arr, covered))
             else:
@@ -188,6 +197,27 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
     return (out, lse, counts) if return_counts else (out, lse)
 
 
+def _quest_member(part: Quest, state, logits, rows, geom: Geometry):
+    """:meth:`hyperref.exact_set.Quest.member` for all heads: (H, rows, nk) bool (float64 scores)."""
+    kmin, kmax, q, k, scale, w = state
+    b, nk = part.block, logits.shape[-1]
+    qr = q[:, rows]
+    bound = qr.clamp(min=0) @ kmax.transpose(1, 2) + qr.clamp(max=0) @ kmin.transpose(1, 2)
+    if geom.causal:
+        n_kb = kmin.shape[1]
+        g_end = torch.clamp(torch.arange(1, n_kb + 1, device=q.device) * b, max=k.shape[1]) - 1
+        far = g_end[None, :] <= (rows + geom.offset - w)[:, None]
+        bound = bound.masked_fill(~far[None], -math.inf)
+    order = torch.sort(bound, dim=-1, descending=True, stable=True).indices[..., :part.candidates // b]
+    ok = torch.isfinite(torch.gather(bound, -1, order))
+    picked = torch.zeros(bound.shape, dtype=torch.bool, device=q.device).scatter_(-1, order, ok)
+    cand = picked.repeat_interleave(b, dim=-1)[..., :nk]
+    scored = torch.where(cand, (qr @ k[:, :nk].transpose(1, 2)) * scale, -math.inf)
+    best = torch.sort(scored, dim=-1, descending=True, stable=True).indices[..., :part.keep]
+    ok = torch.isfinite(torch.gather(scored, -1, best))
+    return torch.zeros(scored.shape, dtype=torch.bool, device=q.device).scatter_(-1, best, ok)
+
+
 def _host_selection(part, q, k, scale, geom, draws, covered):
     """The key selection of a ``blocktop`` or ``heavykeys`` part, per head, by the reference.
 
@@ -209,7 +239,7 @@ def _host_selection(part, q, k, scale, geom, draws, covered):
 
 def _cut(state, kend):
     """A part's state with keys past ``kend`` dropped (sortLSH key blocks)."""
-    if state is None or not isinstance(state, tuple):
+    if state is None or not isinstance(state, tuple) or len(state) != 2:
         return state
     qb, kb = state
     return qb, kb[..., :kend]

@@ -327,6 +327,66 @@ class HeavyKeys(ExactPart):
 
 
 @dataclass(frozen=True)
+class Quest(ExactPart):
+    """Per row, the ``keep`` best of the keys in the ``candidates/block`` key blocks of highest bound.
+
+    Keys are cut by position into blocks of ``block``; each block keeps its
+    per-coordinate minimum and maximum key (Tang et al., "Quest", 2024). For
+    row ``i`` the bound
+
+    .. math:: \\beta_{ig} = \\sum_c \\max(q_{ic}\\, \\min_{j\\in g} k_{jc},\\;
+              q_{ic}\\, \\max_{j\\in g} k_{jc}) \\;\\ge\\; \\max_{j \\in g} q_i \\cdot k_j
+
+    ranks the key blocks lying wholly outside the window (causal: ending at or
+    before ``c_i − w``); the keys of the ``candidates/block`` best blocks are
+    scored exactly and the ``keep`` of largest logit (ties by smaller ``j``) join
+    the exact set. Work per row: ``O(nk/b · d)`` for the bounds (a fraction
+    ``1/b`` of exact attention's, not near-linear) and ``O(candidates · d)``
+    for the exact scores; only ``keep`` keys are attended.
+    """
+
+    block: int = 16
+    candidates: int = 1024
+    keep: int = 128
+    kind: ClassVar[str] = "quest"
+
+    def __post_init__(self):
+        check_count(self.block, "quest block", least=1)
+        check_count(self.candidates, "quest candidates", least=1)
+        check_count(self.keep, "quest keep", least=1)
+        if self.candidates < self.block:
+            raise InputError(f"quest candidates ({self.candidates}) must hold at least one block "
+                             f"({self.block} keys)")
+
+    def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
+        starts = np.arange(0, len(k), self.block)
+        kk = k.astype(np.float64)
+        return (np.minimum.reduceat(kk, starts, axis=0), np.maximum.reduceat(kk, starts, axis=0),
+                covered[1])
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        kmin, kmax, w = state
+        b = self.block
+        qr = q[rows].astype(np.float64)
+        bound = np.maximum(qr, 0) @ kmax.T + np.minimum(qr, 0) @ kmin.T  # (rows, key blocks)
+        if geom.causal:
+            g_end = np.minimum(np.arange(1, len(kmin) + 1) * b, len(k)) - 1
+            bound = np.where(g_end[None, :] <= (rows + geom.offset - w)[:, None], bound, -np.inf)
+        top = np.argsort(-bound, axis=1, kind="stable")[:, :self.candidates // b]
+        picked = np.zeros(bound.shape, dtype=bool)
+        np.put_along_axis(picked, top, np.isfinite(np.take_along_axis(bound, top, axis=1)), axis=1)
+        cand = np.repeat(picked, b, axis=1)[:, :nkeys]
+        logits = np.where(cand, (qr @ k[:nkeys].T.astype(np.float64)) * scale, -np.inf)
+        best = np.argsort(-logits, axis=1, kind="stable")[:, :self.keep]
+        out = np.zeros((len(rows), nkeys), dtype=bool)
+        np.put_along_axis(out, best, np.isfinite(np.take_along_axis(logits, best, axis=1)), axis=1)
+        return out
+
+    def describe(self) -> str:
+        return f"quest(block={self.block}, candidates={self.candidates}, keep={self.keep})"
+
+
+@dataclass(frozen=True)
 class ExactSet:
     """A union of :class:`ExactPart` values (SPEC §3b).
 
@@ -427,6 +487,11 @@ def heavykeys(count: int = 64, rows: int = 256) -> ExactSet:
     return ExactSet((HeavyKeys(count, rows),))
 
 
+def quest(block: int = 16, candidates: int = 1024, keep: int = 128) -> ExactSet:
+    """Per row, the ``keep`` largest logits among the keys of the key blocks of highest Quest bound."""
+    return ExactSet((Quest(block, candidates, keep),))
+
+
 def topk(k: int) -> ExactSet:
     """The oracle heavy set: the ``k`` largest visible logits of each row (reference only)."""
     return ExactSet((TopK(k),))
@@ -434,7 +499,7 @@ def topk(k: int) -> ExactSet:
 
 #: exact-set constructors by name (what :func:`parse_exact_set` accepts)
 PARTS = {"sinks": sinks, "window": window, "sortlsh": sortlsh, "blocktop": blocktop,
-         "heavykeys": heavykeys, "topk": topk}
+         "heavykeys": heavykeys, "quest": quest, "topk": topk}
 
 _CALL = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$")
 

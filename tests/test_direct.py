@@ -6,7 +6,8 @@ from hypothesis import given, strategies as st
 
 from hyperref import HyperConfig, InputError, exact_attention, hyper_attention, make_draws
 from hyperref.direct import block_rows, block_support, n_query_blocks
-from hyperref.exact_set import ExactSet, Geometry, blocktop, heavykeys, sinks, sortlsh, topk, window
+from hyperref.exact_set import (ExactSet, Geometry, blocktop, heavykeys, quest, sinks, sortlsh, topk,
+                                window)
 
 
 def _qkv(n, d=16, nk=None, seed=0, zero_every=0):
@@ -149,6 +150,7 @@ def test_torch_twin_matches_the_reference_on_the_same_draws(causal, sampler):
     k, v = rng.standard_normal((2, 1, 2, nk, 16))
     v[..., ::5, :] = 0.0
     E = sinks(3) | window(40) | sortlsh(5, 32, 3, centred=True) | topk(7) | blocktop(16, 2) | heavykeys(5, 30)
+    E = E | quest(8, 32, 6)
     cfg = _direct(E, samples=48, query_block=32, sampler=sampler)
     draws = make_draws(cfg, nq, nk, 16, causal=causal, batch_shape=(1, 4), rng=2)
     want, want_lse = hyper_attention(q, k, v, causal=causal, config=cfg, draws=draws, return_lse=True)
