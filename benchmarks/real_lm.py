@@ -86,6 +86,16 @@ def variants() -> dict:
             ("sinks 4 + window 256 + heavykeys(64) + quest(32, 1024, 128) + 128 samples",
              direct(SW | window(256) | heavykeys(64, 256) | quest(32, 1024, 128), samples=128)),
         ],
+        "final": [
+            (f"sinks 4 + window 256 + heavykeys(64) + quest({b}, {c}, {k}) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(b, c, k), samples=128))
+            for b, c, k in [(8, 1024, 128), (8, 2048, 128), (16, 2048, 128), (8, 2048, 256)]
+        ],
+        "layers": [
+            ("sinks 4 + window 640", direct(SW | window(640), samples=0)),
+            ("sinks 4 + window 256 + heavykeys(64) + quest(16, 1024, 256) + 128 samples",
+             direct(SW | window(256) | heavykeys(64, 256) | quest(16, 1024, 256), samples=128)),
+        ],
         "detectors": [
             (f"sinks 4 + window 256 + sortlsh({bits}, {block}, {rounds}{', centred' if c else ''}) + {m} samples",
              direct(SW | window(256) | sortlsh(bits, block, rounds, centred=c), samples=m))
