@@ -340,7 +340,8 @@ class Quest(ExactPart):
     ranks the key blocks lying wholly outside the window (causal: ending at or
     before ``c_i − w``); the keys of the ``candidates/block`` best blocks are
     scored exactly and the ``keep`` of largest logit (ties by smaller ``j``) join
-    the exact set. Work per row: ``O(nk/b · d)`` for the bounds (a fraction
+    the exact set. The fewer than ``block`` keys between the last such block and
+    the window are left to the sampled residual. Work per row: ``O(nk/b · d)`` for the bounds (a fraction
     ``1/b`` of exact attention's, not near-linear) and ``O(candidates · d)``
     for the exact scores; only ``keep`` keys are attended.
     """

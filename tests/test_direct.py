@@ -160,3 +160,59 @@ def test_torch_twin_matches_the_reference_on_the_same_draws(causal, sampler):
     np.testing.assert_allclose(got.numpy(), want, atol=1e-10)
     np.testing.assert_allclose(got_lse.numpy(), want_lse, atol=1e-5)  # lse is returned in float32
     assert (counts.numpy() >= 1).all()
+
+
+def test_quest_bound_is_an_upper_bound_and_full_quest_is_exact():
+    from hyperref.exact_set import Quest
+
+    q, k, v = _qkv(300, seed=9)
+    part = Quest(block=8, candidates=8, keep=1)
+    kmin, kmax, _ = part.prepare(q, k, 0.25, Geometry(300, 300, True), None)
+    bound = np.maximum(q, 0) @ kmax.T + np.minimum(q, 0) @ kmin.T
+    exact_max = np.stack([(q @ k[g * 8:(g + 1) * 8].T).max(axis=1) for g in range(len(kmin))], axis=1)
+    assert (bound >= exact_max - 1e-12).all()
+    # every block a candidate and every candidate kept: exact (non-causal, where no key lies
+    # between the blocks and the window)
+    cfg = _direct(window(16) | quest(8, 304, 300), samples=4, query_block=16)
+    np.testing.assert_allclose(hyper_attention(q, k, v, config=cfg, rng=0),
+                               exact_attention(q, k, v), atol=1e-12)
+    # causal, every block a candidate: a row's quest keys are the `keep` largest logits among
+    # the keys of the blocks that end at or before the row
+    got = quest(8, 304, 3).member_rows(q, k, 0.25, Geometry(300, 300, True), np.arange(300), 300,
+                                       draws=(None,))
+    logits = q @ k.T * 0.25
+    for i in range(300):
+        whole = 8 * ((i + 1) // 8)
+        want = np.argsort(-logits[i, :whole], kind="stable")[:3]
+        assert set(np.flatnonzero(got[i])) == set(want)
+
+
+def test_heavykeys_and_blocktop_select_what_they_promise():
+    from hyperref.exact_set import BlockTop, HeavyKeys
+
+    rng = np.random.default_rng(10)
+    n, d = 256, 8
+    q, k = rng.standard_normal((2, n, d))
+    k[100] = 6 * q.mean(axis=0) / np.linalg.norm(q.mean(axis=0))  # a key most rows attend to
+    q += 2 * q.mean(axis=0)
+    geom = Geometry(n, n, True)
+    rows = np.sort(rng.choice(n, 64, replace=False))
+    keys = HeavyKeys(count=1, rows=64).prepare(q, k, 1.0, geom, rows, covered=(4, 16))
+    assert keys.tolist() == [100]
+    picked = BlockTop(block=32, count=2).prepare(q, k, 1.0, geom, None, covered=(4, 16))
+    g_end = np.arange(1, n // 32 + 1) * 32 - 1
+    for t, chosen in enumerate(picked):
+        allowed = np.flatnonzero(g_end <= t * 32 - 16)
+        assert set(chosen[chosen >= 0]) <= set(allowed)
+        assert (chosen >= 0).sum() == min(2, len(allowed))
+
+
+def test_parse_exact_set_round_trips_and_refuses():
+    from hyperref.exact_set import parse_exact_set
+    from hyperref.presets import causal_lm
+
+    E = causal_lm().exact_set
+    assert parse_exact_set(E.describe()) == E
+    for bad in ("", "window(x)", "windows(3)", "sinks(4) | quest(block=8, nope=1)", "sinks(-1)"):
+        with pytest.raises(InputError):
+            parse_exact_set(bad)
