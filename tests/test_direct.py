@@ -182,7 +182,7 @@ def test_quest_bound_is_an_upper_bound_and_full_quest_is_exact():
                                        draws=(None,))
     logits = q @ k.T * 0.25
     for i in range(300):
-        whole = 8 * ((i + 1) // 8)
+        whole = 300 if i == 299 else 8 * ((i + 1) // 8)  # the last block is short
         want = np.argsort(-logits[i, :whole], kind="stable")[:3]
         assert set(np.flatnonzero(got[i])) == set(want)
 
