@@ -275,3 +275,94 @@ def test_g5_failures_within_binomial_quantile():
         eta = np.abs(d_true / np.exp(est.log_d) - 1).max()
         failures += eta > bounds.g5_eta(eps)
     assert failures <= binom.ppf(QUANTILE, R, fail_prob)
+
+
+def _g7_workload(seed, zero_v=False):
+    """A causal head with planted far heavy keys, and a structured exact set (direct mode)."""
+    from hyperref.exact_set import heavykeys, sinks, window
+
+    rng = np.random.default_rng(seed)
+    n, d = 384, 8
+    q, k, v = rng.standard_normal((3, n, d))
+    direction = rng.standard_normal(d)
+    direction /= np.linalg.norm(direction)
+    q = 0.5 * q + 2.5 * direction
+    k[[0, 50, 51, 200]] += 2.5 * direction
+    if zero_v:
+        v[1::4] = 0.0
+    E = sinks(2) | window(32) | heavykeys(2, 64)
+    return q, k, v, E
+
+
+def test_g7_row_identity_and_deterministic_h_bound():
+    # õ_i − o_i = (d_i/d̃_i) e_i with e_i the centred product error, and ‖õ_i − o_i‖ ≤ ‖e_i‖/h_i
+    from hyperref import hyper_attention, make_draws
+    from hyperref.direct import block_rows, block_support, block_weights, sample_block
+    from hyperref.exact_set import Geometry
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(0)
+    n = len(q)
+    cfg = HyperConfig(mode="direct", exact_set=E, samples=16, query_block=32, min_seq_len=64)
+    draws = make_draws(cfg, n, n, q.shape[1], causal=True, rng=1)
+    out = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5)
+    mom = direct_moments(q, k, v, 0.5, cfg, draws.direct, True)
+    geom = Geometry(n, n, True)
+    states = E.prepare(q, k, 0.5, geom, draws.direct.exact)
+    sq = (v**2).sum(axis=1)
+    for t in range(n // 32):
+        rows = block_rows(t, n, 32)
+        nkeys = rows[-1] + 1
+        A = np.exp(q[rows] @ k[:nkeys].T * 0.5) * geom.visible(rows, nkeys)
+        P = A / A.sum(axis=1, keepdims=True)
+        o = P @ v[:nkeys]
+        member = E.member(states, q, k, 0.5, geom, rows, nkeys)
+        lo, hi = block_support(t, geom, E, 32)
+        W = block_weights(member, geom.visible(rows, nkeys), sample_block(draws.direct.sample_u[t], sq, lo, hi, "mixed"))
+        resid = geom.visible(rows, nkeys) & ~member
+        e = np.einsum("rk,rkd->rd", np.where(resid, (W - 1) * P, 0.0), v[None, :nkeys] - o[:, None, :])
+        ratio = A.sum(axis=1) / (W * A).sum(axis=1)
+        np.testing.assert_allclose(out[rows] - o, ratio[:, None] * e, atol=1e-12)
+        h = mom.captured[rows]
+        assert (np.linalg.norm(out[rows] - o, axis=1) <= np.linalg.norm(e, axis=1) / h + 1e-12).all()
+        np.testing.assert_allclose(mom.exact[rows], o, atol=1e-12)
+
+
+@pytest.mark.parametrize("sampler", ["mixed", "uniform"])
+def test_g7_failures_within_binomial_quantile(sampler):
+    from hyperref import hyper_attention, make_draws
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(3)
+    n, R, delta = len(q), 200, 0.2
+    base = HyperConfig(mode="direct", exact_set=E, samples=1, query_block=32, min_seq_len=64, sampler=sampler)
+    draws0 = make_draws(base, n, n, q.shape[1], causal=True, rng=0)
+    mom = direct_moments(q, k, v, 0.5, base, draws0.direct, True)  # E is deterministic given its draws
+    params = attention_parameters(q, k, v, 0.5, causal=True)
+    # m so that the bound is 0.3 (every seed reuses the exact set's draws, only the samples change)
+    m = max(1, math.ceil((mom.second_centred / mom.captured**2).sum()
+                         / (delta * (0.3 * params.op_p * params.op_v) ** 2)))
+    bound = bounds.g7_bound(m, delta, mom.captured, mom.second_centred, params.op_p, params.op_v)
+    assert 0.1 <= bound <= 0.5
+    cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler=sampler)
+    failures = 0
+    for seed in range(R):
+        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed + 1)
+        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
+                            type(fresh.direct)(draws0.direct.exact, fresh.direct.sample_u))
+        out = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5)
+        failures += spectral_error(out, mom.exact, params.op_p, params.op_v) > bound
+    assert failures <= binom.ppf(QUANTILE, R, delta)
+
+
+def test_g7_is_infinite_when_rownorm_misses_zero_values():
+    # SPEC §5: keys with v_j = 0 are never sampled by rownorm: no finite guarantee (and no convergence)
+    from hyperref import make_draws
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(4, zero_v=True)
+    for sampler, finite in (("rownorm", False), ("mixed", True)):
+        cfg = HyperConfig(mode="direct", exact_set=E, samples=8, query_block=32, min_seq_len=64, sampler=sampler)
+        draws = make_draws(cfg, len(q), len(k), q.shape[1], causal=True, rng=0)
+        mom = direct_moments(q, k, v, 0.5, cfg, draws.direct, True)
+        assert math.isfinite(bounds.g7_bound(8, 0.1, mom.captured, mom.second_centred, 1.0, 1.0)) == finite

@@ -1,4 +1,4 @@
-"""The guarantees G1–G5 of SPEC §7 with explicit constants.
+"""The guarantees G1–G5 and G7 of SPEC §7 with explicit constants.
 
 All errors are in units of ``‖P‖_op ‖V‖_op`` (paper Eq. 1). Notation as in
 SPEC §2: ``srank(X) = ‖X‖_F²/‖X‖_op²``, ``α = nk max_j ‖P e_j‖²``.
@@ -47,6 +47,13 @@ G5 (ApproxD, derived here)
     ``η ≤ ε/(1 − ε)`` with probability ``≥ 1 − δ``. (With the estimated κ̂ of
     SPEC §4 the floor may exceed some ``r_i``: no guarantee is claimed.)
 
+G7 (self-normalized estimator, derived here; :mod:`hyperref.theory.self_normalized`)
+    ``õ_i − o_i = (d_i/d̃_i) e_i`` with ``e_i`` the product error on row-centred
+    values ``v_j − o_i``, and ``d̃_i ≥ h_i d_i`` (``h_i`` the exact set's mass), so
+    with probability ``≥ 1 − δ``:
+    ``‖Õ − O‖_op ≤ sqrt(Σ_i s_i / h_i² / (δ m))``, ``s_i`` the one-sample second
+    moment of ``e_i``. No ``η`` term: the normalizer's error costs only ``1/h_i``.
+
 Paper, recalled (SPEC §7): Lemma 1 needs ``m = Ω(κ⁷ α²/ε⁶ · log n)`` for
 ApproxD; Lemma 2 needs ``m = Ω(ε⁻² d · srank(D⁻¹A))`` for the product.
 :func:`paper_sample_sizes` evaluates them with the hidden constant set to 1.
@@ -55,6 +62,8 @@ ApproxD; Lemma 2 needs ``m = Ω(ε⁻² d · srank(D⁻¹A))`` for the product.
 from __future__ import annotations
 
 import math
+
+import numpy as np
 
 
 # Argument checks. Comparisons are written so that NaN fails them.
@@ -172,6 +181,46 @@ def product_bound(m: int, delta: float, col_sq, v, p, op_p: float, op_v: float) 
     second = float((col_sq[pos] * row_sq[pos] / p[pos]).sum()) / m
     denom = op_p * op_v
     return math.sqrt(second / delta) / denom if denom > 0 else 0.0
+
+
+def g7_bound(m: int, delta: float, captured, second_centred, op_p: float, op_v: float) -> float:
+    """G7: ``sqrt(Σ_i s_i/h_i² / (δ m)) / (‖P‖_op ‖V‖_op)``, holding with probability ``≥ 1 − δ``.
+
+    Parameters
+    ----------
+    m : int
+        Samples per query block.
+    delta : float
+        Failure probability.
+    captured, second_centred : array (nq,)
+        ``h_i`` and ``s_i`` (:func:`hyperref.theory.self_normalized.direct_moments`).
+    op_p, op_v : float
+        ``‖P‖_op``, ``‖V‖_op``.
+
+    Returns
+    -------
+    float
+        ``inf`` if a row with residual error has ``h_i = 0`` or an unreachable residual key.
+
+    Examples
+    --------
+    >>> round(g7_bound(100, 0.1, [0.5, 1.0], [0.01, 0.0], 1.0, 1.0), 6)
+    0.063246
+    """
+    _check_count(m, "m")
+    _check_prob(delta)
+    h, s = np.asarray(captured, dtype=float), np.asarray(second_centred, dtype=float)
+    if h.shape != s.shape or h.ndim != 1 or (h < 0).any() or (s < 0).any() or np.isnan(h).any() or np.isnan(s).any():
+        raise ValueError("captured and second_centred must be equal-length arrays of numbers >= 0")
+    _check_nonneg(op_p, "op_p")
+    _check_nonneg(op_v, "op_v")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(s > 0, s / h**2, 0.0)
+    total = float(terms.sum())
+    denom = op_p * op_v
+    if total == 0:
+        return 0.0
+    return math.inf if denom == 0 else math.sqrt(total / (delta * m)) / denom
 
 
 def g4_bound(eps_prod: float, eta: float) -> float:
