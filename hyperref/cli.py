@@ -53,7 +53,10 @@ def _int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = _Parser(prog="hyperref", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hyperref {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run HyperAttention and exact attention and compare")
     run.error = parser.error
@@ -316,7 +319,7 @@ def lm(args) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run"] + argv
     try:
         args = build_parser().parse_args(argv)

@@ -45,3 +45,17 @@ def test_no_source_imports_the_old_top_level_names():
 def test_subpackage_doctests(name):
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_version_and_module_entry_point():
+    import hyperref
+
+    for argv in ([sys.executable, "-m", "hyperref", "--version"],):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.strip() == f"hyperref {hyperref.__version__}"
+
+
+def test_license_citation_and_typing_marker_ship():
+    assert "MIT" in (ROOT / "LICENSE").read_text()
+    assert "2310.05869" in (ROOT / "CITATION.cff").read_text()
+    assert (ROOT / "hyperref" / "py.typed").exists()
