@@ -342,7 +342,8 @@ def test_g7_failures_within_binomial_quantile(sampler):
     # m so that the bound is 0.3 (every seed reuses the exact set's draws, only the samples change)
     m = max(1, math.ceil((mom.second_centred / mom.captured**2).sum()
                          / (delta * (0.3 * params.op_p * params.op_v) ** 2)))
-    bound = bounds.g7_bound(m, delta, mom.captured, mom.second_centred, params.op_p, params.op_v)
+    bound = bounds.g7_bound(m, delta, mom.captured, mom.second_centred, params.op_p, params.op_v,
+                            spread=mom.spread)
     assert 0.1 <= bound <= 0.5
     cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler=sampler)
     failures = 0
@@ -355,8 +356,9 @@ def test_g7_failures_within_binomial_quantile(sampler):
     assert failures <= binom.ppf(QUANTILE, R, delta)
 
 
-def test_g7_is_infinite_when_rownorm_misses_zero_values():
-    # SPEC §5: keys with v_j = 0 are never sampled by rownorm: no finite guarantee (and no convergence)
+def test_g7_does_not_vanish_when_rownorm_misses_zero_values():
+    # SPEC §5: keys with v_j = 0 are never sampled by rownorm: uncapped G7 is infinite, and the capped
+    # one stays at its cap as m grows, while with mixed it falls like 1/sqrt(m)
     from hyperref import make_draws
     from hyperref.theory.self_normalized import direct_moments
 
@@ -366,3 +368,6 @@ def test_g7_is_infinite_when_rownorm_misses_zero_values():
         draws = make_draws(cfg, len(q), len(k), q.shape[1], causal=True, rng=0)
         mom = direct_moments(q, k, v, 0.5, cfg, draws.direct, True)
         assert math.isfinite(bounds.g7_bound(8, 0.1, mom.captured, mom.second_centred, 1.0, 1.0)) == finite
+        capped = [bounds.g7_bound(m, 0.1, mom.captured, mom.second_centred, 1.0, 1.0, spread=mom.spread)
+                  for m in (2**4, 2**14)]
+        assert (capped[1] < capped[0] / 10) == finite

@@ -49,10 +49,11 @@ G5 (ApproxD, derived here)
 
 G7 (self-normalized estimator, derived here; :mod:`hyperref.theory.self_normalized`)
     ``õ_i − o_i = (d_i/d̃_i) e_i`` with ``e_i`` the product error on row-centred
-    values ``v_j − o_i``, and ``d̃_i ≥ h_i d_i`` (``h_i`` the exact set's mass), so
-    with probability ``≥ 1 − δ``:
-    ``‖Õ − O‖_op ≤ sqrt(Σ_i s_i / h_i² / (δ m))``, ``s_i`` the one-sample second
-    moment of ``e_i``. No ``η`` term: the normalizer's error costs only ``1/h_i``.
+    values ``v_j − o_i``, and ``d̃_i ≥ h_i d_i`` (``h_i`` the exact set's mass);
+    both rows are convex combinations of the visible values, so also
+    ``‖õ_i − o_i‖ ≤ D_i = max_j ‖v_j − o_i‖``. With probability ``≥ 1 − δ``:
+    ``‖Õ − O‖_op ≤ sqrt(Σ_i min(s_i/(m h_i²), D_i²) / δ)``, ``s_i`` the one-sample
+    second moment of ``e_i``. No ``η`` term: the normalizer's error costs only ``1/h_i``.
 
 Paper, recalled (SPEC §7): Lemma 1 needs ``m = Ω(κ⁷ α²/ε⁶ · log n)`` for
 ApproxD; Lemma 2 needs ``m = Ω(ε⁻² d · srank(D⁻¹A))`` for the product.
@@ -183,8 +184,9 @@ def product_bound(m: int, delta: float, col_sq, v, p, op_p: float, op_v: float) 
     return math.sqrt(second / delta) / denom if denom > 0 else 0.0
 
 
-def g7_bound(m: int, delta: float, captured, second_centred, op_p: float, op_v: float) -> float:
-    """G7: ``sqrt(Σ_i s_i/h_i² / (δ m)) / (‖P‖_op ‖V‖_op)``, holding with probability ``≥ 1 − δ``.
+def g7_bound(m: int, delta: float, captured, second_centred, op_p: float, op_v: float,
+             spread=None) -> float:
+    """G7: ``sqrt(Σ_i min(s_i/(m h_i²), D_i²) / δ) / (‖P‖_op ‖V‖_op)``, with probability ``≥ 1 − δ``.
 
     Parameters
     ----------
@@ -196,31 +198,39 @@ def g7_bound(m: int, delta: float, captured, second_centred, op_p: float, op_v: 
         ``h_i`` and ``s_i`` (:func:`hyperref.theory.self_normalized.direct_moments`).
     op_p, op_v : float
         ``‖P‖_op``, ``‖V‖_op``.
+    spread : array (nq,), optional
+        ``D_i²``, the largest squared distance of a visible value from ``o_i``;
+        without it the cap is not applied (``D_i = ∞``).
 
     Returns
     -------
     float
-        ``inf`` if a row with residual error has ``h_i = 0`` or an unreachable residual key.
+        ``inf`` when uncapped and a row with residual error has ``h_i = 0`` or an
+        unreachable residual key.
 
     Examples
     --------
     >>> round(g7_bound(100, 0.1, [0.5, 1.0], [0.01, 0.0], 1.0, 1.0), 6)
     0.063246
+    >>> round(g7_bound(100, 0.1, [0.0, 1.0], [0.01, 0.0], 1.0, 1.0, spread=[0.004, 0.0]), 6)
+    0.2
     """
     _check_count(m, "m")
     _check_prob(delta)
     h, s = np.asarray(captured, dtype=float), np.asarray(second_centred, dtype=float)
-    if h.shape != s.shape or h.ndim != 1 or (h < 0).any() or (s < 0).any() or np.isnan(h).any() or np.isnan(s).any():
-        raise ValueError("captured and second_centred must be equal-length arrays of numbers >= 0")
+    cap = np.full(h.shape, np.inf) if spread is None else np.asarray(spread, dtype=float)
+    for name, arr in (("captured", h), ("second_centred", s), ("spread", cap)):
+        if arr.shape != h.shape or arr.ndim != 1 or np.isnan(arr).any() or (arr < 0).any():
+            raise ValueError(f"{name} must be a 1-d array of numbers >= 0, as long as captured")
     _check_nonneg(op_p, "op_p")
     _check_nonneg(op_v, "op_v")
     with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(s > 0, s / h**2, 0.0)
+        terms = np.minimum(np.where(s > 0, s / (m * h**2), 0.0), cap)
     total = float(terms.sum())
     denom = op_p * op_v
     if total == 0:
         return 0.0
-    return math.inf if denom == 0 else math.sqrt(total / (delta * m)) / denom
+    return math.inf if denom == 0 else math.sqrt(total / delta) / denom
 
 
 def g4_bound(eps_prod: float, eta: float) -> float:

@@ -16,9 +16,12 @@ probabilities ``p``, ``E‖e_i‖² = s_i / m`` with the one-sample second momen
 .. math:: s_i = \\sum_{j \\in R_i} \\frac{P_{ij}^2 \\|v_j - o_i\\|^2}{p_j}
                - \\Big\\|\\sum_{j \\in R_i} P_{ij}(v_j - o_i)\\Big\\|^2 .
 
+Both ``õ_i`` and ``o_i`` are convex combinations of the values row ``i`` sees, so also
+``‖õ_i − o_i‖ ≤ D_i = max_{j visible} ‖v_j − o_i‖``. With ``E min(X, c) ≤ min(E X, c)``,
 Markov's inequality on ``Σ_i ‖õ_i − o_i‖² ≥ ‖Õ − O‖_op²`` gives, with probability ``≥ 1 − δ``,
 
-.. math:: \\|\\tilde O - O\\|_{op} \\le \\sqrt{\\frac{1}{\\delta m} \\sum_i \\frac{s_i}{h_i^2}}
+.. math:: \\|\\tilde O - O\\|_{op} \\le
+          \\sqrt{\\frac{1}{\\delta} \\sum_i \\min\\Big(\\frac{s_i}{m\\, h_i^2},\\; D_i^2\\Big)}
           \\qquad \\text{(G7)}.
 
 No normalizer error ``η`` appears: where G4 charges ``max_i |d_i/d̃_i − 1|``
@@ -53,12 +56,15 @@ class DirectMoments:
         numerator with exact ``D``).
     exact : ndarray (nq, dv)
         Exact attention ``o``.
+    spread : ndarray (nq,)
+        ``D_i² = max_{j visible} ‖v_j − o_i‖²`` (0 for rows that see no key).
     """
 
     captured: np.ndarray
     second_centred: np.ndarray
     second_raw: np.ndarray
     exact: np.ndarray
+    spread: np.ndarray
 
 
 def _second_moment(p_rows, v, prob, centre=None):
@@ -94,6 +100,7 @@ def direct_moments(q, k, v, scale, config, draws, causal: bool) -> DirectMoments
     s_centred = np.zeros(nq)
     s_raw = np.zeros(nq)
     exact = np.zeros((nq, v.shape[1]))
+    spread = np.zeros(nq)
     for t in range(n_query_blocks(nq, bq)):
         rows = block_rows(t, nq, bq)
         nkeys = min(nk, rows[-1] + geom.offset + 1) if causal else nk
@@ -117,4 +124,6 @@ def direct_moments(q, k, v, scale, config, draws, causal: bool) -> DirectMoments
         s_raw[rows] = _second_moment(pr, v[:nkeys], prob)
         s_centred[rows] = _second_moment(pr, v[:nkeys], prob, centre=o)
         exact[rows] = o
-    return DirectMoments(captured, s_centred, s_raw, exact)
+        dist = sq_norms[None, :nkeys] - 2 * o @ v[:nkeys].T + (o**2).sum(axis=1)[:, None]
+        spread[rows] = np.where(visible, np.maximum(dist, 0.0), 0.0).max(axis=1)
+    return DirectMoments(captured, s_centred, s_raw, exact, spread)
