@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--engine", choices=ENGINES, default=default_engine(),
                      help="numba kernels (default when installed) or the NumPy reference")
     run.add_argument("--save", metavar="OUT.npz", help="write out and lse to an .npz file")
+    run.add_argument("--repeats", type=_positive_int, default=3,
+                     help="timed calls of each attention (the median is reported)")
+    run.add_argument("--no-theory", action="store_true",
+                     help="skip the exact parameters and bounds of SPEC §2/§7 (O(n²) work)")
     run.add_argument("--json", action="store_true", help="print one JSON object")
     _add_lm_parser(sub, parser)
     return parser
@@ -117,19 +121,42 @@ def _load_input(path: str):
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+def _timed(fn, repeats: int = 1):
+    """``(result, median seconds)`` over ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, float(np.median(times))
+
+
+def _progress(line: str) -> None:
+    print(f"[hyperref run] {line}", file=sys.stderr, flush=True)
+
+
+def _finite_or_none(obj):
+    """``obj`` with every non-finite float replaced by ``None`` (strict JSON has no Infinity/NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(value) for value in obj]
+    return obj
 
 
 def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
-             engine: str | None = None) -> tuple[dict, tuple]:
+             engine: str | None = None, repeats: int = 1, theory: bool = True,
+             progress=None) -> tuple[dict, tuple]:
     """Run both attentions and measure the error and the parameters.
 
     Returns the report dict and ``(out, lse)`` of HyperAttention. For batched
-    input each parameter and error is the maximum over (batch, head).
+    input each parameter and error is the maximum over (batch, head). Times
+    are medians over ``repeats`` calls; ``theory=False`` skips the exact
+    parameters and bounds (then ``error_op`` and the parameters are ``None``).
     """
+    say = progress or (lambda line: None)
     from hyperref.theory.bounds import g2_bound, g3_bound, g4_bound, product_bound
     from hyperref.theory.parameters import attention_parameters, spectral_error
 
@@ -145,10 +172,14 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
         return hyper_attention(unb(q), unb(k), unb(v), causal=causal, config=config, draws=draws,
                                return_lse=True, engine=engine)
 
-    call()  # warm-up: the first call loads (or compiles) the Numba kernels
-    (out, lse), t_hyper = _timed(call)
+    say("warm-up call (the Numba kernels load, or compile on first use)")
+    call()
+    say(f"timing HyperAttention and exact attention (median of {repeats})")
+    (out, lse), t_hyper = _timed(call, repeats)
     (exact, exact_lse), t_exact = _timed(lambda: exact_attention(
-        unb(q), unb(k), unb(v), causal=causal, return_lse=True))
+        unb(q), unb(k), unb(v), causal=causal, return_lse=True), repeats)
+    if theory:
+        say("exact parameters and bounds (SPEC §2, §7; O(n²) work, --no-theory skips them)")
     out4 = out[None, None] if single else out
     exact4 = exact[None, None] if single else exact
     lse4 = lse[None, None] if single else lse
@@ -161,7 +192,7 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
             "max_abs_logit", "error_op", "error_fro")
     worst = {key: -math.inf for key in keys}
     group = h // k.shape[1]
-    for bi in range(b):
+    for bi in range(b if theory else 0):
         for hi in range(h):
             qh, kh, vh = q[bi, hi], k[bi, hi // group], v[bi, hi // group]
             mask = heavy_mask(qh, kh, causal=causal, config=config,
@@ -204,7 +235,15 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
     }
     for key in keys:
         report[key] = worst[key] if math.isfinite(worst[key]) else None
-    if causal:
+    if not theory:
+        diff = out4.astype(np.float64) - exact4.astype(np.float64)
+        norms = np.linalg.norm(exact4.astype(np.float64), axis=(2, 3))
+        rel = np.linalg.norm(diff, axis=(2, 3)) / np.where(norms > 0, norms, 1.0)
+        report["error_fro"] = float(np.where((norms == 0) & (rel > 0), math.inf, rel).max())
+        report["bounds"] = None
+        report["guarantee_held"] = None
+        report["bounds_note"] = "not computed (--no-theory)"
+    elif causal:
         report["bounds"] = None
         report["guarantee_held"] = None
         report["bounds_note"] = "no bound is derived for the causal recursion (SPEC §7 covers the non-causal estimator)"
@@ -221,6 +260,10 @@ def evaluate(q, k, v, *, causal: bool, config: HyperConfig, seed: int,
     return report, (out, lse)
 
 
+def _fmt(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def _format_table(report: dict) -> str:
     rows = [
         ("n (queries) / nk (keys)", f"{report['n']} / {report['nk']}"),
@@ -231,19 +274,19 @@ def _format_table(report: dict) -> str:
         ("causal", str(report["causal"])),
         ("config", ", ".join(f"{k}={v}" for k, v in report["config"].items())),
         ("exact fallback (n <= min_seq_len)", str(report["exact_fallback"])),
-        ("alpha (column-norm parameter)", f"{report['alpha']:.4g}"),
-        ("kappa (row ratio, unmasked)", "n/a" if report["kappa"] is None else f"{report['kappa']:.4g}"),
-        ("srank(P)", f"{report['srank_p']:.4g}"),
-        ("srank(V)", f"{report['srank_v']:.4g}"),
-        ("heavy mass captured (mean)", f"{report['heavy_mass_mean']:.4f}"),
-        ("max |logit|", f"{report['max_abs_logit']:.4g}"),
-        ("error_op  ‖Ã−A‖op/(‖P‖op‖V‖op)", f"{report['error_op']:.4e}"),
-        ("error_fro ‖Ã−A‖F/‖A‖F", f"{report['error_fro']:.4e}"),
+        ("alpha (column-norm parameter)", _fmt(report["alpha"], ".4g")),
+        ("kappa (row ratio, unmasked)", "n/a" if report["kappa"] is None else _fmt(report["kappa"], ".4g")),
+        ("srank(P)", _fmt(report["srank_p"], ".4g")),
+        ("srank(V)", _fmt(report["srank_v"], ".4g")),
+        ("heavy mass captured (mean)", _fmt(report["heavy_mass_mean"], ".4f")),
+        ("max |logit|", _fmt(report["max_abs_logit"], ".4g")),
+        ("error_op  ‖Ã−A‖op/(‖P‖op‖V‖op)", _fmt(report["error_op"], ".4e")),
+        ("error_fro ‖Ã−A‖F/‖A‖F", _fmt(report["error_fro"], ".4e")),
         ("bound G4 (δ = 0.1)", "n/a" if not report["bounds"] or "g4" not in report["bounds"]
          else f"{report['bounds']['g4']:.4e}  (η = {report['bounds']['eta']:.3e}, product {report['bounds']['product']:.3e})"),
         ("guarantee held", str(report["guarantee_held"])),
-        ("time HyperAttention (s)", f"{report['time_hyper_s']:.3f}"),
-        ("time exact (s)", f"{report['time_exact_s']:.3f}"),
+        ("time HyperAttention (s)", _fmt(report["time_hyper_s"], ".3f")),
+        ("time exact (s)", _fmt(report["time_exact_s"], ".3f")),
         ("speedup", f"{report['speedup']:.1f}x" if report["speedup"] else "n/a"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -262,7 +305,8 @@ def run(args) -> int:
     except (TypeError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     report, (out, lse) = evaluate(q, k, v, causal=args.causal, config=config, seed=args.seed,
-                                  engine=args.engine)
+                                  engine=args.engine, repeats=args.repeats,
+                                  theory=not args.no_theory, progress=_progress)
     if args.save:
         try:
             np.savez(args.save, out=out, lse=lse)
@@ -270,7 +314,7 @@ def run(args) -> int:
             raise UsageError(f"cannot write {args.save}: {exc}") from None
         report["saved"] = args.save
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False))
     else:
         print(_format_table(report))
     return 0
@@ -313,7 +357,7 @@ def lm(args) -> int:
                               device=args.device, seed=args.seed, progress=lm_.main_progress)
     except lm_.MissingDependency as exc:
         raise UsageError(str(exc)) from None
-    print(json.dumps(report, indent=2) if args.json else _format_lm(report))
+    print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False) if args.json else _format_lm(report))
     return 0
 
 

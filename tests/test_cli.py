@@ -74,3 +74,27 @@ def test_console_script_exit_code():
     proc = subprocess.run([sys.executable, "-m", "hyperref.cli", "run", "--d", "-3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_no_theory_skips_the_parameters_and_json_stays_strict(capsys):
+    assert main(["run", "--n", "512", "--min-seq-len", "128", "--block", "64", "--samples", "64",
+                 "--no-theory", "--repeats", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)  # strict: json.loads accepts Infinity, so also check the text
+    assert "Infinity" not in out and "NaN" not in out
+    assert report["alpha"] is None and report["error_op"] is None and report["bounds"] is None
+    assert 0 < report["error_fro"] < 1
+    assert "[hyperref run]" in err and "warm-up" in err
+
+
+def test_infinite_values_are_printed_as_null():
+    from hyperref.cli import _finite_or_none
+
+    assert _finite_or_none({"a": float("inf"), "b": [1.0, float("nan")], "c": "x"}) == \
+        {"a": None, "b": [1.0, None], "c": "x"}
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.startswith("hyperref ")
