@@ -71,6 +71,25 @@ def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     return (out, lse) if return_lse else out
 
 
+def _wide_enough(q, k, v, scale):
+    """``q, k, v`` in a dtype where every logit ``scale · q_i·k_j`` is finite.
+
+    By Cauchy–Schwarz ``|scale · q_i·k_j| ≤ |scale| max‖q_i‖ max‖k_j‖``; when that
+    exceeds a quarter of the dtype's range, float32 inputs are computed in float64
+    (the caller casts the answer back). Beyond float64's range: :class:`InputError`.
+    """
+    if q.size == 0 or k.size == 0:
+        return q, k, v
+    with np.errstate(over="ignore"):
+        bound = abs(scale) * float(np.sqrt((q.astype(np.float64) ** 2).sum(-1).max())) \
+            * float(np.sqrt((k.astype(np.float64) ** 2).sum(-1).max()))
+    if bound <= float(np.finfo(q.dtype).max) / 4:
+        return q, k, v
+    if bound <= float(np.finfo(np.float64).max) / 4:
+        return q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)
+    raise InputError(f"logits up to {bound:.3g} exceed float64's range; rescale q or k (or the scale)")
+
+
 def check_draws(draws: Draws, config: HyperConfig, q, k, causal: bool, single: bool) -> None:
     """Raise :class:`InputError` unless ``draws`` were made for this call."""
     b, h, nq, d = q.shape
@@ -162,6 +181,15 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         raise InputError(f"engine must be one of {', '.join(ENGINES)}; got {engine!r}")
     config = check_config(HyperConfig() if config is None else config)
     s = check_scale(scale, q.shape[3])
+    out_dtype = v.dtype
+    q, k, v = _wide_enough(q, k, v, s)
+    if q.dtype != out_dtype:
+        unb = (lambda x: x[0, 0]) if single else (lambda x: x)
+        out, lse = hyper_attention(unb(q), unb(k), unb(v), causal=causal, scale=s, config=config,
+                                   draws=draws, return_lse=True, engine=engine, rng=rng)
+        with np.errstate(over="ignore"):
+            out, lse = out.astype(out_dtype), lse.astype(out_dtype)
+        return (out, lse) if return_lse else out
     b, h, nq, d = q.shape
     if draws is None:
         draws = make_draws(config, nq, k.shape[2], d, causal=causal,

@@ -52,6 +52,13 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -64,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="arrays q, k, v of shape (N, D) or (B, H, N, D)")
     run.add_argument("--n", type=_positive_int, default=16384, help="length of the default workload")
     run.add_argument("--d", type=_positive_int, default=64, help="head dim of the default workload")
-    run.add_argument("--seed", type=_int, default=0, help="seed of the workload and the draws")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the workload and the draws (>= 0)")
     run.add_argument("--causal", action="store_true", help="bottom-right aligned causal mask")
     defaults = HyperConfig()
     run.add_argument("--block", type=_positive_int, default=defaults.block)
@@ -103,21 +110,27 @@ def _add_lm_parser(sub, parser) -> None:
     lm.add_argument("--sampler", choices=SAMPLERS, default=best.sampler)
     lm.add_argument("--query-block", type=_positive_int, default=best.query_block)
     lm.add_argument("--min-seq-len", type=_positive_int, default=best.min_seq_len)
-    lm.add_argument("--seed", type=_int, default=0, help="seed of the draws")
+    lm.add_argument("--seed", type=_seed, default=0, help="seed of the draws (>= 0)")
     lm.add_argument("--device", default="cpu", help="cpu (the NumPy reference) or cuda (its torch twin)")
     lm.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _load_input(path: str):
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UsageError(f"cannot read {path}: {exc or 'empty file'}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise UsageError(f"{path}: expected an .npz archive with arrays q, k, v, got a single array")
+    try:
+        with data:
             missing = [name for name in ("q", "k", "v") if name not in data.files]
             if missing:
                 raise UsageError(f"{path}: missing array(s) {', '.join(missing)} (need q, k, v)")
             return data["q"], data["k"], data["v"]
     except UsageError:
         raise
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, KeyError) as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
 
 
@@ -308,11 +321,12 @@ def run(args) -> int:
                                   engine=args.engine, repeats=args.repeats,
                                   theory=not args.no_theory, progress=_progress)
     if args.save:
+        path = args.save if args.save.endswith(".npz") else args.save + ".npz"  # what np.savez writes
         try:
-            np.savez(args.save, out=out, lse=lse)
+            np.savez(path, out=out, lse=lse)
         except OSError as exc:
-            raise UsageError(f"cannot write {args.save}: {exc}") from None
-        report["saved"] = args.save
+            raise UsageError(f"cannot write {path}: {exc}") from None
+        report["saved"] = path
     if args.json:
         print(json.dumps(_finite_or_none(report), indent=2, allow_nan=False))
     else:

@@ -22,6 +22,24 @@ def row_chunk(nk: int, itemsize: int, max_block_bytes: int = DEFAULT_BLOCK_BYTES
     return max(1, max_block_bytes // max(1, nk * itemsize * 2))
 
 
+def scaled_logits(q: np.ndarray, k: np.ndarray, scale: float) -> np.ndarray:
+    """``scale · q kᵀ`` in the dtype of ``q``, recomputed wider where it overflows.
+
+    Finite inputs can have logits beyond the dtype's range (float32 entries of
+    1e19); the answer is still a convex combination of value rows, so the block
+    is recomputed in float64 and, if that overflows too, in ``np.longdouble``,
+    and returned in the widest type needed (callers keep the output's dtype).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = (q @ k.T) * q.dtype.type(scale)
+        for wider in (np.float64, np.longdouble):
+            if np.isfinite(logits).all():
+                break
+            if np.dtype(wider).itemsize > logits.dtype.itemsize:
+                logits = (q.astype(wider) @ k.T.astype(wider)) * wider(scale)
+    return logits
+
+
 def causal_logit_mask(rows: np.ndarray, nk: int, offset: int) -> np.ndarray:
     """Boolean ``(len(rows), nk)``: True where key ``j`` is *hidden* from row ``i``.
 
@@ -41,7 +59,7 @@ def logit_blocks(q, k, scale, *, causal=False, max_block_bytes=DEFAULT_BLOCK_BYT
     offset = nk - nq
     for start in range(0, nq, chunk):
         stop = min(nq, start + chunk)
-        logits = (q[start:stop] @ k.T) * q.dtype.type(scale)
+        logits = scaled_logits(q[start:stop], k, scale)
         if causal:
             logits[causal_logit_mask(np.arange(start, stop), nk, offset)] = -np.inf
         yield start, stop, logits
@@ -74,7 +92,7 @@ def exact_head(q, k, v, scale, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES
         kend = min(nk, stop - 1 + offset + 1)
         if kend <= 0:
             continue  # these rows see no key: out 0, lse -inf
-        logits = (q[start:stop] @ k[:kend].T) * q.dtype.type(scale)
+        logits = scaled_logits(q[start:stop], k[:kend], scale)
         logits[causal_logit_mask(np.arange(start, stop), kend, offset)] = -np.inf
         out[start:stop], lse[start:stop] = partial_softmax(logits, v[:kend])
     return out, lse

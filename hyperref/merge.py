@@ -31,8 +31,9 @@ def partial_softmax(logits: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     total = weights.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.where(finite, shift + np.log(total), -np.inf)
-        o = (weights @ values) / np.where(finite, total, 1.0)[:, None]
-    return o.astype(values.dtype, copy=False), lse.astype(values.dtype, copy=False)
+        o = (weights @ values.astype(weights.dtype, copy=False)) / np.where(finite, total, 1.0)[:, None]
+    with np.errstate(over="ignore"):  # an lse beyond the dtype's range is +inf, honestly
+        return o.astype(values.dtype, copy=False), lse.astype(values.dtype, copy=False)
 
 
 def merge_partials(o1, l1, o2, l2):

@@ -249,13 +249,13 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
             max_logit = max(max_logit, float(np.abs(logits).max()))
         peak = logits.max(axis=1)
         peak = np.where(np.isfinite(peak), peak, 0.0)
-        logits -= peak[:, None].astype(dtype)
+        logits -= peak[:, None].astype(logits.dtype)
         a = np.exp(logits, out=logits)
         d = a.sum(axis=1, dtype=np.float64)
         with np.errstate(divide="ignore"):
             lse[start:stop] = peak + np.log(d)
         p = a
-        p *= (1.0 / np.where(d > 0, d, 1.0))[:, None].astype(dtype)
+        p *= (1.0 / np.where(d > 0, d, 1.0))[:, None].astype(p.dtype)
         p_sq = p * p
         col_sq += p_sq.sum(axis=0, dtype=np.float64)
         fro_sq += float(p_sq.sum(dtype=np.float64))
