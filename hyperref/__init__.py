@@ -1,6 +1,7 @@
 """hyperref — a readable, verified reference of HyperAttention (arXiv 2310.05869).
 
-The mathematics is in SPEC.md; every function cites the section it implements.
+The mathematics is in docs/mathematics.md; every function cites the section it implements
+("SPEC §n" in docstrings is section n of that file).
 """
 
 from ._validation import InputError
