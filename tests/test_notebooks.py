@@ -20,5 +20,5 @@ def test_ipynb_in_sync_with_source(source):
     assert _cells(jupytext.read(source)) == _cells(jupytext.read(paired))
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6
+def test_there_are_seven_notebooks():
+    assert len(NOTEBOOKS) == 7
