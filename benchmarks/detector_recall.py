@@ -69,32 +69,6 @@ def label(es) -> str:
     return es.describe().replace(" | ", " + ") + (f" ({names[es]})" if es in names else "")
 
 
-def capture_qkv(model, ids, layers) -> tuple[dict, float]:
-    """Post-RoPE ``(q, k, v)`` (float64, ``(heads, n, d)``) of ``layers`` and the softmax scale."""
-    import torch
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    store = {}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        if module.layer_idx in layers:
-            store[module.layer_idx] = tuple(t[0].double().numpy() for t in (query, key, value))
-            store["scale"] = kwargs.get("scaling") or module.scaling
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    AttentionInterface.register("detector_recall_capture", capture)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("detector_recall_capture", sdpa_mask)
-    model.set_attn_implementation("detector_recall_capture")
-    try:
-        with torch.no_grad():
-            model.model(input_ids=torch.as_tensor(ids[None]))
-    finally:
-        model.set_attn_implementation("sdpa")
-    return store, store.pop("scale")
-
-
 def head_recall(q, k, scale, exact_sets, seed, chunk=256) -> np.ndarray:
     """``(len(exact_sets), 4)``: keys, mass, oracle mass (means over rows ``i >= n/2``), recall."""
     n, d = q.shape
@@ -148,7 +122,7 @@ def main(argv=None) -> int:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from hyperref.lm import default_text, load_model, parse_layers, token_ids
+    from hyperref.lm import capture_qkv, default_text, load_model, parse_layers, token_ids
 
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)

@@ -65,30 +65,13 @@ def row(name, label, q, k, v, exact_set, samples=128):
 
 
 def real_heads(n: int):
-    import torch
-
     from hyperref import lm
 
     model, tok = lm.load_model("cpu")
     ids = lm.token_ids(tok, lm.default_text(), n, copy=True)
-    captured = {}
-
-    def capture(module, query, key, value, attention_mask, **kwargs):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        captured[module.layer_idx] = (query[0].numpy(), key[0].numpy(), value[0].numpy())
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register("hyperref_theory_capture", capture)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("hyperref_theory_capture", sdpa_mask)
-    model.set_attn_implementation("hyperref_theory_capture")
-    with torch.no_grad():
-        model(input_ids=torch.as_tensor(ids[None]))
+    captured, _ = lm.capture_qkv(model, ids, {layer for layer, _ in REAL_HEADS})
     for layer, head in REAL_HEADS:
-        q, k, v = captured[layer]
+        q, k, v = (x.astype(np.float32) for x in captured[layer])
         yield f"SmolLM2 L{layer}H{head} (copy, n = {n})", (q[head], k[head // 3], v[head // 3])
 
 

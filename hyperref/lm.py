@@ -166,6 +166,40 @@ class HyperLayers:
 _names = itertools.count()
 
 
+def capture_qkv(model, ids, layers) -> tuple[dict, float]:
+    """Post-RoPE ``(q, k, v)`` of ``layers`` on ``ids``, and the softmax scale.
+
+    One forward pass with an attention function that stores its inputs and
+    then runs transformers' SDPA. Returns ``({layer: (q, k, v)}, scale)`` with
+    float64 arrays of shape ``(heads, n, d)`` (query heads for ``q``, key/value
+    heads for ``k, v``: query head ``h`` reads key head ``h // (H/Hk)``).
+    """
+    import torch
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    store, wanted = {}, frozenset(layers)
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx in wanted:
+            store[module.layer_idx] = tuple(t[0].double().cpu().numpy() for t in (query, key, value))
+            store["scale"] = kwargs.get("scaling") or module.scaling
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"hyperref_capture_{next(_names)}"
+    AttentionInterface.register(name, capture)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            model.model(input_ids=torch.as_tensor(ids[None], device=model.device))
+    finally:
+        model.set_attn_implementation("sdpa")
+    scale = store.pop("scale")
+    return store, scale
+
+
 def _forward(model, ids, device):
     """Per-token negative log-likelihood of ``ids`` (next-token), float64 numpy, and seconds."""
     import torch

@@ -22,8 +22,8 @@
 # The model is SmolLM2-135M (`hyperref.lm.load_model`: 30 layers, 9 query heads sharing 3
 # key/value heads, head dim 64). The text is a *copy* text of n = 2048 tokens: the first 1024
 # tokens of `hyperref.lm.default_text()`, twice, so rows ≥ 1024 can retrieve the passage they
-# repeat. One forward pass records the post-RoPE q, k, v of layers 0, 5, 7, 20 and 23 (an
-# attention function registered with transformers that stores its inputs and then runs
+# repeat. One forward pass records the post-RoPE q, k, v of layers 0, 5, 7, 20 and 23
+# (`hyperref.lm.capture_qkv`: an attention function that stores its inputs and then runs
 # transformers' SDPA). Every measure below is over rows i ≥ 1024 (the second copy).
 
 # %%
@@ -37,36 +37,18 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from hyperref import HyperConfig, make_draws
 from hyperref.direct import direct_heads
 from hyperref.exact_set import Geometry, heavykeys, quest, sinks, sortlsh, topk, window
-from hyperref.lm import default_text, load_model, token_ids
+from hyperref.lm import capture_qkv, default_text, load_model, token_ids
 
 torch.set_num_threads(1)
 n, LAYERS = 2048, (0, 5, 7, 20, 23)
 model, tokenizer = load_model("cpu")
 ids = token_ids(tokenizer, default_text(), n, copy=True)
-captured = {}
-
-
-def capture(module, query, key, value, attention_mask, **kwargs):
-    if module.layer_idx in LAYERS:
-        captured[module.layer_idx] = tuple(t[0].double().numpy() for t in (query, key, value))
-        captured["scale"] = kwargs.get("scaling") or module.scaling
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register("capture_qkv", capture)
-ALL_MASK_ATTENTION_FUNCTIONS.register("capture_qkv", sdpa_mask)
-model.set_attn_implementation("capture_qkv")
-with torch.no_grad():
-    model.model(input_ids=torch.as_tensor(ids[None]))
-model.set_attn_implementation("sdpa")
-scale, d = captured.pop("scale"), captured[0][0].shape[2]
+captured, scale = capture_qkv(model, ids, LAYERS)
+d = captured[0][0].shape[2]
 heads = [(layer, h) for layer in LAYERS for h in range(9)]
 names = [f"L{layer}H{h}" for layer, h in heads]
 geom, rows = Geometry(n, n, causal=True), np.arange(n // 2, n)
