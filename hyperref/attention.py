@@ -125,8 +125,11 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
 
     Non-causal: Algorithm 1 (sortLSH mask), Algorithm 2 (ApproxD, when
     ``config.normalizer == "approxd"``) and Algorithm 3 (sampled product)
-    of SPEC §3–§5. Causal: the recursion of SPEC §6. Exact attention when
-    ``N <= config.min_seq_len``.
+    of SPEC §3–§5. Causal: the recursion of SPEC §6. With
+    ``config.mode == "direct"``: query blocks with a structured exact set and
+    a residual sampled from each block's support (SPEC §3b, §6b), causal or
+    not (:mod:`hyperref.direct`). Exact attention when ``N <= config.min_seq_len``.
+    Float32 inputs whose logits could overflow are computed in float64.
 
     .. math::
         \\widetilde{\\mathrm{Att}} = \\tilde D^{-1}\\Big( (A \\circ M) V
@@ -152,7 +155,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     engine : {"numba", "numpy"}, optional
         ``numpy``: the readable reference; ``numba``: the parallel kernels of
         :mod:`hyperref.numba_kernels` (default when Numba is installed). Both
-        compute the same function of (inputs, draws).
+        compute the same function of (inputs, draws). The direct mode has no
+        Numba kernels yet: both engines run its NumPy reference.
     rng : None, int or numpy.random.Generator
         Randomness for the draws, when ``draws`` is not given.
 
