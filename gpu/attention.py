@@ -46,6 +46,9 @@ def _check(q, k, v, config, backend):
         raise ValueError(f"head dims must be one of {HEAD_DIMS} for the Triton kernels, got d={d}, dv={dv}")
     if nk == 0 and nq > 0:
         raise ValueError("k and v are empty: attention needs at least one key")
+    if config.mode != "recursive":
+        raise ValueError("the GPU kernels implement the paper's mode (mode='recursive'); for "
+                         "mode='direct' use hyperref.gpu.direct.direct_attention (its torch twin)")
     if config.estimator != "masked" or config.normalizer != "self":
         raise ValueError("the GPU path implements estimator='masked' with normalizer='self'; "
                          "use hyperref (the NumPy reference) for the others")

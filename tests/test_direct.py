@@ -216,3 +216,13 @@ def test_parse_exact_set_round_trips_and_refuses():
     for bad in ("", "window(x)", "windows(3)", "sinks(4) | quest(block=8, nope=1)", "sinks(-1)"):
         with pytest.raises(InputError):
             parse_exact_set(bad)
+
+
+def test_gpu_path_refuses_the_direct_mode_instead_of_ignoring_it():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from hyperref import gpu
+
+    q = torch.zeros(1, 1, 64, 16)
+    with pytest.raises(ValueError, match="direct_attention"):
+        gpu.hyper_attention(q, q, q, causal=True, config=_direct(window(8), samples=4))
