@@ -6,5 +6,6 @@ Needs ``torch`` and ``triton`` (the ``gpu`` extra).
 """
 
 from .attention import HyperAttention, hyper_attention
+from .sdpa import scaled_dot_product_attention
 
-__all__ = ["HyperAttention", "hyper_attention"]
+__all__ = ["HyperAttention", "hyper_attention", "scaled_dot_product_attention"]
