@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What one device call runs (see the device tool): versions, the GPU tests, the benchmark.
+# What one run on a CUDA machine does: versions, the GPU tests, the benchmark.
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
 #        profile glue fwdtiles launchres atomics tiles64 tiles128 ab
 set -uo pipefail
