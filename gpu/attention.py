@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from hyperref._validation import check_scale
+from hyperref._validation import InputError, check_scale
 from hyperref.config import HyperConfig
 from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
@@ -25,32 +25,32 @@ BACKENDS = ("triton", "dense")
 def _check(q, k, v, config, backend):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(t.shape)}")
+            raise InputError(f"{name} must have shape (B, H, N, D), got {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     allowed = DTYPES + ((torch.float64,) if backend == "dense" else ())
     if q.dtype not in allowed:
-        raise ValueError(f"dtype {q.dtype} is not supported; use one of {allowed}")
+        raise InputError(f"dtype {q.dtype} is not supported; use one of {allowed}")
     if not (q.device == k.device == v.device):
-        raise ValueError("q, k, v must be on the same device")
+        raise InputError("q, k, v must be on the same device")
     (b, h, nq, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape
     if not (b == bk == bv):
-        raise ValueError(f"batch sizes differ: {b}, {bk}, {bv}")
+        raise InputError(f"batch sizes differ: {b}, {bk}, {bv}")
     if hk != hv or hk == 0 or h % hk:
-        raise ValueError(f"key/value heads ({hk}, {hv}) must be equal and divide query heads ({h})")
+        raise InputError(f"key/value heads ({hk}, {hv}) must be equal and divide query heads ({h})")
     if d != dk or nk != nv:
-        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise InputError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if backend == "triton" and (d not in HEAD_DIMS or dv not in HEAD_DIMS):
-        raise ValueError(f"head dims must be one of {HEAD_DIMS} for the Triton kernels, got d={d}, dv={dv}")
+        raise InputError(f"head dims must be one of {HEAD_DIMS} for the Triton kernels, got d={d}, dv={dv}")
     if nk == 0 and nq > 0:
-        raise ValueError("k and v are empty: attention needs at least one key")
+        raise InputError("k and v are empty: attention needs at least one key")
     if config.mode != "recursive":
-        raise ValueError("the GPU kernels implement the paper's mode (mode='recursive'); for "
+        raise InputError("the GPU kernels implement the paper's mode (mode='recursive'); for "
                          "mode='direct' use hyperref.gpu.direct.direct_attention (its torch twin)")
     if config.estimator != "masked" or config.normalizer != "self":
-        raise ValueError("the GPU path implements estimator='masked' with normalizer='self'; "
+        raise InputError("the GPU path implements estimator='masked' with normalizer='self'; "
                          "use hyperref (the NumPy reference) for the others")
 
 
@@ -97,7 +97,7 @@ def _raise_if_nonfinite(pending):
     names, bad = pending  # int per input: nonzero if it holds NaN/Inf
     for name, flagged in zip(names, bad.tolist()):
         if flagged:
-            raise ValueError(f"{name} contains NaN or Inf")
+            raise InputError(f"{name} contains NaN or Inf")
 
 
 def _device_draws(config, b, h, d, device, generator):
@@ -113,10 +113,10 @@ def _device_draws(config, b, h, d, device, generator):
 
 def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device):
     if not isinstance(draws, Draws):
-        raise TypeError(f"draws must be a hyperref.Draws, got {type(draws).__name__}")
+        raise InputError(f"draws must be a hyperref.Draws, got {type(draws).__name__}")
     if (draws.nq, draws.nk, draws.d, draws.causal) != (nq, nk, d, bool(causal)) or \
             tuple(draws.batch_shape) != (b, h) or draws.config != config:
-        raise ValueError("draws were made for another shape, causality or config")
+        raise InputError("draws were made for another shape, causality or config")
     blocks = {path: (torch.as_tensor(np.asarray(bd.lsh_planes).reshape(b * h, d, -1), device=device),
                      torch.as_tensor(np.asarray(bd.sample_u).reshape(b * h, -1), device=device))
               for path, bd in draws.blocks.items()}
@@ -204,15 +204,15 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     """
     config = HyperConfig() if config is None else config
     if not isinstance(config, HyperConfig):
-        raise TypeError(f"config must be a hyperref.HyperConfig, got {type(config).__name__}")
+        raise InputError(f"config must be a hyperref.HyperConfig, got {type(config).__name__}")
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(q, k, v, config, backend)
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("exact_hash", exact_hash)):
         if not isinstance(flag, (bool, np.bool_)):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+            raise InputError(f"{name} must be a bool, got {type(flag).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     b, h, nq, d = q.shape
     hk, nk, dv = k.shape[1], k.shape[2], v.shape[3]
     scale = check_scale(scale, d)  # a finite real number (ValueError otherwise)

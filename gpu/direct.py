@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from hyperref.direct import block_support, n_query_blocks, paper_exact_set
+from hyperref._validation import InputError
+from hyperref.direct import block_support, paper_exact_set
 import numpy as np
 
 from hyperref.exact_set import BlockTop, Geometry, HeavyKeys, Quest, Sinks, SortLSH, TopK, Window
@@ -78,7 +79,7 @@ def _member(parts, states, logits, rows, geom: Geometry):
             top = torch.topk(logits, min(part.k, nk), dim=-1).indices
             out |= torch.zeros_like(out).scatter_(-1, top, True)
         else:
-            raise TypeError(f"the torch direct mode has no implementation of {part.describe()}")
+            raise InputError(f"the torch direct mode has no implementation of {part.describe()}")
     return out & torch.isfinite(logits)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hyperref._validation import InputError
 from hyperref.draws import BlockDraws, Draws
 
 from .attention import hyper_attention
@@ -108,13 +109,13 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
     b, h, n_loc, _ = q.shape
     hk = k.shape[1]
     if h % world or hk % world:
-        raise ValueError(f"query heads ({h}) and key/value heads ({hk}) must both be divisible by "
+        raise InputError(f"query heads ({h}) and key/value heads ({hk}) must both be divisible by "
                          f"the world size ({world})")
     lengths = torch.tensor([n_loc, k.shape[2]], dtype=torch.int64, device=q.device)
     gathered = [torch.empty_like(lengths) for _ in range(world)]
     dist.all_gather(gathered, lengths, group=group)
     if any(not torch.equal(g, lengths) for g in gathered):
-        raise ValueError("every rank must hold sequence shards of the same length; got "
+        raise InputError("every rank must hold sequence shards of the same length; got "
                          f"{[tuple(g.tolist()) for g in gathered]}")
     qh, kh, vh = (_Exchange.apply(x, world, group, True) for x in (q, k, v))
     per = h // world

@@ -9,8 +9,11 @@ import numpy as np
 from .config import HyperConfig
 
 
-class InputError(ValueError):
-    """Invalid input to a public function (shapes, dtypes, values)."""
+class InputError(ValueError, TypeError):
+    """Invalid input to a public function (shapes, dtypes, values), in every engine.
+
+    A :class:`ValueError` and a :class:`TypeError`, so code that catches either keeps working.
+    """
 
 
 def as_float_array(x, name: str) -> np.ndarray:

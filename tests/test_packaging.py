@@ -59,3 +59,19 @@ def test_license_citation_and_typing_marker_ship():
     assert "MIT" in (ROOT / "LICENSE").read_text()
     assert "2310.05869" in (ROOT / "CITATION.cff").read_text()
     assert (ROOT / "hyperref" / "py.typed").exists()
+
+
+def test_one_error_vocabulary_across_engines():
+    from hyperref import InputError
+    from hyperref.theory import bounds
+
+    with pytest.raises(InputError):
+        bounds.g2_bound(-1, 0.1, 2.0, 2.0)
+    assert issubclass(InputError, ValueError) and issubclass(InputError, TypeError)
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from hyperref import gpu
+
+    q = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(InputError):
+        gpu.hyper_attention(q, q, q, causal="no")

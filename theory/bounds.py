@@ -66,6 +66,8 @@ import math
 
 import numpy as np
 
+from hyperref._validation import InputError
+
 
 # Argument checks. Comparisons are written so that NaN fails them.
 _ROUNDING = 1e-9  # stable ranks and entry ratios are >= 1 exactly, computed ones up to rounding
@@ -73,35 +75,35 @@ _ROUNDING = 1e-9  # stable ranks and entry ratios are >= 1 exactly, computed one
 
 def _check_prob(delta: float) -> None:
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise InputError(f"delta must be in (0, 1), got {delta}")
 
 
 def _check_eps(eps: float, below_one: bool = False) -> None:
     if not (0 < eps < (1 if below_one else math.inf)):
-        raise ValueError(f"eps must be in (0, {1 if below_one else 'inf'}), got {eps}")
+        raise InputError(f"eps must be in (0, {1 if below_one else 'inf'}), got {eps}")
 
 
 def _check_nonneg(x: float, name: str) -> None:
     """``x >= 0`` (``inf`` allowed: a bound may be vacuous, not wrong)."""
     if not x >= 0:
-        raise ValueError(f"{name} must be >= 0, got {x}")
+        raise InputError(f"{name} must be >= 0, got {x}")
 
 
 def _check_count(x: int, name: str, least: int = 1) -> None:
     if isinstance(x, bool) or not float(x).is_integer() or x < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {x}")
+        raise InputError(f"{name} must be an integer >= {least}, got {x}")
 
 
 def _check_rho(rho: float) -> None:
     """The residual entry ratio ``ρ = max_i nk max_j A^res_ij / r_i`` is ``>= 1``."""
     if not 1 - _ROUNDING <= rho < math.inf:
-        raise ValueError(f"rho must be a finite number >= 1, got {rho}")
+        raise InputError(f"rho must be a finite number >= 1, got {rho}")
 
 
 def _check_srank(x: float, name: str) -> None:
     """A stable rank ``‖X‖_F²/‖X‖_op²`` is 0 (the zero matrix, by convention) or ``>= 1``."""
     if not (x == 0 or 1 - _ROUNDING <= x < math.inf):
-        raise ValueError(f"{name} must be 0 (zero matrix) or a finite number >= 1, got {x}")
+        raise InputError(f"{name} must be 0 (zero matrix) or a finite number >= 1, got {x}")
 
 
 def g1_bound(eta: float) -> float:
@@ -221,7 +223,7 @@ def g7_bound(m: int, delta: float, captured, second_centred, op_p: float, op_v: 
     cap = np.full(h.shape, np.inf) if spread is None else np.asarray(spread, dtype=float)
     for name, arr in (("captured", h), ("second_centred", s), ("spread", cap)):
         if arr.shape != h.shape or arr.ndim != 1 or np.isnan(arr).any() or (arr < 0).any():
-            raise ValueError(f"{name} must be a 1-d array of numbers >= 0, as long as captured")
+            raise InputError(f"{name} must be a 1-d array of numbers >= 0, as long as captured")
     _check_nonneg(op_p, "op_p")
     _check_nonneg(op_v, "op_v")
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -272,7 +274,7 @@ def paper_sample_sizes(eps: float, alpha: float, kappa: float, srank_p: float, d
     _check_eps(eps)
     _check_nonneg(alpha, "alpha")
     if not 1 <= kappa < math.inf:
-        raise ValueError(f"kappa must be a finite number >= 1, got {kappa}")
+        raise InputError(f"kappa must be a finite number >= 1, got {kappa}")
     _check_srank(srank_p, "srank_p")
     _check_count(d, "d")
     _check_count(n, "n")
