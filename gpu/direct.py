@@ -170,7 +170,9 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
                 states.append(_host_selection(part, qh, kh, scale, geom, arr, covered))
             else:
                 states.append(None)
-        sq = (vh.double() ** 2).sum(-1)
+        v64 = vh.double()
+        peak = v64.abs().amax()
+        sq = ((v64 / torch.where(peak > 0, peak, 1.0)) ** 2).sum(-1)  # as hyperref.sampling.squared_row_norms
         u = torch.as_tensor(dr.sample_u, device=dev)
         wsamp = _sample_weights(sq, u, geom, exact_set, bq, config.sampler, config.samples)
         for r0 in range(0, nq, chunk):

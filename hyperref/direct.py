@@ -34,7 +34,7 @@ import numpy as np
 from .config import HyperConfig
 from .exact_set import ExactSet, Geometry
 from .merge import partial_softmax
-from .sampling import resolve_samples
+from .sampling import resolve_samples, squared_row_norms
 
 
 def paper_exact_set(config: HyperConfig) -> ExactSet:
@@ -174,7 +174,7 @@ def direct_head(q, k, v, scale, config: HyperConfig, draws, causal: bool, *, cou
     geom = Geometry(nq, nk, causal)
     exact_set, bq = paper_exact_set(config), config.query_block
     states = exact_set.prepare(q, k, scale, geom, draws.exact)
-    sq_norms = np.einsum("ij,ij->i", v.astype(np.float64), v.astype(np.float64))
+    sq_norms = squared_row_norms(v)
     out = np.zeros((nq, dv), dtype=v.dtype)
     lse = np.full(nq, -np.inf, dtype=v.dtype)
     used = np.zeros(nq, dtype=np.int64)

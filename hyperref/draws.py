@@ -125,6 +125,14 @@ class Draws:
         )
 
 
+def as_generator(rng) -> np.random.Generator:
+    """:func:`numpy.random.default_rng` of ``rng``, with an :class:`InputError` naming ``rng``."""
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"rng must be None, an integer >= 0 or a numpy Generator, got {rng!r} ({err})") from None
+
+
 def _block_draws(nq, nk, d, batch_shape, config, rng) -> BlockDraws:
     planes = rng.standard_normal(batch_shape + (d, config.bits))
     n_rows = min(config.approxd_samples, nq)
@@ -178,7 +186,7 @@ def make_draws(
     if isinstance(batch_shape, (str, bytes)) or not hasattr(batch_shape, "__iter__"):
         raise InputError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
     batch_shape = tuple(check_count(s, "each batch_shape entry") for s in batch_shape)
-    rng = np.random.default_rng(rng)
+    rng = as_generator(rng)
     blocks: dict[str, BlockDraws] = {}
     direct = None
     if nq > config.min_seq_len and nk > 0 and config.mode == "direct":

@@ -261,6 +261,7 @@ def evaluate(config: HyperConfig, *, text: str | None = None, n: int = 8192, cop
     say = progress or (lambda line: None)
     if isinstance(n, bool) or not isinstance(n, int) or n < 4 or n % 2:
         raise InputError(f"n must be an even integer >= 4, got {n!r}")
+    parse_layers(layers, 10**6)  # the form, before the model loads; the range after
     if model is None:
         say("loading the model")
         model, tokenizer = load_model(device)

@@ -31,7 +31,9 @@ def partial_softmax(logits: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
     total = weights.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.where(finite, shift + np.log(total), -np.inf)
-        o = (weights @ values.astype(weights.dtype, copy=False)) / np.where(finite, total, 1.0)[:, None]
+        # normalize before the product: the weights are <= 1, so a finite answer stays finite
+        # (values near the dtype's maximum overflowed when the sum was divided afterwards)
+        o = (weights / np.where(finite, total, 1.0)[:, None]) @ values.astype(weights.dtype, copy=False)
     with np.errstate(over="ignore"):  # an lse beyond the dtype's range is +inf, honestly
         return o.astype(values.dtype, copy=False), lse.astype(values.dtype, copy=False)
 

@@ -28,7 +28,7 @@ def sampling_probabilities(v: np.ndarray, sampler: str) -> np.ndarray:
     uniform = np.full(nk, 1.0 / nk)
     if sampler == "uniform":
         return uniform
-    sq = np.einsum("ij,ij->i", v.astype(np.float64), v.astype(np.float64))
+    sq = squared_row_norms(v)
     total = sq.sum()
     rownorm = sq / total if total > 0 else uniform
     if sampler == "rownorm":
@@ -36,6 +36,16 @@ def sampling_probabilities(v: np.ndarray, sampler: str) -> np.ndarray:
     if sampler == "mixed":
         return 0.5 * rownorm + 0.5 * uniform
     raise ValueError(f"unknown sampler {sampler!r}")
+
+
+def squared_row_norms(v: np.ndarray) -> np.ndarray:
+    """``‖v_j‖² / c²`` in float64 with ``c = max |v|`` (probabilities are ratios of these; the
+    scale keeps them finite when ``‖v_j‖²`` itself would overflow)."""
+    v = v.astype(np.float64)
+    peak = float(np.abs(v).max(initial=0.0))
+    if peak > 0:
+        v = v / peak
+    return np.einsum("ij,ij->i", v, v)
 
 
 def resolve_samples(u: np.ndarray, p: np.ndarray) -> np.ndarray:

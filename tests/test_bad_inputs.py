@@ -73,3 +73,27 @@ def test_cli_save_reports_the_file_it_writes(tmp_path, capsys):
     assert saved == str(target) + ".npz"
     with np.load(saved) as data:
         assert data["out"].shape == (512, 64)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float32, 3e38), (np.float64, 1e308)])
+def test_values_near_the_dtype_maximum_give_a_finite_answer(dtype, big):
+    q, k = np.zeros((2, 2), dtype), np.zeros((4, 2), dtype)
+    v = np.full((4, 2), big, dtype)
+    np.testing.assert_array_equal(exact_attention(q, k, v), np.full((2, 2), big, dtype))
+    cfg = HyperConfig(block=4, samples=4, min_seq_len=1)
+    out = hyper_attention(np.zeros((8, 2), dtype), np.zeros((8, 2), dtype), np.full((8, 2), big, dtype),
+                          config=cfg, rng=0, engine="numpy")
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("rng", [-1, "a", 1.5])
+def test_bad_rng_is_named(rng):
+    with pytest.raises(InputError, match="rng must be"):
+        hyper_attention(np.zeros((8, 2)), np.zeros((8, 2)), np.zeros((8, 2)), rng=rng,
+                        config=HyperConfig(min_seq_len=4, block=4, samples=2))
+
+
+def test_lm_layers_are_checked_before_the_model_loads(capsys):
+    assert main(["lm", "--n", "512", "--layers", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "layers must be" in err and "loading the model" not in err
