@@ -8,7 +8,7 @@ from ._validation import InputError, check_bool, check_config, check_qkv, check_
 from .causal import causal_head
 from .direct import direct_head
 from .config import HyperConfig
-from .draws import Draws, make_draws
+from .draws import Draws, check_draws_contents, make_draws
 from .estimators import noncausal_head
 from .exact import exact_head
 
@@ -198,13 +198,18 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     if draws is None:
         draws = make_draws(config, nq, k.shape[2], d, causal=causal,
                            batch_shape=() if single else (b, h), rng=rng)
-    check_draws(draws, config, q, k, causal, single)
+        check_draws(draws, config, q, k, causal, single)
+    else:  # hand-built or reused draws: their shapes, uniforms and indices too
+        check_draws(draws, config, q, k, causal, single)
+        check_draws_contents(draws)
     exact = nq <= config.min_seq_len
     if not exact and config.mode == "direct":
         out, lse = _for_each_head(q, k, v, single, lambda index, qh, kh, vh: direct_head(
             qh, kh, vh, s, config, draws.head(() if single else index).direct, causal))
         return (out, lse) if return_lse else out
-    if not exact and engine == "numba" and nq:
+    # the kernels are compiled for float32/float64 and a nonempty batch; else the NumPy reference
+    numba_ok = q.dtype in (np.float32, np.float64) and b > 0 and h > 0
+    if not exact and engine == "numba" and nq and numba_ok:
         from .engine_numba import hyper_heads
 
         out, lse = hyper_heads(q, k, v, s, config, draws, causal)
@@ -255,6 +260,7 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     if draws is None:
         raise InputError("heavy_mask needs the call's draws (hyperref.make_draws) beyond config.min_seq_len rows")
     check_draws(draws, config, q4, k4, causal, single=True)
+    check_draws_contents(draws)
     if not causal:
         return HeavyMask.noncausal(block_structure(q, k, draws.blocks[""].lsh_planes, config.block))
     offdiag, leaves = causal_nodes(nq, nk, config.min_seq_len)

@@ -204,3 +204,52 @@ def make_draws(
         else:
             blocks[""] = _block_draws(nq, nk, d, batch_shape, config, rng)
     return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks, direct)
+
+
+def _check_array(name: str, got, want: np.ndarray, *, low=None, high=None, unit=False) -> None:
+    """``got`` has ``want``'s shape and kind; integer entries in ``[low, high)``; uniforms in ``[0, 1)``."""
+    if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype.kind != want.dtype.kind:
+        shape = getattr(got, "shape", None)
+        raise InputError(f"draws: {name} must be an array of shape {want.shape} and kind "
+                         f"'{want.dtype.kind}', got {type(got).__name__} of shape {shape}")
+    if unit and got.size and not ((got >= 0) & (got < 1)).all():
+        raise InputError(f"draws: {name} must hold uniforms in [0, 1)")
+    if low is not None and got.size and not ((got >= low) & (got < high)).all():
+        raise InputError(f"draws: {name} must hold indices in [{low}, {high})")
+
+
+def check_draws_contents(draws: Draws) -> None:
+    """Raise :class:`InputError` unless ``draws`` has the structure and ranges :func:`make_draws` gives.
+
+    Hand-built draws are public values: their arrays must have the shapes of the
+    draws the call would make, their uniforms must lie in ``[0, 1)`` and their
+    indices in range, or engines would read out of bounds or silently mis-sample.
+    """
+    skeleton = make_draws(draws.config, draws.nq, draws.nk, draws.d, causal=draws.causal,
+                          batch_shape=tuple(draws.batch_shape), rng=0)
+    blocks = draws.blocks if isinstance(draws.blocks, Mapping) else None
+    if blocks is None or set(blocks) != set(skeleton.blocks):
+        raise InputError(f"draws: blocks must be keyed {sorted(skeleton.blocks)}, "
+                         f"got {sorted(blocks) if blocks is not None else type(draws.blocks).__name__}")
+    for path, want in skeleton.blocks.items():
+        got = blocks[path]
+        if not isinstance(got, BlockDraws) or (got.nq, got.nk) != (want.nq, want.nk):
+            raise InputError(f"draws: block {path!r} must be a BlockDraws for {(want.nq, want.nk)}")
+        _check_array(f"block {path!r} lsh_planes", got.lsh_planes, want.lsh_planes)
+        _check_array(f"block {path!r} approxd_rows", got.approxd_rows, want.approxd_rows, low=0, high=want.nq)
+        _check_array(f"block {path!r} approxd_cols", got.approxd_cols, want.approxd_cols, low=0, high=want.nk)
+        _check_array(f"block {path!r} sample_u", got.sample_u, want.sample_u, unit=True)
+    if (draws.direct is None) != (skeleton.direct is None):
+        raise InputError("draws: direct must be DirectDraws exactly when the call runs the direct mode")
+    if skeleton.direct is not None:
+        got, want = draws.direct, skeleton.direct
+        if not isinstance(got, DirectDraws) or not isinstance(got.exact, tuple) or len(got.exact) != len(want.exact):
+            raise InputError(f"draws: direct must be DirectDraws with {len(want.exact)} exact-set entries")
+        _check_array("direct sample_u", got.sample_u, want.sample_u, unit=True)
+        for i, (g, w) in enumerate(zip(got.exact, want.exact)):
+            if w is None:
+                if g is not None:
+                    raise InputError(f"draws: exact-set part {i} is deterministic; its draw must be None")
+                continue
+            bounded = dict(low=0, high=draws.nq) if w.dtype.kind == "i" else {}
+            _check_array(f"exact-set part {i}", g, w, **bounded)

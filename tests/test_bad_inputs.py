@@ -97,3 +97,64 @@ def test_lm_layers_are_checked_before_the_model_loads(capsys):
     assert main(["lm", "--n", "512", "--layers", "bogus"]) == 2
     err = capsys.readouterr().err
     assert "layers must be" in err and "loading the model" not in err
+
+
+def _draws(cfg, n=64, causal=False, rng=0):
+    from hyperref import make_draws
+
+    return make_draws(cfg, n, n, 8, causal=causal, rng=rng)
+
+
+def test_hand_built_draws_are_checked():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 64, 8))
+    cfg = HyperConfig(block=16, samples=8, min_seq_len=8, normalizer="approxd", approxd_samples=8)
+    good = _draws(cfg)
+    block = good.blocks[""]
+    bad = {
+        "approxd_cols": replace(block, approxd_cols=np.full_like(block.approxd_cols, 99)),
+        "approxd_rows": replace(block, approxd_rows=np.full_like(block.approxd_rows, -1)),
+        "sample_u": replace(block, sample_u=np.full_like(block.sample_u, 1.5)),
+        "lsh_planes": replace(block, lsh_planes=block.lsh_planes[:, :3]),
+    }
+    for engine in ("numpy", "numba"):
+        hyper_attention(q, k, v, config=cfg, draws=good, engine=engine)
+        for name, blk in bad.items():
+            with pytest.raises(InputError, match=name):
+                hyper_attention(q, k, v, config=cfg, draws=replace(good, blocks={"": blk}), engine=engine)
+        with pytest.raises(InputError, match="blocks"):
+            hyper_attention(q, k, v, config=cfg, draws=replace(good, blocks={}), engine=engine)
+
+
+def test_hand_built_direct_draws_are_checked():
+    from dataclasses import replace
+
+    from hyperref.exact_set import heavykeys, sinks, window
+
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 64, 8))
+    cfg = HyperConfig(mode="direct", exact_set=sinks(2) | window(8) | heavykeys(4, 16), samples=4,
+                      min_seq_len=8, query_block=16)
+    good = _draws(cfg, causal=True)
+    hyper_attention(q, k, v, causal=True, config=cfg, draws=good)
+    d = good.direct
+    for bad, match in ((replace(d, sample_u=np.full_like(d.sample_u, np.nan)), "sample_u"),
+                       (replace(d, sample_u=d.sample_u[:2]), "sample_u"),
+                       (replace(d, exact=d.exact[:2]), "exact-set entries"),
+                       (replace(d, exact=(None, None, np.full_like(d.exact[2], 99))), "part 2")):
+        with pytest.raises(InputError, match=match):
+            hyper_attention(q, k, v, causal=True, config=cfg, draws=replace(good, direct=bad))
+    with pytest.raises(InputError, match="direct"):
+        hyper_attention(q, k, v, causal=True, config=cfg, draws=replace(good, direct=None))
+
+
+def test_numba_engine_answers_where_its_kernels_do_not_apply():
+    cfg = HyperConfig(block=16, samples=8, min_seq_len=8)
+    rng = np.random.default_rng(2)
+    q, k, v = (x.astype(np.longdouble) for x in rng.standard_normal((3, 64, 8)))
+    np.testing.assert_allclose(hyper_attention(q, k, v, config=cfg, rng=0, engine="numba").astype(float),
+                               hyper_attention(q, k, v, config=cfg, rng=0, engine="numpy").astype(float))
+    empty = np.zeros((0, 2, 64, 8))
+    assert hyper_attention(empty, empty, empty, config=cfg, rng=0, engine="numba").shape == (0, 2, 64, 8)
