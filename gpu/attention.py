@@ -33,6 +33,18 @@ def _check(q, k, v, config, backend):
     allowed = DTYPES + ((torch.float64,) if backend == "dense" else ())
     if q.dtype not in allowed:
         raise InputError(f"dtype {q.dtype} is not supported; use one of {allowed}")
+    if backend == "triton":
+        from . import function as F
+
+        if F.K is None:
+            raise ImportError("the Triton kernels need triton: pip install 'hyperref[gpu]' "
+                              "(backend='dense' runs without it)")
+        if q.device.type != "cuda" and not F._interpret():
+            raise InputError(f"the Triton kernels need CUDA tensors (got {q.device.type}) or "
+                             "TRITON_INTERPRET=1; backend='dense' runs on any device")
+        if q.device.type != "cuda" and q.dtype == torch.bfloat16:
+            raise InputError("the Triton interpreter has no bfloat16 (its answers would be wrong): "
+                             "use float16/float32, or a CUDA device")
     if not (q.device == k.device == v.device):
         raise InputError("q, k, v must be on the same device")
     (b, h, nq, d), (bk, hk, nk, dk), (bv, hv, nv, dv) = q.shape, k.shape, v.shape

@@ -158,3 +158,18 @@ def test_numba_engine_answers_where_its_kernels_do_not_apply():
                                hyper_attention(q, k, v, config=cfg, rng=0, engine="numpy").astype(float))
     empty = np.zeros((0, 2, 64, 8))
     assert hyper_attention(empty, empty, empty, config=cfg, rng=0, engine="numba").shape == (0, 2, 64, 8)
+
+
+def test_gpu_path_on_the_cpu_refuses_what_it_cannot_compute(monkeypatch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from hyperref import gpu
+
+    q = torch.zeros(1, 1, 64, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(InputError, match="bfloat16"):
+        gpu.hyper_attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(InputError, match="CUDA tensors"):
+        gpu.hyper_attention(q, q, q)
+    assert gpu.hyper_attention(q, q, q, backend="dense").shape == q.shape
