@@ -1,4 +1,4 @@
-"""The Numba engine equals the NumPy reference on the same draws (issue: near-linear CPU path)."""
+"""The Numba engine equals the NumPy reference on the same draws."""
 
 import itertools
 import os
