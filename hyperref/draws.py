@@ -133,16 +133,43 @@ def as_generator(rng) -> np.random.Generator:
         raise InputError(f"rng must be None, an integer >= 0 or a numpy Generator, got {rng!r} ({err})") from None
 
 
+def _block_shapes(nq: int, d: int, config: HyperConfig) -> dict:
+    """One head's array shapes of a :class:`BlockDraws` (``nq`` rows in the block)."""
+    return {"lsh_planes": (d, config.bits), "approxd_rows": (min(config.approxd_samples, nq),),
+            "approxd_cols": (config.approxd_samples,), "sample_u": (config.samples,)}
+
+
+def _planned_blocks(config: HyperConfig, nq: int, nk: int, causal: bool) -> dict:
+    """``{path: (nq, nk)}`` of the :class:`BlockDraws` a call of the recursive mode has."""
+    if config.mode != "recursive" or nq <= config.min_seq_len or nk == 0:
+        return {}
+    if not causal:
+        return {"": (nq, nk)}
+    return {node.path: (node.nq, node.nk) for node in causal_nodes(nq, nk, config.min_seq_len)[0]}
+
+
+def _direct_shapes(config: HyperConfig, nq: int, nk: int, d: int, causal: bool):
+    """``(sample_u shape, exact-set draw shapes)`` of one head in the direct mode, or ``None``."""
+    if config.mode != "direct" or nq <= config.min_seq_len or nk == 0:
+        return None
+    from .direct import n_query_blocks, paper_exact_set
+    from .exact_set import Geometry
+
+    u_shape = (n_query_blocks(nq, config.query_block), config.samples)
+    return u_shape, paper_exact_set(config).draw_shapes(Geometry(nq, nk, causal), d)
+
+
 def _block_draws(nq, nk, d, batch_shape, config, rng) -> BlockDraws:
-    planes = rng.standard_normal(batch_shape + (d, config.bits))
-    n_rows = min(config.approxd_samples, nq)
+    shape = {name: batch_shape + one for name, one in _block_shapes(nq, d, config).items()}
+    planes = rng.standard_normal(shape["lsh_planes"])
+    n_rows = shape["approxd_rows"][-1]
     heads = int(np.prod(batch_shape, dtype=np.int64))
     rows = np.empty((heads, n_rows), dtype=np.int64)
     for h in range(heads):
         rows[h] = rng.choice(nq, size=n_rows, replace=False)
-    cols = rng.integers(0, nk, size=batch_shape + (config.approxd_samples,), dtype=np.int64)
-    u = rng.random(batch_shape + (config.samples,))
-    return BlockDraws(planes, rows.reshape(batch_shape + (n_rows,)), cols, u, nq, nk)
+    cols = rng.integers(0, nk, size=shape["approxd_cols"], dtype=np.int64)
+    u = rng.random(shape["sample_u"])
+    return BlockDraws(planes, rows.reshape(shape["approxd_rows"]), cols, u, nq, nk)
 
 
 def make_draws(
@@ -187,35 +214,28 @@ def make_draws(
         raise InputError(f"batch_shape must be a tuple of ints, got {batch_shape!r}")
     batch_shape = tuple(check_count(s, "each batch_shape entry") for s in batch_shape)
     rng = as_generator(rng)
-    blocks: dict[str, BlockDraws] = {}
     direct = None
-    if nq > config.min_seq_len and nk > 0 and config.mode == "direct":
-        from .direct import n_query_blocks, paper_exact_set
+    if _direct_shapes(config, nq, nk, d, causal) is not None:
+        from .direct import paper_exact_set
         from .exact_set import Geometry
 
         exact = paper_exact_set(config).draw(Geometry(nq, nk, causal), d, batch_shape, rng)
-        u = rng.random(batch_shape + (n_query_blocks(nq, config.query_block), config.samples))
-        direct = DirectDraws(exact, u)
-    elif nq > config.min_seq_len and nk > 0:
-        if causal:
-            offdiag, _ = causal_nodes(nq, nk, config.min_seq_len)
-            for node in offdiag:
-                blocks[node.path] = _block_draws(node.nq, node.nk, d, batch_shape, config, rng)
-        else:
-            blocks[""] = _block_draws(nq, nk, d, batch_shape, config, rng)
+        u_shape, _ = _direct_shapes(config, nq, nk, d, causal)
+        direct = DirectDraws(exact, rng.random(batch_shape + u_shape))
+    blocks = {path: _block_draws(bnq, bnk, d, batch_shape, config, rng)
+              for path, (bnq, bnk) in _planned_blocks(config, nq, nk, causal).items()}
     return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks, direct)
 
 
-def _check_array(name: str, got, want: np.ndarray, *, low=None, high=None, unit=False) -> None:
-    """``got`` has ``want``'s shape and kind; integer entries in ``[low, high)``; uniforms in ``[0, 1)``."""
-    if not isinstance(got, np.ndarray) or got.shape != want.shape or got.dtype.kind != want.dtype.kind:
-        shape = getattr(got, "shape", None)
-        raise InputError(f"draws: {name} must be an array of shape {want.shape} and kind "
-                         f"'{want.dtype.kind}', got {type(got).__name__} of shape {shape}")
+def _check_array(name: str, got, shape: tuple, kind: str, *, high=None, unit=False) -> None:
+    """``got`` has ``shape`` and dtype kind; integer entries in ``[0, high)``; uniforms in ``[0, 1)``."""
+    if not isinstance(got, np.ndarray) or got.shape != shape or got.dtype.kind != kind:
+        raise InputError(f"draws: {name} must be an array of shape {shape} and kind '{kind}', "
+                         f"got {type(got).__name__} of shape {getattr(got, 'shape', None)}")
     if unit and got.size and not ((got >= 0) & (got < 1)).all():
         raise InputError(f"draws: {name} must hold uniforms in [0, 1)")
-    if low is not None and got.size and not ((got >= low) & (got < high)).all():
-        raise InputError(f"draws: {name} must hold indices in [{low}, {high})")
+    if high is not None and got.size and not ((got >= 0) & (got < high)).all():
+        raise InputError(f"draws: {name} must hold indices in [0, {high})")
 
 
 def check_draws_contents(draws: Draws) -> None:
@@ -224,32 +244,37 @@ def check_draws_contents(draws: Draws) -> None:
     Hand-built draws are public values: their arrays must have the shapes of the
     draws the call would make, their uniforms must lie in ``[0, 1)`` and their
     indices in range, or engines would read out of bounds or silently mis-sample.
+    Nothing is drawn: the shapes come from the same plan :func:`make_draws` follows.
     """
-    skeleton = make_draws(draws.config, draws.nq, draws.nk, draws.d, causal=draws.causal,
-                          batch_shape=tuple(draws.batch_shape), rng=0)
+    config, batch = draws.config, tuple(draws.batch_shape)
+    planned = _planned_blocks(config, draws.nq, draws.nk, draws.causal)
     blocks = draws.blocks if isinstance(draws.blocks, Mapping) else None
-    if blocks is None or set(blocks) != set(skeleton.blocks):
-        raise InputError(f"draws: blocks must be keyed {sorted(skeleton.blocks)}, "
+    if blocks is None or set(blocks) != set(planned):
+        raise InputError(f"draws: blocks must be keyed {sorted(planned)}, "
                          f"got {sorted(blocks) if blocks is not None else type(draws.blocks).__name__}")
-    for path, want in skeleton.blocks.items():
+    for path, (bnq, bnk) in planned.items():
         got = blocks[path]
-        if not isinstance(got, BlockDraws) or (got.nq, got.nk) != (want.nq, want.nk):
-            raise InputError(f"draws: block {path!r} must be a BlockDraws for {(want.nq, want.nk)}")
-        _check_array(f"block {path!r} lsh_planes", got.lsh_planes, want.lsh_planes)
-        _check_array(f"block {path!r} approxd_rows", got.approxd_rows, want.approxd_rows, low=0, high=want.nq)
-        _check_array(f"block {path!r} approxd_cols", got.approxd_cols, want.approxd_cols, low=0, high=want.nk)
-        _check_array(f"block {path!r} sample_u", got.sample_u, want.sample_u, unit=True)
-    if (draws.direct is None) != (skeleton.direct is None):
+        if not isinstance(got, BlockDraws) or (got.nq, got.nk) != (bnq, bnk):
+            raise InputError(f"draws: block {path!r} must be a BlockDraws for {(bnq, bnk)}")
+        shapes = _block_shapes(bnq, draws.d, config)
+        _check_array(f"block {path!r} lsh_planes", got.lsh_planes, batch + shapes["lsh_planes"], "f")
+        _check_array(f"block {path!r} approxd_rows", got.approxd_rows, batch + shapes["approxd_rows"], "i",
+                     high=bnq)
+        _check_array(f"block {path!r} approxd_cols", got.approxd_cols, batch + shapes["approxd_cols"], "i",
+                     high=bnk)
+        _check_array(f"block {path!r} sample_u", got.sample_u, batch + shapes["sample_u"], "f", unit=True)
+    direct = _direct_shapes(config, draws.nq, draws.nk, draws.d, draws.causal)
+    if (draws.direct is None) != (direct is None):
         raise InputError("draws: direct must be DirectDraws exactly when the call runs the direct mode")
-    if skeleton.direct is not None:
-        got, want = draws.direct, skeleton.direct
-        if not isinstance(got, DirectDraws) or not isinstance(got.exact, tuple) or len(got.exact) != len(want.exact):
-            raise InputError(f"draws: direct must be DirectDraws with {len(want.exact)} exact-set entries")
-        _check_array("direct sample_u", got.sample_u, want.sample_u, unit=True)
-        for i, (g, w) in enumerate(zip(got.exact, want.exact)):
-            if w is None:
+    if direct is not None:
+        (u_shape, part_shapes), got = direct, draws.direct
+        if not isinstance(got, DirectDraws) or not isinstance(got.exact, tuple) or len(got.exact) != len(part_shapes):
+            raise InputError(f"draws: direct must be DirectDraws with {len(part_shapes)} exact-set entries")
+        _check_array("direct sample_u", got.sample_u, batch + u_shape, "f", unit=True)
+        for i, (g, want) in enumerate(zip(got.exact, part_shapes)):
+            if want is None:
                 if g is not None:
                     raise InputError(f"draws: exact-set part {i} is deterministic; its draw must be None")
                 continue
-            bounded = dict(low=0, high=draws.nq) if w.dtype.kind == "i" else {}
-            _check_array(f"exact-set part {i}", g, w, **bounded)
+            shape, kind = want
+            _check_array(f"exact-set part {i}", g, batch + shape, kind, high=draws.nq if kind == "i" else None)

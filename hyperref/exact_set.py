@@ -70,6 +70,10 @@ class ExactPart:
     #: True for parts that are yardsticks only (O(nq·nk) work)
     oracle: ClassVar[bool] = False
 
+    def draw_shape(self, geom: Geometry, d: int):
+        """``(shape, kind)`` of one head's draw (kind ``"f"`` or ``"i"``); ``None``: deterministic."""
+        return None
+
     def draw(self, geom: Geometry, d: int, batch_shape: tuple, rng: np.random.Generator):
         """The random array this part needs (leading ``batch_shape``); ``None``: deterministic."""
         return None
@@ -161,8 +165,11 @@ class SortLSH(ExactPart):
         check_count(self.rounds, "sortlsh rounds", least=1)
         check_bool(self.centred, "sortlsh centred")
 
+    def draw_shape(self, geom, d):
+        return (self.rounds, d, self.bits), "f"
+
     def draw(self, geom, d, batch_shape, rng):
-        return rng.standard_normal(batch_shape + (self.rounds, d, self.bits))
+        return rng.standard_normal(batch_shape + self.draw_shape(geom, d)[0])
 
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
         keys = k - k.mean(axis=0, keepdims=True) if self.centred else k
@@ -298,8 +305,11 @@ class HeavyKeys(ExactPart):
         check_count(self.count, "heavykeys count", least=1)
         check_count(self.rows, "heavykeys rows", least=1)
 
+    def draw_shape(self, geom, d):
+        return (min(self.rows, geom.nq),), "i"
+
     def draw(self, geom, d, batch_shape, rng):
-        n_rows = min(self.rows, geom.nq)
+        (n_rows,), _ = self.draw_shape(geom, d)
         heads = int(np.prod(batch_shape, dtype=np.int64))
         out = np.stack([np.sort(rng.choice(geom.nq, size=n_rows, replace=False))
                         for _ in range(heads)]) if heads else np.zeros((0, n_rows), np.int64)
@@ -439,6 +449,10 @@ class ExactSet:
     def window_width(self) -> int:
         """Largest ``w`` of the ``window`` parts (0 if none)."""
         return max((p.width for p in self.parts if isinstance(p, Window)), default=0)
+
+    def draw_shapes(self, geom: Geometry, d: int) -> tuple:
+        """:meth:`ExactPart.draw_shape` of every part, in order."""
+        return tuple(p.draw_shape(geom, d) for p in self.parts)
 
     def draw(self, geom: Geometry, d: int, batch_shape: tuple, rng) -> tuple:
         """Draws of every part, in order (``None`` for deterministic parts)."""
