@@ -1,4 +1,4 @@
-import os, sys, json, traceback, math
+import os, json, traceback, math
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 from hyperref import InputError
@@ -80,3 +80,26 @@ def vs(ref, rtol=1e-4, atol=1e-5, dtype=None):
 def dump(path):
     with open(path, "w") as f:
         json.dump(RESULTS, f, indent=1)
+
+
+def qkv_maker(rng):
+    """``qkv(nq, nk, d=8, dv=None, dtype=float64, lead=())``: Gaussian q, k, v from ``rng``."""
+    def qkv(nq, nk, d=8, dv=None, dtype=np.float64, lead=()):
+        dv = d if dv is None else dv
+        return (rng.standard_normal(lead + (nq, d)).astype(dtype), rng.standard_normal(lead + (nk, d)).astype(dtype),
+                rng.standard_normal(lead + (nk, dv)).astype(dtype))
+    return qkv
+
+
+def inhull(v, dtype=None, tol=1e-4):
+    """A check: the output is finite, of ``dtype``, and inside the per-coordinate hull of the rows of ``v``."""
+    def check(r):
+        out = r[0] if isinstance(r, tuple) else r
+        a = np.asarray(out, dtype=np.float64)
+        if dtype and str(out.dtype) != dtype: return "WRONG", f"dtype {out.dtype} expected {dtype}"
+        if not np.isfinite(a).all(): return "WRONG", f"non-finite output ({np.isnan(a).sum()} NaN)"
+        vv = np.asarray(v, dtype=np.float64)
+        lo, hi = vv.min(-2, keepdims=True), vv.max(-2, keepdims=True)
+        ok = bool(((a >= lo - tol*(1+abs(lo))) & (a <= hi + tol*(1+abs(hi)))).all())
+        return ("correct" if ok else "WRONG"), f"invariant: finite, inside convex hull of v rows={ok}, dtype {out.dtype}"
+    return check

@@ -1,25 +1,16 @@
 from harness import *
+from harness import inhull as hull_check
 import dataclasses
 import hyperref
 from hyperref import hyper_attention as HA, HyperConfig as HC, make_draws, Draws, BlockDraws
 from hyperref.draws import DirectDraws
 from hyperref.exact_set import parse_exact_set, sinks, window, sortlsh, blocktop, heavykeys, quest, topk
 R = np.random.default_rng(1)
-def qkv(nq, nk, d=8, dv=None, dtype=np.float64, lead=()):
-    dv = d if dv is None else dv
-    return (R.standard_normal(lead+(nq, d)).astype(dtype), R.standard_normal(lead+(nk, d)).astype(dtype),
-            R.standard_normal(lead+(nk, dv)).astype(dtype))
+qkv = qkv_maker(R)
+
+
 def inhull(v, dtype=None):
-    def check(r):
-        out = r[0] if isinstance(r, tuple) else r
-        a = np.asarray(out, dtype=np.float64)
-        if dtype and str(out.dtype) != dtype: return "WRONG", f"dtype {out.dtype} expected {dtype}"
-        if not np.isfinite(a).all(): return "WRONG", f"non-finite output ({np.isnan(a).sum()} NaN)"
-        vv = np.asarray(v, dtype=np.float64)
-        lo, hi = vv.min(-2, keepdims=True), vv.max(-2, keepdims=True)
-        ok = bool(((a >= lo - 1e-5*(1+abs(lo))) & (a <= hi + 1e-5*(1+abs(hi)))).all())
-        return ("correct" if ok else "WRONG"), f"invariant: finite & inside hull of v={ok}, dtype {out.dtype}"
-    return check
+    return hull_check(v, dtype, tol=1e-5)
 SMALL = dict(block=4, samples=4, min_seq_len=4, approxd_samples=4)
 CFGS = {"recursive": HC(**SMALL), "recursive-approxd-paper": HC(**SMALL, normalizer="approxd", estimator="paper"),
         "direct": HC(mode="direct", min_seq_len=4, samples=4, query_block=4),

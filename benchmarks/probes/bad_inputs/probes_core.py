@@ -2,22 +2,8 @@ from harness import *
 import hyperref
 from hyperref import exact_attention as EA, hyper_attention as HA, HyperConfig as HC, make_draws
 R = np.random.default_rng(0)
-def qkv(nq, nk, d=8, dv=None, dtype=np.float64, lead=()):
-    dv = d if dv is None else dv
-    return (R.standard_normal(lead+(nq, d)).astype(dtype), R.standard_normal(lead+(nk, d)).astype(dtype),
-            R.standard_normal(lead+(nk, dv)).astype(dtype))
+qkv = qkv_maker(R)
 EXACT = HC(min_seq_len=10**9)
-def inhull(v, dtype=None):
-    def check(r):
-        out = r[0] if isinstance(r, tuple) else r
-        a = np.asarray(out, dtype=np.float64)
-        if dtype and str(out.dtype) != dtype: return "WRONG", f"dtype {out.dtype} expected {dtype}"
-        if not np.isfinite(a).all(): return "WRONG", f"non-finite output ({np.isnan(a).sum()} NaN)"
-        vv = np.asarray(v, dtype=np.float64)
-        lo, hi = vv.min(-2, keepdims=True), vv.max(-2, keepdims=True)
-        ok = ((a >= lo - 1e-4*(1+abs(lo))) & (a <= hi + 1e-4*(1+abs(hi)))).all()
-        return ("correct" if ok else "WRONG"), f"invariant: finite, inside convex hull of v rows={bool(ok)}, dtype {out.dtype}"
-    return check
 
 for FN, fname, kw in [(EA, "exact_attention", {}),
                       (HA, "hyper_attention[numpy,exact-limit]", dict(engine="numpy", config=EXACT)),
