@@ -74,20 +74,19 @@ def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
 def _wide_enough(q, k, v, scale):
     """``q, k, v`` in a dtype where every logit ``scale · q_i·k_j`` is finite.
 
-    By Cauchy–Schwarz ``|scale · q_i·k_j| ≤ |scale| max‖q_i‖ max‖k_j‖``; when that
-    exceeds a quarter of the dtype's range, float32 inputs are computed in float64
-    (the caller casts the answer back). Beyond float64's range: :class:`InputError`.
+    ``|scale · q_i·k_j| ≤ |scale| · d · max|q| · max|k|`` (two reductions, no copy);
+    when that exceeds a quarter of the dtype's range, float32 inputs are computed
+    in float64 (the caller casts the answer back). Beyond float64's range: :class:`InputError`.
     """
     if q.size == 0 or k.size == 0:
         return q, k, v
     with np.errstate(over="ignore"):
-        bound = abs(scale) * float(np.sqrt((q.astype(np.float64) ** 2).sum(-1).max())) \
-            * float(np.sqrt((k.astype(np.float64) ** 2).sum(-1).max()))
+        bound = abs(scale) * q.shape[-1] * float(np.abs(q).max()) * float(np.abs(k).max())
     if bound <= float(np.finfo(q.dtype).max) / 4:
         return q, k, v
     if bound <= float(np.finfo(np.float64).max) / 4:
         return q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)
-    raise InputError(f"logits up to {bound:.3g} exceed float64's range; rescale q or k (or the scale)")
+    raise InputError(f"logits up to {bound:.3g} may exceed float64's range; rescale q or k (or the scale)")
 
 
 def check_draws(draws: Draws, config: HyperConfig, q, k, causal: bool, single: bool) -> None:
