@@ -27,14 +27,14 @@ for stage in "$@"; do
          unset HYPERREF_GPU_FULL ;;
     full) HYPERREF_GPU_FULL=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests_full.log" | tail -5 ;;
     smoke) python3 benchmarks/gpu_bench.py --d 64 --min-n 8192 --max-n 32768 --rows 64 2>&1 | tee "$OUT/smoke.log" | tail -12 ;;
-    profile) python3 benchmarks/gpu_profile.py 131072 64 2>&1 | tee "$OUT/profile.txt" | tail -3 ;;
-    glue) python3 benchmarks/gpu_tiles.py --glue 2>&1 | tee "$OUT/glue.md" | tail -3 ;;
-    fwdtiles) python3 benchmarks/gpu_tiles.py --fwd 2>&1 | tee "$OUT/fwd_tiles.md" | tail -3 ;;
-    launchres) python3 benchmarks/gpu_launch_resources.py 2>&1 | tee "$OUT/launch_resources.md" | tail -3 ;;
-    atomics) python3 benchmarks/gpu_atomics_probe.py 2>&1 | tee "$OUT/atomics.md" | tail -3 ;;
-    tiles64) python3 benchmarks/gpu_tiles.py --d 64 2>&1 | tee "$OUT/tiles_64.md" | tail -3 ;;
-    tiles128) python3 benchmarks/gpu_tiles.py --d 128 2>&1 | tee "$OUT/tiles_128.md" | tail -3 ;;
-    ab) python3 benchmarks/gpu_ab.py 2>&1 | tee "$OUT/ab.md" | tail -3 ;;
+    profile) python3 benchmarks/probes/gpu_profile.py 131072 64 2>&1 | tee "$OUT/profile.txt" | tail -3 ;;
+    glue) python3 benchmarks/probes/gpu_tiles.py --glue 2>&1 | tee "$OUT/glue.md" | tail -3 ;;
+    fwdtiles) python3 benchmarks/probes/gpu_tiles.py --fwd 2>&1 | tee "$OUT/fwd_tiles.md" | tail -3 ;;
+    launchres) python3 benchmarks/probes/gpu_launch_resources.py 2>&1 | tee "$OUT/launch_resources.md" | tail -3 ;;
+    atomics) python3 benchmarks/probes/gpu_atomics_probe.py 2>&1 | tee "$OUT/atomics.md" | tail -3 ;;
+    tiles64) python3 benchmarks/probes/gpu_tiles.py --d 64 2>&1 | tee "$OUT/tiles_64.md" | tail -3 ;;
+    tiles128) python3 benchmarks/probes/gpu_tiles.py --d 128 2>&1 | tee "$OUT/tiles_128.md" | tail -3 ;;
+    ab) python3 benchmarks/probes/gpu_ab.py 2>&1 | tee "$OUT/ab.md" | tail -3 ;;
     bench) python3 benchmarks/gpu_bench.py --long --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done

@@ -4,16 +4,20 @@ Run with ``torchrun --nproc_per_node=W benchmarks/dist_bench.py --seq-len 104857
 distributed time (each rank holds n/W tokens of all H heads), and with
 ``python benchmarks/dist_bench.py --single --seq-len N`` for one GPU. Causal,
 B = 1, H = 32, d = 128, bf16, default HyperConfig; CUDA-event medians of
-``--reps`` calls after one warm-up; prints one JSON line per measurement.
+``--reps`` calls after one warm-up; prints one JSON line per measurement (with device, versions
+and date). ``bash benchmarks/dist_runs.sh`` runs both at 262144 and 1048576 tokens
+(``results/dist_two_gpus.jsonl``; one GPU alone: ``results/dist_single.jsonl``).
 Keep NVLink multicast off (NCCL_NVLS_ENABLE=0).
 """
 
 import argparse
+import datetime
 import json
 import os
 
 import torch
 import torch.distributed as dist
+import triton
 
 from hyperref import gpu
 from hyperref.gpu.distributed import hyper_attention_distributed
@@ -63,7 +67,8 @@ def main():
     else:
         attn = lambda a, b, c: hyper_attention_distributed(a, b, c, group=group, causal=True, config=cfg,
                                                            generator=gen)
-    result = {"world": world, "n": args.n, "heads": args.heads, "d": args.d, "device": torch.cuda.get_device_name()}
+    result = {"world": world, "n": args.n, "heads": args.heads, "d": args.d, "device": torch.cuda.get_device_name(),
+              "date": datetime.date.today().isoformat(), "torch": torch.__version__, "triton": triton.__version__}
     try:
         with torch.no_grad():
             result["fwd_ms"] = timed(lambda: attn(q, k, v), args.reps)

@@ -7,7 +7,11 @@ with b = m = 64 (an approximation), plus a backward pass through the Triton
 kernels.
 """
 
+import datetime
+
 import torch
+import transformers
+import triton
 from transformers import BertConfig, BertModel
 
 import hyperref.gpu.hf_attention as hf
@@ -31,6 +35,8 @@ def pooled(impl):
     return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
 
 
+print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"triton {triton.__version__}, {datetime.date.today().isoformat()}")
 ref = pooled("sdpa")
 hf.register(HyperConfig(block=1024, samples=16, min_seq_len=64), name="hyper_all")
 print("one block holds every key, cosine:", (pooled("hyper_all") * ref).sum(-1).tolist())

@@ -23,12 +23,16 @@ import numpy as np
 import torch
 
 from hyperref import HyperConfig
+from hyperref._validation import InputError, check_scale
 
 from .hf_attention import _attend, _hyper_forward
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, config=None, generator=None):
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False, *,
+                                 config: HyperConfig | None = None,
+                                 generator: torch.Generator | None = None) -> torch.Tensor:
     """HyperAttention in SDPA's convention.
 
     Parameters
@@ -52,6 +56,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     -------
     Tensor (B, H, L, Ev)
 
+    Raises
+    ------
+    hyperref.InputError
+        Non-tensors, non-floating dtypes, wrong shapes, a mask that does not broadcast to
+        (B, H, L, S), a bad scale or generator, NaN/Inf inputs.
+    NotImplementedError
+        Masks that are not a full or causal pattern after dropping unseen keys, masks that
+        differ between heads, additive biases.
+
     Examples
     --------
     >>> q = k = v = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(0))
@@ -61,24 +74,40 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     ...                     atol=1e-5))
     True
     """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError("query, key and value must be 4-d (B, H, L, E); got "
+        raise InputError("query, key and value must be 4-d (B, H, L, E); got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal cannot both be given (as in torch's SDPA)")
+        raise InputError("attn_mask and is_causal cannot both be given (as in torch's SDPA)")
     if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(f"{query.shape[1]} query heads and {key.shape[1]} key heads need enable_gqa=True")
+        raise InputError(f"{query.shape[1]} query heads and {key.shape[1]} key heads need enable_gqa=True")
     if not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
-        raise TypeError("is_causal and enable_gqa must be bools")
+        raise InputError("is_causal and enable_gqa must be bools")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    (b, h, nq, e), nk = query.shape, key.shape[2]
     if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise InputError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dim() == 2:
             attn_mask = attn_mask[None, None]
         elif attn_mask.dim() != 4:
-            raise ValueError(f"attn_mask must be (L, S) or 4-d, got shape {tuple(attn_mask.shape)}")
+            raise InputError(f"attn_mask must be (L, S) or 4-d, got shape {tuple(attn_mask.shape)}")
+        # broadcastable to (B, H, L, S), as torch's SDPA requires; the size-1 query and key
+        # dimensions are expanded (a view) for the mask reader
+        if any(m not in (1, want) for m, want in zip(attn_mask.shape, (b, h, nq, nk))):
+            raise InputError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"(B, H, L, S) = {(b, h, nq, nk)}")
+        attn_mask = attn_mask.expand(attn_mask.shape[0], attn_mask.shape[1], nq, nk)
     config = HyperConfig() if config is None else config
     seed = int(torch.randint(2**62, (1,), generator=generator)) if generator is not None else None
     rng = np.random.default_rng(seed)
-    s = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    s = check_scale(scale, e) if e else scale
 
     def attend(q, k, v, causal):
         return _attend(q, k, v, causal, s, config, rng)

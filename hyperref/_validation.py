@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import HyperConfig
 
@@ -18,13 +20,17 @@ class InputError(ValueError, TypeError):
 
 def as_float_array(x, name: str) -> np.ndarray:
     """``x`` as a floating ndarray; raises :class:`InputError` otherwise."""
-    arr = np.asarray(x)
+    try:
+        arr = np.asarray(x)
+    except (ValueError, TypeError) as err:  # ragged nested lists, objects NumPy cannot read
+        raise InputError(f"{name} must be a real floating-point array: {err}") from None
     if not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"{name} must be a real floating-point array, got dtype {arr.dtype}")
     return arr
 
 
-def check_qkv(q, k, v):
+def check_qkv(q: npt.ArrayLike, k: npt.ArrayLike,
+              v: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """Validate and normalize ``q, k, v`` to ``(B, H, N, D)``.
 
     Returns
@@ -92,6 +98,6 @@ def check_scale(scale, d: int) -> float:
         return 1.0 / math.sqrt(d)
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         raise InputError(f"scale must be a real number, got {scale!r}")
-    if not math.isfinite(float(scale)):
+    if not abs(scale) <= sys.float_info.max:  # NaN, ±inf and integers beyond float's range
         raise InputError(f"scale must be finite, got {scale}")
     return float(scale)

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -375,7 +376,7 @@ def lm(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run"] + argv
@@ -387,6 +388,10 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except (UsageError, InputError) as exc:
         print(f"hyperref: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MemoryError as exc:  # e.g. --n 10**12: the workload itself does not fit
+        print(f"hyperref: error: not enough memory ({exc}); use a smaller --n, --d or input",
+              file=sys.stderr)
         return EXIT_USAGE
 
 

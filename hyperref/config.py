@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-import math
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .exact_set import ExactSet
 
 ESTIMATORS = ("paper", "masked")
 SAMPLERS = ("rownorm", "uniform", "mixed")
 NORMALIZERS = ("approxd", "self")
 #: how a causal call is computed: the paper's recursion (SPEC §6) or query blocks (SPEC §6b)
 MODES = ("recursive", "direct")
+#: the largest value of an integer setting (they are int64 in the kernels)
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,12 @@ class HyperConfig:
     query_block : int
         Rows per query block ``bq`` of the direct mode. Default 64.
 
+    Raises
+    ------
+    hyperref.InputError
+        A setting of the wrong type or out of range (every integer at most ``2**63 − 1``),
+        or settings that do not go together; the message names the setting.
+
     Examples
     --------
     >>> HyperConfig(block=64, samples=64).block
@@ -78,17 +90,22 @@ class HyperConfig:
     exact_set: "ExactSet | None" = None
     query_block: int = 64
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
+        from ._validation import InputError  # a ValueError and a TypeError; imports this module
+
+        direct = isinstance(self.mode, str) and self.mode == "direct"
         for name in ("bits", "block", "samples", "min_seq_len", "approxd_samples", "query_block"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"HyperConfig.{name} must be an int, got {value!r}")
-            least = 0 if name == "samples" and self.mode == "direct" else 1
+                raise InputError(f"HyperConfig.{name} must be an int, got {value!r}")
+            least = 0 if name == "samples" and direct else 1
             if value < least:
-                raise ValueError(f"HyperConfig.{name} must be >= {least}, got {value}"
+                raise InputError(f"HyperConfig.{name} must be >= {least}, got {value}"
                                  + (" (0 samples: the direct mode only)" if name == "samples" else ""))
+            if value > INT64_MAX:  # sizes are int64 in the kernels and index arithmetic
+                raise InputError(f"HyperConfig.{name} must be <= 2**63 - 1, got {value}")
         if self.bits > 30:
-            raise ValueError(f"HyperConfig.bits must be <= 30, got {self.bits}")
+            raise InputError(f"HyperConfig.bits must be <= 30, got {self.bits}")
         for name, allowed in (
             ("estimator", ESTIMATORS),
             ("sampler", SAMPLERS),
@@ -96,31 +113,31 @@ class HyperConfig:
             ("mode", MODES),
         ):
             value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(
+            if not isinstance(value, str) or value not in allowed:
+                raise InputError(
                     f"HyperConfig.{name} must be one of {', '.join(allowed)}; got {value!r}"
                 )
         if self.kappa is not None:
             kappa = self.kappa
             if isinstance(kappa, bool) or not isinstance(kappa, (int, float)):
-                raise TypeError(f"HyperConfig.kappa must be a float or None, got {kappa!r}")
-            if not math.isfinite(kappa) or kappa < 1:
-                raise ValueError(f"HyperConfig.kappa must be finite and >= 1, got {kappa}")
+                raise InputError(f"HyperConfig.kappa must be a float or None, got {kappa!r}")
+            if not (abs(kappa) <= sys.float_info.max and kappa >= 1):  # ints beyond float: no
+                raise InputError(f"HyperConfig.kappa must be finite and >= 1, got {kappa}")
 
         if self.exact_set is not None:
             from .exact_set import ExactSet
 
             if not isinstance(self.exact_set, ExactSet):
-                raise TypeError("HyperConfig.exact_set must be an ExactSet (e.g. sinks(4) | window(256)) "
+                raise InputError("HyperConfig.exact_set must be an ExactSet (e.g. sinks(4) | window(256)) "
                                 f"or None, got {self.exact_set!r}")
             if self.mode == "recursive":
-                raise ValueError("HyperConfig.exact_set needs mode='direct' (the recursion of SPEC §6 "
+                raise InputError("HyperConfig.exact_set needs mode='direct' (the recursion of SPEC §6 "
                                  "uses the paper's sortLSH mask, set by bits and block)")
         if self.mode == "direct" and (self.estimator, self.normalizer) != ("masked", "self"):
-            raise ValueError("mode='direct' computes the masked estimator with the self normalizer; "
+            raise InputError("mode='direct' computes the masked estimator with the self normalizer; "
                              f"got estimator={self.estimator!r}, normalizer={self.normalizer!r}")
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """All settings as a plain dict (JSON-serializable; the exact set as its description)."""
         out = asdict(self)
         out["exact_set"] = None if self.exact_set is None else self.exact_set.describe()

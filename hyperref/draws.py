@@ -47,7 +47,7 @@ class BlockDraws:
     nq: int
     nk: int
 
-    def head(self, index: tuple) -> "BlockDraws":
+    def head(self, index: tuple[int, ...]) -> BlockDraws:
         """The draws of one head, ``index`` into the batch shape."""
         return BlockDraws(
             self.lsh_planes[index],
@@ -74,10 +74,10 @@ class DirectDraws:
         ``T = ⌈nq / query_block⌉`` query blocks.
     """
 
-    exact: tuple
+    exact: tuple[np.ndarray | None, ...]
     sample_u: np.ndarray
 
-    def head(self, index: tuple) -> "DirectDraws":
+    def head(self, index: tuple[int, ...]) -> DirectDraws:
         """The draws of one head, ``index`` into the batch shape."""
         return DirectDraws(tuple(None if a is None else a[index] for a in self.exact),
                            self.sample_u[index])
@@ -111,12 +111,12 @@ class Draws:
     nk: int
     d: int
     causal: bool
-    batch_shape: tuple
+    batch_shape: tuple[int, ...]
     config: HyperConfig
     blocks: Mapping[str, BlockDraws] = field(default_factory=dict)
     direct: DirectDraws | None = None
 
-    def head(self, index: tuple) -> "Draws":
+    def head(self, index: tuple[int, ...]) -> Draws:
         """The draws of one head (``batch_shape`` becomes ``()``)."""
         return Draws(
             self.nq, self.nk, self.d, self.causal, (), self.config,
@@ -125,7 +125,7 @@ class Draws:
         )
 
 
-def as_generator(rng) -> np.random.Generator:
+def as_generator(rng: int | np.random.Generator | None) -> np.random.Generator:
     """:func:`numpy.random.default_rng` of ``rng``, with an :class:`InputError` naming ``rng``."""
     try:
         return np.random.default_rng(rng)
@@ -179,8 +179,8 @@ def make_draws(
     d: int,
     *,
     causal: bool = False,
-    batch_shape: tuple = (),
-    rng=None,
+    batch_shape: tuple[int, ...] = (),
+    rng: int | np.random.Generator | None = None,
 ) -> Draws:
     """Draw every random choice of one HyperAttention call up front.
 
@@ -215,15 +215,20 @@ def make_draws(
     batch_shape = tuple(check_count(s, "each batch_shape entry") for s in batch_shape)
     rng = as_generator(rng)
     direct = None
-    if _direct_shapes(config, nq, nk, d, causal) is not None:
-        from .direct import paper_exact_set
-        from .exact_set import Geometry
+    try:
+        if _direct_shapes(config, nq, nk, d, causal) is not None:
+            from .direct import paper_exact_set
+            from .exact_set import Geometry
 
-        exact = paper_exact_set(config).draw(Geometry(nq, nk, causal), d, batch_shape, rng)
-        u_shape, _ = _direct_shapes(config, nq, nk, d, causal)
-        direct = DirectDraws(exact, rng.random(batch_shape + u_shape))
-    blocks = {path: _block_draws(bnq, bnk, d, batch_shape, config, rng)
-              for path, (bnq, bnk) in _planned_blocks(config, nq, nk, causal).items()}
+            exact = paper_exact_set(config).draw(Geometry(nq, nk, causal), d, batch_shape, rng)
+            u_shape, _ = _direct_shapes(config, nq, nk, d, causal)
+            direct = DirectDraws(exact, rng.random(batch_shape + u_shape))
+        blocks = {path: _block_draws(bnq, bnk, d, batch_shape, config, rng)
+                  for path, (bnq, bnk) in _planned_blocks(config, nq, nk, causal).items()}
+    except MemoryError as err:  # e.g. config.samples = 2**40: terabytes of uniforms
+        raise InputError(f"the draws do not fit in memory (config.samples={config.samples}, "
+                         f"config.approxd_samples={config.approxd_samples}, batch_shape={batch_shape}): "
+                         f"{err}") from None
     return Draws(nq, nk, d, bool(causal), batch_shape, config, blocks, direct)
 
 

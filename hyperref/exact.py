@@ -48,7 +48,8 @@ def causal_logit_mask(rows: np.ndarray, nk: int, offset: int) -> np.ndarray:
     return np.arange(nk)[None, :] > (rows[:, None] + offset)
 
 
-def logit_blocks(q, k, scale, *, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES) -> Iterator:
+def logit_blocks(q: np.ndarray, k: np.ndarray, scale: float, *, causal: bool = False,
+                 max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(start, stop, logits)`` row blocks of ``S = scale · QKᵀ``.
 
     Causally hidden entries are ``-inf``. Used by exact attention and by the
@@ -65,7 +66,8 @@ def logit_blocks(q, k, scale, *, causal=False, max_block_bytes=DEFAULT_BLOCK_BYT
         yield start, stop, logits
 
 
-def exact_head(q, k, v, scale, causal=False, max_block_bytes=DEFAULT_BLOCK_BYTES):
+def exact_head(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool = False,
+               max_block_bytes: int = DEFAULT_BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Exact softmax attention of one head; returns ``(out, lse)``.
 
     .. math:: \\mathrm{Att} = D^{-1} A V,\\quad A = e^{s QK^\\top},\\quad
