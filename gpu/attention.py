@@ -54,6 +54,8 @@ def _check(q, k, v, config, backend):
         raise InputError(f"key/value heads ({hk}, {hv}) must be equal and divide query heads ({h})")
     if d != dk or nk != nv:
         raise InputError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if d == 0 or dv == 0:
+        raise InputError(f"head dimensions must be >= 1, got d={d}, dv={dv}")
     if backend == "triton" and (d not in HEAD_DIMS or dv not in HEAD_DIMS):
         raise InputError(f"head dims must be one of {HEAD_DIMS} for the Triton kernels, got d={d}, dv={dv}")
     if nk == 0 and nq > 0:
@@ -108,8 +110,23 @@ def _raise_if_nonfinite(pending):
         return
     names, bad = pending  # int per input: nonzero if it holds NaN/Inf
     for name, flagged in zip(names, bad.tolist()):
+        if flagged and name == "overflow":
+            raise InputError("the logits or the weighted values exceed the range of the kernels' float32 "
+                             "arithmetic (|scale|·|q|·|k| or |v| too large): rescale q, k or v (or the "
+                             "scale); hyperref.hyper_attention computes such inputs in float64")
         if flagged:
             raise InputError(f"{name} contains NaN or Inf")
+
+
+def _with_overflow_flag(pending, out, lse, nq, nk, causal):
+    """``pending`` with one more device flag, ``overflow``, read in the same sync: finite inputs
+    gave a non-finite output, or a row that sees keys got ``lse`` −inf or NaN (every logit
+    overflowed): the answer would be a wrong number."""
+    out, lse = out.detach(), lse.detach().reshape(-1, nq)
+    first = max(0, nq - nk) if causal else 0  # causal rows i < nq − nk see no key: lse −inf, out 0
+    bad = (~torch.isfinite(out)).any() | torch.isnan(lse).any() | torch.isneginf(lse[:, first:]).any()
+    names, flags = pending if pending is not None else ([], torch.zeros(0, dtype=torch.int32, device=out.device))
+    return names + ["overflow"], torch.cat([flags.reshape(-1).int(), bad.reshape(1).int()])
 
 
 def _device_draws(config, b, h, d, device, generator):
@@ -175,8 +192,11 @@ def _level_plan(draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash, use_trit
     return _piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash, use_triton, flags)
 
 
-def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None, generator=None,
-                    return_lse=False, exact_hash=False, backend="triton"):
+def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, config: HyperConfig | None = None,
+                    draws: Draws | None = None, generator: torch.Generator | None = None,
+                    return_lse: bool = False, exact_hash: bool = False,
+                    backend: str = "triton") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HyperAttention on the GPU (``masked`` estimator, ``self`` normalizer).
 
     Parameters
@@ -277,7 +297,7 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
                                       backend == "triton", flags)
             pieces.append(build if backend == "triton" else build())
     out, lse = fn(qf, kf, vf, pieces, scale)
-    _raise_if_nonfinite(pending)
+    _raise_if_nonfinite(_with_overflow_flag(pending, out, lse, nq, nk, causal))
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
     return (out, lse) if return_lse else out
@@ -304,11 +324,14 @@ class HyperAttention(torch.nn.Module):
     >>> attn = HyperAttention(HyperConfig(min_seq_len=64, block=32, samples=32), causal=True)
     """
 
-    def __init__(self, config=None, *, causal=False, scale=None, backend="triton"):
+    def __init__(self, config: HyperConfig | None = None, *, causal: bool = False,
+                 scale: float | None = None, backend: str = "triton") -> None:
         super().__init__()
         self.config = HyperConfig() if config is None else config
         self.causal, self.scale, self.backend = causal, scale, backend
 
-    def forward(self, q, k, v, *, generator=None, return_lse=False):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                generator: torch.Generator | None = None,
+                return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return hyper_attention(q, k, v, causal=self.causal, scale=self.scale, config=self.config,
                                generator=generator, return_lse=return_lse, backend=self.backend)

@@ -170,7 +170,7 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
                 states.append(_host_selection(part, qh, kh, scale, geom, arr, covered))
             else:
                 states.append(None)
-        v64 = vh.double()
+        v64 = vh.detach().double()  # sampling probabilities are constants of the draws (no gradient)
         peak = v64.abs().amax()
         sq = ((v64 / torch.where(peak > 0, peak, 1.0)) ** 2).sum(-1)  # as hyperref.sampling.squared_row_norms
         u = torch.as_tensor(dr.sample_u, device=dev)

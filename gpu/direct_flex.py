@@ -1,0 +1,584 @@
+"""The direct mode (SPEC §6b) as one block-sparse FlexAttention call, forward and backward.
+
+The reference (:func:`hyperref.direct.direct_head`) defines the function; this
+module evaluates it with work proportional to the attended keys. The key axis
+the kernel sees is the head's own keys followed by a *gathered* segment:
+
+* **tiles of the own keys** — per query tile of ``QB = 128`` rows, the key
+  tiles of ``KB = 128`` positions that hold a key of the exact set for some
+  row of the tile: the sink tiles, the tiles the causal window crosses, the key
+  blocks a ``blocktop`` part picked. Token-level membership inside a tile is
+  the mask ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked block of i)``;
+  window tiles that every row of the tile sees whole are *full* (no mask work);
+* **gathered keys** — per query tile, ``L`` slots holding copies of single
+  keys: the ``heavykeys`` keys of the head (weight 1), then, for every query
+  block of ``bq`` rows inside the tile, its ``m`` sampled keys, each with the
+  bias ``log(1 / (m p_j))`` (SPEC §6b). A slot counts for row ``i`` only when
+  it belongs to the row's query block, its key is visible and not in the
+  exact set ``E_i`` (so a sampled key is a residual key, as in the reference);
+  duplicates of one sampled key add their weights, which is the reference's
+  summed weight ``W_ij``.
+
+One online softmax over both segments gives ``õ_i`` and ``lse_i``. Gradients
+come from FlexAttention's backward and the gather's adjoint (an index add into
+``k`` and ``v``); the selections and the sampling weights are constants of the
+draws, as in every engine of this package.
+
+Supported exact-set parts: ``sinks``, ``window``, ``blocktop``, ``heavykeys``.
+Parts whose selection differs row by row inside a tile (``sortlsh``,
+``quest``, the ``topk`` oracle) are refused here;
+:func:`hyperref.gpu.direct.direct_attention` (dense row chunks) runs them.
+
+Samples are resolved by a binary search on the head's prefix sums of
+``‖v_j‖²`` instead of the reference's cumulative sum over each block's support:
+the two agree except where a uniform falls within float64 rounding of a
+boundary of the cumulative distribution (probability about ``1e-16`` a draw).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hyperref._validation import InputError, check_scale
+from hyperref.config import HyperConfig
+from hyperref.direct import paper_exact_set
+from hyperref.exact_set import BlockTop, ExactSet, HeavyKeys, Sinks, Window
+
+#: query rows per kernel tile and key positions per key tile
+QB = 128
+KB = 128
+SUPPORTED = (Sinks, Window, BlockTop, HeavyKeys)
+
+
+def check_supported(exact_set: ExactSet, bq: int) -> None:
+    """Raise :class:`~hyperref.InputError` unless this engine computes ``exact_set`` with ``bq``-row blocks."""
+    bad = [p.describe() for p in exact_set.parts if not isinstance(p, SUPPORTED)]
+    if bad:
+        raise InputError(f"the block-sparse direct engine computes sinks, window, blocktop and heavykeys "
+                         f"parts; {', '.join(bad)} select keys row by row: use "
+                         "hyperref.gpu.direct.direct_attention")
+    if QB % bq and bq % QB:
+        raise InputError(f"query_block must divide {QB} or be a multiple of it, got {bq}")
+    for p in exact_set.parts:
+        if isinstance(p, BlockTop) and p.block % KB:
+            raise InputError(f"the block-sparse direct engine takes blocktop blocks that are multiples of "
+                             f"{KB} (whole key tiles), got {p.block}")
+
+
+# ---------------------------------------------------------------- selections (index planning, no grad)
+
+def heavy_keys(part: HeavyKeys, q, k, rows, scale, causal, covered, work=torch.float32):
+    """:meth:`hyperref.exact_set.HeavyKeys.prepare` for all heads: (B, H, count) keys, ascending, −1 padded.
+
+    ``q`` (B, H, nq, d), ``k`` (B, H, nk, d); ``rows`` (B, H, |T|). Logits in ``work``
+    (half-precision inputs: their own matrix product, accumulated in float32).
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    offset = nk - nq
+    qt = torch.gather(q, 2, rows[..., None].expand(b, h, rows.shape[-1], d))
+    if q.dtype in (torch.float16, torch.bfloat16):
+        logits = (qt @ k.transpose(-1, -2)).to(work) * scale
+    else:
+        logits = (qt.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    j = torch.arange(nk, device=q.device)
+    c = (rows + offset)[..., None]
+    if causal:
+        logits = logits.masked_fill(j > c, -math.inf)
+    p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    s, w = covered
+    far = j >= s
+    if w:
+        far = far & ((j <= c - w) if causal else ((c - j).abs() >= w))
+    score = torch.where(far, p, 0.0).sum(dim=2)  # (B, H, nk)
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :part.count]
+    keep = torch.gather(score, -1, order) > 0
+    keys = torch.where(keep, order, nk)  # sort the kept ones, −1 for the rest
+    keys = torch.sort(keys, dim=-1).values
+    return torch.where(keys < nk, keys, -1)
+
+
+def block_picks(part: BlockTop, q, k, causal, covered, chunk_blocks: int = 64):
+    """:meth:`hyperref.exact_set.BlockTop.prepare` for all heads: (B, H, row blocks, count), −1 for none.
+
+    Scores ``max_{i in t} q_i · k̄_g`` in the dtype of ``q`` (float32 accumulation), row blocks
+    in chunks of ``chunk_blocks``.
+    """
+    bsz, h, nq, d = q.shape
+    nk, blk = k.shape[2], part.block
+    n_kb = -(-nk // blk)
+    kpad = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kb * blk - nk))
+    sizes = torch.clamp(nk - torch.arange(n_kb, device=k.device) * blk, max=blk).float()
+    means = (kpad.unflatten(2, (n_kb, blk)).sum(3) / sizes[:, None]).to(q.dtype)
+    n_rb = -(-nq // blk)
+    g_end = torch.clamp((torch.arange(n_kb, device=k.device) + 1) * blk, max=nk) - 1
+    picks = []
+    for r0 in range(0, n_rb, chunk_blocks):
+        r1 = min(n_rb, r0 + chunk_blocks)
+        rows = q[:, :, r0 * blk:min(nq, r1 * blk)]
+        per_row = (rows @ means.transpose(-1, -2)).float()  # (B, H, rows, n_kb)
+        short = (r1 - r0) * blk - per_row.shape[2]
+        if short:  # the last row block is short: its missing rows never win the max
+            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, short), value=-math.inf)
+        score = per_row.unflatten(2, (r1 - r0, blk)).amax(3)
+        if causal:
+            first = torch.arange(r0, r1, device=k.device) * blk + (nk - nq)
+            score = score.masked_fill(g_end[None, :] > (first - covered[1])[:, None], -math.inf)
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :part.count]
+        best = torch.gather(score, -1, order)
+        picks.append(torch.where(torch.isfinite(best), order, -1))
+    out = torch.cat(picks, dim=2)
+    if out.shape[-1] < part.count:
+        out = torch.nn.functional.pad(out, (0, part.count - out.shape[-1]), value=-1)
+    return out
+
+
+def sample_slots(v, u, exact_set: ExactSet, bq: int, sampler: str, causal: bool, nq: int):
+    """Sampled keys and their log weights per query block: (B, H, T, m) int64 and float32.
+
+    The support of block ``t`` is :func:`hyperref.direct.block_support`; the
+    probabilities :func:`hyperref.direct.support_probabilities`, resolved by the
+    inverse CDF on the head's prefix sums of ``‖v_j‖²`` (scaled by the peak
+    ``|v|`` as :func:`hyperref.sampling.squared_row_norms`). Keys outside every
+    support are −1.
+    """
+    bsz, h, nk, _ = v.shape
+    n_t, m = u.shape[2], u.shape[3]
+    dev = v.device
+    v64 = v.double()
+    peak = v64.abs().amax(dim=(-1, -2), keepdim=True)
+    sq = ((v64 / torch.where(peak > 0, peak, 1.0)) ** 2).sum(-1)  # (B, H, nk)
+    pre = torch.nn.functional.pad(torch.cumsum(sq, -1), (1, 0))  # pre[j] = Σ_{l<j} sq_l
+    t = torch.arange(n_t, device=dev)
+    lo = torch.full_like(t, min(exact_set.sink_count, nk))
+    if causal:
+        c_last = torch.clamp((t + 1) * bq, max=nq) - 1 + (nk - nq)
+        w = exact_set.window_width
+        hi = (c_last - w + 1) if w else c_last + 1
+    else:
+        hi = torch.full_like(t, nk)
+    hi = torch.clamp(hi, 0, nk)
+    hi = torch.maximum(hi, lo)
+    size = (hi - lo).to(torch.float64)  # (T,)
+    lo_b, hi_b = lo.expand(bsz, h, n_t), hi.expand(bsz, h, n_t)
+    total = torch.gather(pre, -1, hi_b) - torch.gather(pre, -1, lo_b)  # (B, H, T)
+    base = torch.gather(pre, -1, lo_b)
+    use_norm = (total > 0) & (sampler != "uniform")
+    a = torch.where(use_norm, 0.5 if sampler == "mixed" else 1.0, 0.0)  # weight of the rownorm part
+    safe_total = torch.where(total > 0, total, 1.0)
+
+    def cdf(j):  # F(j) = P(key <= j), j (B, H, T, m) absolute key indices in [lo, hi)
+        rn = (torch.gather(pre, -1, (j + 1).flatten(2)).view_as(j) - base[..., None]) / safe_total[..., None]
+        un = (j + 1 - lo[:, None]).to(torch.float64) / torch.clamp(size, min=1.0)[:, None]
+        return a[..., None] * rn + (1 - a[..., None]) * un
+
+    # smallest j in [lo, hi) with F(j) > u · F(hi − 1): a binary search of ⌈log2 nk⌉ steps
+    target = u * cdf(torch.clamp(hi_b - 1, min=0)[..., None].expand(bsz, h, n_t, m))
+    left = lo[:, None].expand(bsz, h, n_t, m).clone()
+    right = torch.clamp(hi - 1, min=0)[:, None].expand(bsz, h, n_t, m).clone()
+    for _ in range(max(1, int(nk).bit_length())):
+        mid = (left + right) // 2
+        go_right = cdf(mid) <= target
+        left = torch.where(go_right, mid + 1, left)
+        right = torch.where(go_right, right, mid)
+    idx = torch.minimum(left, torch.clamp(hi - 1, min=0)[:, None])
+    if sampler == "rownorm":  # never a key with p_j = 0: the last positive key of the support
+        pos = torch.where(sq > 0, torch.arange(nk, device=dev), -1)
+        last_pos = torch.cummax(pos, dim=-1).values
+        lastp = torch.gather(last_pos, -1, torch.clamp(hi_b - 1, min=0))
+        lastp = torch.where(total > 0, lastp, hi_b - 1)
+        idx = torch.minimum(idx, lastp[..., None])
+    p = a[..., None] * torch.gather(sq, -1, idx.flatten(2)).view_as(idx) / safe_total[..., None] \
+        + (1 - a[..., None]) / torch.clamp(size, min=1.0)[:, None]
+    logw = -torch.log(m * p)
+    empty = (hi <= lo)[:, None].expand(bsz, h, n_t, m)
+    return torch.where(empty, -1, idx), torch.where(empty, 0.0, logw)
+
+
+# ---------------------------------------------------------------- the plan of one call
+
+#: the position stored in a gathered slot that counts for no row
+NONE = 2 ** 30
+
+
+@dataclass(frozen=True)
+class DirectPlan:
+    """Everything the kernel call needs besides q, k, v (all tensors on the device).
+
+    ``kv_num``/``kv_idx``: partial key tiles per query tile (sink and window edges, then the
+    tile's gathered tiles); ``full_num``/``full_idx``: full tiles (window interior, ``blocktop``
+    picks). ``gpos``/``owner``/``logw`` (B, H, NT·L): the gathered slots — the key position
+    (:data:`NONE` where the slot counts for no row: empty, a sink, a picked block's key, a
+    sampled key of the heavy set), the query block a sample belongs to (−1: every row of the
+    tile), and the log weight (0 for heavy keys). The padding keys ``nk … nk_pad − 1`` of a
+    short last tile get −inf from the score function, so a full tile may hold them.
+    """
+
+    nq: int
+    nk: int
+    nk_pad: int
+    slots: int
+    kv_num: torch.Tensor
+    kv_idx: torch.Tensor
+    full_num: torch.Tensor
+    full_idx: torch.Tensor
+    gpos: torch.Tensor
+    owner: torch.Tensor
+    logw: torch.Tensor
+
+
+def _round_up(x: int, r: int) -> int:
+    return -(-x // r) * r
+
+
+def _listing(marks, n_total):
+    """``(num, idx)`` of boolean tile marks (B, H, NT, n): the marked tiles first, ascending."""
+    order = torch.sort(marks.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return marks.sum(-1), torch.nn.functional.pad(order, (0, n_total - marks.shape[-1]))
+
+
+def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:
+    """Selections, samples and the block-sparse layout of one call (no gradient).
+
+    ``q`` (B, H, nq, d); ``k``, ``v`` (B, H, nk, ·) with the key heads already
+    expanded to the query heads; ``heavy_rows`` (B, H, |T|) or ``None``;
+    ``sample_u`` (B, H, T, m) float64.
+    """
+    exact_set, bq = paper_exact_set(config), config.query_block
+    bsz, h, nq, _ = q.shape
+    nk = k.shape[2]
+    dev = q.device
+    offset = nk - nq
+    s, w = exact_set.sink_count, exact_set.window_width
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    covered = (s, w)
+    heavy = picks = None
+    pick_block = KB
+    for part in exact_set.parts:
+        if isinstance(part, HeavyKeys):
+            heavy = heavy_keys(part, q, k, heavy_rows, scale, causal, covered, work)
+        elif isinstance(part, BlockTop):
+            qs, ks = (q, k) if half else (q.to(work), k.to(work))
+            picks, pick_block = block_picks(part, qs, ks, causal, covered), part.block
+    n_qt = -(-nq // QB)
+    nk_pad = _round_up(max(nk, 1), KB)
+    n_kt = nk_pad // KB
+    tq = torch.arange(n_qt, device=dev)
+    g = torch.arange(n_kt, device=dev)
+    c_first = tq * QB + offset
+    c_last = torch.clamp((tq + 1) * QB, max=nq) - 1 + offset
+    g_lo, g_hi = g * KB, torch.clamp((g + 1) * KB, max=nk) - 1
+    # ---- own-key tiles: sinks and window (partial at their edges), picks (full)
+    seen = (g_lo[None, :] <= c_last[:, None]) if causal else torch.ones(n_qt, n_kt, dtype=torch.bool, device=dev)
+    partial = (g_lo < s)[None, :] & seen
+    full = torch.zeros(n_qt, n_kt, dtype=torch.bool, device=dev)
+    if w:
+        if causal:
+            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & seen)
+            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] <= c_first[:, None])
+        else:
+            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & (g_lo[None, :] < (c_last + w)[:, None]))
+            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] < (c_first + w)[:, None])
+    partial = (partial & ~full).expand(bsz, h, n_qt, n_kt)
+    full = full.expand(bsz, h, n_qt, n_kt)
+    picked = None
+    if picks is not None:
+        # picked blocks are whole key tiles wholly visible to every row of the row block
+        # (they end before the window of its first row): full tiles
+        per = pick_block // KB
+        row_block = (tq * QB) // pick_block
+        pk = picks[:, :, row_block]  # (B, H, NT, count), block index or −1
+        tiles = (torch.clamp(pk, min=0)[..., None] * per + torch.arange(per, device=dev)).flatten(3)
+        tiles = torch.where((pk >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
+        picked = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=dev)
+        picked.scatter_(-1, tiles, True)
+        picked = picked[..., :n_kt]
+        full = full | picked
+        partial = partial & ~full
+    # ---- gathered slots: heavy keys, then m samples per query block inside the tile
+    m = sample_u.shape[-1]
+    subs = max(1, QB // bq)
+    n_heavy = 0 if heavy is None else heavy.shape[-1]
+    slots = _round_up(max(n_heavy + subs * m, 1), KB)
+    pos_parts, owner_parts, logw_parts = [], [], []
+    if n_heavy:
+        hk = heavy[:, :, None, :].expand(bsz, h, n_qt, n_heavy)
+        pos_parts.append(torch.where((hk >= s), hk, -1))
+        owner_parts.append(torch.full_like(hk, -1))
+        logw_parts.append(torch.zeros(hk.shape, dtype=work, device=dev))
+    if m:
+        keys, lw = sample_slots(v, sample_u, exact_set, bq, config.sampler, causal, nq)
+        if n_heavy:  # a sampled key of the heavy set is exact, not residual
+            hs = torch.where(heavy >= 0, heavy, nk + 1)
+            at = torch.clamp(torch.searchsorted(hs, keys.flatten(2)).view_as(keys), max=n_heavy - 1)
+            keys = torch.where(torch.gather(hs[:, :, None, :].expand(*keys.shape[:3], n_heavy), -1, at) == keys,
+                               -1, keys)
+        n_t = keys.shape[2]
+        blocks = torch.arange(n_t, device=dev)
+        if bq >= QB:  # every tile holds the samples of the one block it lies in
+            of_tile = (tq * QB) // bq
+            pos_parts.append(keys[:, :, of_tile])
+            owner_parts.append(of_tile[:, None].expand(n_qt, m).expand(bsz, h, n_qt, m))
+            logw_parts.append(lw[:, :, of_tile].to(work))
+        else:  # tile t holds blocks t·subs … t·subs + subs − 1
+            pad = n_qt * subs - n_t
+            fill = lambda x, value: torch.nn.functional.pad(x, (0, 0, 0, pad), value=value)
+            pos_parts.append(fill(keys, -1).reshape(bsz, h, n_qt, subs * m))
+            own = torch.nn.functional.pad(blocks, (0, pad), value=-2)[:, None].expand(n_qt * subs, m)
+            owner_parts.append(own.reshape(n_qt, subs * m).expand(bsz, h, n_qt, subs * m))
+            logw_parts.append(fill(lw.to(work), 0.0).reshape(bsz, h, n_qt, subs * m))
+    used = sum(x.shape[-1] for x in pos_parts)
+    pad_slots = lambda parts, value, dtype: torch.nn.functional.pad(
+        torch.cat(parts, -1).to(dtype) if parts else torch.zeros(bsz, h, n_qt, 0, dtype=dtype, device=dev),
+        (0, slots - used), value=value)
+    gpos = pad_slots(pos_parts, -1, torch.int64)
+    owner = pad_slots(owner_parts, -1, torch.int32)
+    logw = pad_slots(logw_parts, 0.0, work)
+    if picked is not None:  # keys of the tile's picked blocks are exact: not a gathered term
+        tile_of_key = torch.clamp(gpos, min=0) // KB
+        in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
+        gpos = torch.where(in_pick, -1, gpos)
+    gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
+    # ---- key-tile lists: partial own tiles, then the tile's gathered tiles; full tiles apart
+    n_g = slots // KB
+    n_total = n_kt + n_qt * n_g
+    gathered = torch.zeros(n_qt, n_qt * n_g, dtype=torch.bool, device=dev)
+    gathered.view(n_qt, n_qt, n_g)[tq, tq] = True
+    kv_num, kv_idx = _listing(torch.cat([partial, gathered.expand(bsz, h, n_qt, n_qt * n_g)], -1), n_total)
+    full_num, full_idx = _listing(full, n_total)
+    return DirectPlan(nq=nq, nk=nk, nk_pad=nk_pad, slots=slots,
+                      kv_num=kv_num.to(torch.int32), kv_idx=kv_idx.to(torch.int32),
+                      full_num=full_num.to(torch.int32), full_idx=full_idx.to(torch.int32),
+                      gpos=gpos.flatten(2), owner=owner.flatten(2), logw=logw.flatten(2))
+
+
+# ---------------------------------------------------------------- the kernel call
+
+_COMPILED = {}
+
+
+def _flex_fn(device_type: str):
+    """FlexAttention, compiled once per device type (eager on the CPU: the readable math path)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type != "cuda":
+        return flex_attention
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED["cuda"]
+
+
+def _mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
+    """The mask and score functions: index arithmetic on the own keys, two loads on a gathered slot."""
+    s, w = exact_set.sink_count, exact_set.window_width
+    offset, nk, nk_pad = plan.nk - plan.nq, plan.nk, plan.nk_pad
+    n_slots, per_tile = plan.gpos.shape[-1], plan.slots
+    gpos, owner, logw = plan.gpos, plan.owner, plan.logw
+    check_owner = bq < QB
+
+    def mask_mod(b, h, i, kv):
+        c = i + offset
+        # own keys (the listed tiles): visible, and a sink or in the window
+        seen = (kv < nk) & (kv <= c) if causal else kv < nk
+        own = seen & ((kv < s) | (kv > c - w)) if causal else seen & ((kv < s) | ((c - kv).abs() < w))
+        # a gathered slot: its tile, its query block, visible and outside the window
+        slot = torch.clamp(kv - nk_pad, 0, n_slots - 1)
+        pos = gpos[b, h, slot]
+        mine = slot // per_tile == i // QB
+        if check_owner:
+            who = owner[b, h, slot]
+            mine = mine & ((who < 0) | (who == i // bq))
+        if causal:
+            far = pos <= c - w
+        else:
+            far = ((c - pos).abs() >= w) & (pos < NONE) if w else pos < NONE
+        return torch.where(kv < nk_pad, own, mine & far)
+
+    def score_mod(score, b, h, i, kv):
+        # the padding keys nk … nk_pad − 1 of a short last tile count for no row, also in a full tile
+        slot = torch.clamp(kv - nk_pad, 0, n_slots - 1)
+        own = torch.where(kv < nk, score, -math.inf)
+        return torch.where(kv >= nk_pad, score + logw[b, h, slot], own)
+
+    return mask_mod, score_mod
+
+
+def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig, causal: bool,
+                kernel_options=None, use_flex: bool = False):
+    """``(out, lse)`` of the direct mode from a plan; differentiable in ``q``, ``k``, ``v``.
+
+    ``k``, ``v`` (B, H, nk, ·) have the query heads' count (expanded for GQA). On CUDA the
+    compiled FlexAttention kernel runs; elsewhere the same mask and score functions on
+    dense scores (:func:`_math`), or FlexAttention's eager path with ``use_flex`` (no backward).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bsz, h, nq, d = q.shape
+    exact_set = paper_exact_set(config)
+    pad = plan.nk_pad - plan.nk
+    idx = torch.clamp(plan.gpos, max=plan.nk - 1).long()
+    kg = torch.gather(k, 2, idx[..., None].expand(bsz, h, idx.shape[-1], k.shape[-1]))
+    vg = torch.gather(v, 2, idx[..., None].expand(bsz, h, idx.shape[-1], v.shape[-1]))
+    k_all = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad)), kg], dim=2)
+    v_all = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad)), vg], dim=2)
+    mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal)
+    kv_len = k_all.shape[2]
+    if q.device.type != "cuda" and not use_flex:
+        return _math(q, k_all, v_all, mask_mod, score_mod, scale, plan)
+    block_mask = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
+                                          BLOCK_SIZE=(QB, KB), mask_mod=mask_mod,
+                                          seq_lengths=(nq, kv_len))
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch before AuxRequest
+        return _flex_fn(q.device.type)(q, k_all, v_all, score_mod=score_mod, block_mask=block_mask,
+                                       scale=scale, return_lse=True, kernel_options=kernel_options)
+    out, aux = _flex_fn(q.device.type)(q, k_all, v_all, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                       kernel_options=kernel_options, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def _math(q, k_all, v_all, mask_mod, score_mod, scale, plan: DirectPlan):
+    """The kernel's function on dense scores (differentiable on any device; small sizes).
+
+    An entry counts when the mask function keeps it or it lies in a full tile (the kernel
+    applies no mask there), with the score function's bias.
+    """
+    bsz, h, nq, _ = q.shape
+    kv_len = k_all.shape[2]
+    b = torch.arange(bsz, device=q.device)[:, None, None, None]
+    hh = torch.arange(h, device=q.device)[None, :, None, None]
+    i = torch.arange(nq, device=q.device)[None, None, :, None]
+    kv = torch.arange(kv_len, device=q.device)[None, None, None, :]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n_qt, n_tiles = plan.kv_idx.shape[2], kv_len // KB
+    listed = torch.arange(plan.full_idx.shape[-1], device=q.device) < plan.full_num[..., None].long()
+    full = torch.zeros(bsz, h, n_qt, n_tiles + 1, dtype=torch.bool, device=q.device)
+    full.scatter_(-1, torch.where(listed, plan.full_idx.long(), n_tiles), True)
+    full = full[..., :n_tiles].repeat_interleave(QB, dim=2)[:, :, :nq].repeat_interleave(KB, dim=3)
+    keep = mask_mod(b, hh, i, kv) | full
+    scores = score_mod((q.to(work) @ k_all.to(work).transpose(-1, -2)) * scale, b, hh, i, kv)
+    scores = scores.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (p @ v_all.to(work)).to(q.dtype), lse
+
+
+def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: HyperConfig, draws=None,
+                          generator=None, kernel_options=None, return_lse: bool = False):
+    """The direct mode of SPEC §6b on the block-sparse FlexAttention engine.
+
+    Parameters
+    ----------
+    q : tensor (B, H, nq, D); k, v : tensors (B, Hk, nk, D), ``Hk`` dividing ``H``
+    causal : bool
+        Bottom-right aligned causal mask (row ``i`` sees keys ``j <= i + nk − nq``).
+    scale : float, optional
+        Default ``1/sqrt(D)``.
+    config : HyperConfig
+        ``mode="direct"`` with an exact set of ``sinks``, ``window``, ``blocktop``,
+        ``heavykeys`` parts; ``query_block`` dividing 128 or a multiple of it.
+        Exact attention when ``nq <= config.min_seq_len``, as the reference.
+    draws : hyperref.Draws, optional
+        The reference's draws (:func:`hyperref.make_draws` for batch shape
+        ``(B, H)``): the answer is then the reference's on the same draws.
+        Without them the draws are made here from ``generator``.
+    generator : torch.Generator, optional
+        Source of the draws when ``draws`` is not given.
+    kernel_options : dict, optional
+        Passed to FlexAttention on CUDA (tile sizes, stages, warps).
+    return_lse : bool
+        Also return the log normalizer ``lse`` (B, H, nq): float32, float64 for float64 input.
+
+    Returns
+    -------
+    out : tensor (B, H, nq, Dv), the dtype of ``q``; and ``lse`` when asked.
+
+    Raises
+    ------
+    InputError
+        Shapes, dtypes or draws that do not fit, parts this engine does not compute.
+    """
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)):
+        raise InputError("q, k, v must be torch tensors")
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise InputError(f"q, k, v must have shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not isinstance(config, HyperConfig) or config.mode != "direct":
+        raise InputError("direct_flex_attention needs a HyperConfig with mode='direct'")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InputError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise InputError(f"dtype {q.dtype} is not supported; use float16, bfloat16, float32 or float64")
+    if not (q.device == k.device == v.device):
+        raise InputError("q, k, v must be on the same device")
+    bsz, h, nq, d = q.shape
+    hk, nk = k.shape[1], k.shape[2]
+    if k.shape[0] != bsz or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hk == 0 or h % hk:
+        raise InputError(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if nk == 0:
+        raise InputError("k and v are empty: attention needs at least one key")
+    exact_set, bq = paper_exact_set(config), config.query_block
+    check_supported(exact_set, bq)
+    scale = check_scale(scale, d)
+    heavy_rows, sample_u = _draws(config, exact_set, nq, nk, d, causal, bsz, h, q.device, draws, generator)
+    if h != hk:
+        k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
+    if nq <= config.min_seq_len:  # as the reference: exact attention at short lengths
+        out, lse = _exact(q, k, v, scale, causal)
+        return (out, lse) if return_lse else out
+    with torch.no_grad():
+        plan = make_plan(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale, config=config,
+                         heavy_rows=heavy_rows, sample_u=sample_u)
+    out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
+                           kernel_options=kernel_options)
+    return (out, lse) if return_lse else out
+
+
+def _exact(q, k, v, scale, causal):
+    """Exact attention with the bottom-right causal mask; ``(out, lse)`` (lse −inf: no key)."""
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    logits = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    if causal:
+        nq, nk = q.shape[2], k.shape[2]
+        hidden = torch.arange(nk, device=q.device)[None, :] > torch.arange(nq, device=q.device)[:, None] + nk - nq
+        logits = logits.masked_fill(hidden, -math.inf)
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return (p @ v.to(work)).to(q.dtype), lse
+
+
+def _draws(config, exact_set, nq, nk, d, causal, bsz, h, device, draws, generator):
+    """``(heavy_rows, sample_u)`` on the device: the reference's draws, or fresh ones.
+
+    ``None, None`` when the call is exact (``nq <= config.min_seq_len``).
+    """
+    heavy_i = next((i for i, p in enumerate(exact_set.parts) if isinstance(p, HeavyKeys)), None)
+    n_t = -(-nq // config.query_block)
+    if draws is not None:
+        from hyperref.draws import Draws, check_draws_contents
+
+        if not isinstance(draws, Draws):
+            raise InputError(f"draws must be a hyperref.Draws, got {type(draws).__name__}")
+        made_for = (draws.nq, draws.nk, draws.d, draws.causal, tuple(draws.batch_shape))
+        if made_for != (nq, nk, d, bool(causal), (bsz, h)) or draws.config != config:
+            raise InputError(f"draws were made for (nq, nk, d, causal, batch_shape) = {made_for} and "
+                             f"their own config, not {(nq, nk, d, bool(causal), (bsz, h))} and this one")
+        check_draws_contents(draws)
+        if draws.direct is None:
+            return None, None
+        rows = None if heavy_i is None else torch.as_tensor(draws.direct.exact[heavy_i], device=device)
+        return rows, torch.as_tensor(draws.direct.sample_u, dtype=torch.float64, device=device)
+    if nq <= config.min_seq_len:
+        return None, None
+    u = torch.rand((bsz, h, n_t, config.samples), dtype=torch.float64, device=device, generator=generator)
+    rows = None
+    if heavy_i is not None:
+        n_rows = min(exact_set.parts[heavy_i].rows, nq)
+        keys = torch.rand((bsz, h, nq), device=device, generator=generator)
+        rows = torch.sort(torch.topk(keys, n_rows, dim=-1).indices, dim=-1).values
+    return rows, u

@@ -1,0 +1,240 @@
+"""The block-sparse FlexAttention engine of the direct mode against the reference, same draws.
+
+On the CPU the engine evaluates its mask and score functions on dense scores
+(FlexAttention has no CPU backward); :func:`test_flex_eager_reads_the_mods_the_same_way`
+checks that FlexAttention's own eager path gives the same answer from them, and
+:func:`test_tile_lists_cover_the_mask` checks the block lists the compiled
+kernel reads against the mask. On CUDA the compiled kernel runs (tolerances
+from bf16/fp32 rounding of one softmax).
+"""
+
+import numpy as np
+import pytest
+
+from hyperref import HyperConfig, InputError, hyper_attention, make_draws
+from hyperref.exact_set import blocktop, heavykeys, quest, sinks, sortlsh, window
+
+torch = pytest.importorskip("torch")
+flex = pytest.importorskip("torch.nn.attention.flex_attention")
+from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu.direct import direct_attention  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+SETS = {
+    "sw": sinks(4) | window(64),
+    "sw_heavy": sinks(4) | window(64) | heavykeys(8, 32),
+    "sw_heavy_top": sinks(3) | window(40) | heavykeys(8, 32) | blocktop(128, 2),
+    "top128": sinks(2) | window(130) | blocktop(128, 2),
+    "top256": sinks(4) | window(64) | blocktop(256, 1),
+    "heavy_only": heavykeys(16, 64),
+}
+
+
+def _qkv(b, h, hk, nq, nk, d, seed=0, zero_every=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, h, nq, d))
+    k = rng.standard_normal((b, hk, nk, d))
+    v = rng.standard_normal((b, hk, nk, d))
+    if zero_every:
+        v[..., ::zero_every, :] = 0.0
+    return q, k, v
+
+
+def _config(name, bq, m, sampler="mixed"):
+    return HyperConfig(mode="direct", exact_set=SETS[name], query_block=bq, samples=m, min_seq_len=8,
+                       sampler=sampler)
+
+
+def _both(q, k, v, cfg, causal, seed=1):
+    b, h = q.shape[:2]
+    draws = make_draws(cfg, q.shape[2], k.shape[2], q.shape[3], causal=causal, batch_shape=(b, h), rng=seed)
+    ref, ref_lse = hyper_attention(q, k, v, config=cfg, draws=draws, causal=causal, return_lse=True,
+                                   engine="numpy")
+    out, lse = F.direct_flex_attention(torch.tensor(q), torch.tensor(k), torch.tensor(v), causal=causal,
+                                       config=cfg, draws=draws, return_lse=True)
+    return ref, ref_lse, out.numpy(), lse.numpy()
+
+
+# float64 on both sides: the reference's own rounding differences between two orders of summation
+TOL = 1e-12
+
+
+@pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy", 64), ("sw_heavy_top", 32), ("top128", 128),
+                                     ("top256", 256), ("heavy_only", 128)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_same_draws_same_answer(name, bq, causal):
+    q, k, v = _qkv(1, 2, 2, 300, 300, 16)
+    for sampler in ("mixed", "rownorm", "uniform"):
+        ref, ref_lse, out, lse = _both(q, k, v, _config(name, bq, 16, sampler), causal)
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(lse, ref_lse, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("nq,nk", [(130, 390), (390, 130), (1, 257), (257, 1), (129, 129)])
+def test_lengths_and_alignment(nq, nk):
+    q, k, v = _qkv(2, 2, 2, nq, nk, 8, seed=2)
+    ref, ref_lse, out, lse = _both(q, k, v, _config("sw_heavy_top", 32, 8), causal=True)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))  # rows that see no key: lse −inf
+    fin = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[fin], ref_lse[fin], atol=TOL, rtol=0)
+
+
+def test_grouped_heads_and_zero_value_rows():
+    q, k, v = _qkv(1, 6, 2, 260, 260, 16, seed=3, zero_every=3)
+    for sampler in ("rownorm", "mixed"):
+        ref, ref_lse, out, lse = _both(q, k, v, _config("sw_heavy", 64, 32, sampler), causal=True)
+        np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+        np.testing.assert_allclose(lse, ref_lse, atol=TOL, rtol=0)
+
+
+def test_no_samples_is_the_exact_set_alone():
+    q, k, v = _qkv(1, 1, 1, 300, 300, 16, seed=4)
+    ref, ref_lse, out, lse = _both(q, k, v, _config("sw_heavy_top", 64, 0), causal=True)
+    np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def _plan(name, bq, m, nq, nk, causal, seed=5):
+    q, k, v = _qkv(1, 2, 2, nq, nk, 16, seed=seed)
+    cfg = _config(name, bq, m)
+    draws = make_draws(cfg, nq, nk, 16, causal=causal, batch_shape=(1, 2), rng=seed)
+    qt, kt, vt = map(torch.tensor, (q, k, v))
+    rows, u = F._draws(cfg, cfg.exact_set, nq, nk, 16, causal, 1, 2, qt.device, draws, None)
+    return F.make_plan(qt, kt, vt, causal=causal, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u), cfg
+
+
+@pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_tile_lists_cover_the_mask(name, bq, causal):
+    """Every entry the mask keeps lies in a listed tile; a full tile is kept whole."""
+    nq, nk = 520, 700
+    plan, cfg = _plan(name, bq, 16, nq, nk, causal)
+    mask_mod, _ = F._mods(plan, cfg.exact_set, bq, causal)
+    kv_len = plan.nk_pad + plan.gpos.shape[-1]
+    i = torch.arange(nq)[:, None]
+    j = torch.arange(kv_len)[None, :]
+    for hh in range(2):
+        dense = mask_mod(torch.tensor(0), torch.tensor(hh), i, j)
+        n_qt, n_tiles = -(-nq // F.QB), kv_len // F.KB
+        listed = torch.zeros(n_qt, n_tiles, dtype=torch.bool)
+        full = torch.zeros(n_qt, n_tiles, dtype=torch.bool)
+        for t in range(n_qt):
+            listed[t, plan.kv_idx[0, hh, t, :plan.kv_num[0, hh, t]].long()] = True
+            full[t, plan.full_idx[0, hh, t, :plan.full_num[0, hh, t]].long()] = True
+        assert not (listed & full).any()
+        pad_rows = n_qt * F.QB - nq
+        tiles = torch.nn.functional.pad(dense, (0, 0, 0, pad_rows)).view(n_qt, F.QB, n_tiles, F.KB)
+        kept = tiles.any(dim=(1, 3))
+        assert not (kept & ~(listed | full)).any()
+        if "top" not in name:  # without picks a full tile is a window interior: kept whole
+            for t, g in full.nonzero().tolist():
+                rows = min(F.QB, nq - t * F.QB)
+                keys = min(F.KB, nk - g * F.KB)  # padding keys: −inf from the score function
+                assert tiles[t, :rows, g, :keys].all()
+
+
+@pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256)])
+def test_flex_eager_reads_the_mods_the_same_way(name, bq):
+    """FlexAttention's eager path applies the mask function alone: sets without picked tiles."""
+    import warnings
+
+    nq, nk = 300, 330
+    plan, cfg = _plan(name, bq, 16, nq, nk, True)
+    q, k, v = (torch.tensor(x) for x in _qkv(1, 2, 2, nq, nk, 16, seed=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FlexAttention warns that eager is unfused
+        got = F.flex_direct(q, k, v, plan, scale=0.25, config=cfg, causal=True, use_flex=True)
+    want = F.flex_direct(q, k, v, plan, scale=0.25, config=cfg, causal=True)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=TOL, rtol=0)
+
+
+def test_selections_match_the_reference():
+    from hyperref.exact_set import Geometry
+
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((1, 2, 300, 16)), rng.standard_normal((1, 2, 300, 16))
+    part = heavykeys(8, 32).parts[0]
+    rows = np.sort(np.stack([rng.choice(300, 32, replace=False) for _ in range(2)]))[None]
+    got = F.heavy_keys(part, torch.tensor(q), torch.tensor(k), torch.tensor(rows), 0.25, True, (4, 64))
+    top = blocktop(128, 3).parts[0]
+    picks = F.block_picks(top, torch.tensor(q), torch.tensor(k), True, (4, 64))
+    for hh in range(2):
+        want = part.prepare(q[0, hh], k[0, hh], 0.25, Geometry(300, 300, True), rows[0, hh], (4, 64))
+        np.testing.assert_array_equal(got[0, hh][got[0, hh] >= 0].numpy(), want)
+        np.testing.assert_array_equal(picks[0, hh].numpy(),
+                                      top.prepare(q[0, hh], k[0, hh], 0.25, Geometry(300, 300, True), None,
+                                                  (4, 64)))
+
+
+def test_gradients_match_the_dense_twin():
+    q, k, v = _qkv(1, 2, 1, 200, 200, 8, seed=7)
+    cfg = _config("sw_heavy_top", 32, 16)
+    draws = make_draws(cfg, 200, 200, 8, causal=True, batch_shape=(1, 2), rng=3)
+    grads = []
+    for fn in ("flex", "dense"):
+        qt, kt, vt = (torch.tensor(x, requires_grad=True) for x in (q, k, v))
+        if fn == "flex":
+            out, lse = F.direct_flex_attention(qt, kt, vt, causal=True, config=cfg, draws=draws, return_lse=True)
+        else:
+            out, lse = direct_attention(qt, kt, vt, causal=True, scale=8 ** -0.5, config=cfg, draws=draws)
+        w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+        ((out * w).sum() + (lse.to(out.dtype) * 0.3).sum()).backward()
+        grads.append([t.grad.numpy() for t in (qt, kt, vt)])
+    for a, b in zip(*grads):
+        # the dense twin's lse is float32: its gradient path carries float32 rounding
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_refusals():
+    q = torch.zeros(1, 1, 256, 16)
+    for E in (sinks(4) | sortlsh(7, 64, 1), sinks(4) | quest(8, 64, 16)):
+        cfg = HyperConfig(mode="direct", exact_set=E, min_seq_len=8)
+        with pytest.raises(InputError, match="row by row"):
+            F.direct_flex_attention(q, q, q, config=cfg)
+    with pytest.raises(InputError, match="query_block"):
+        F.direct_flex_attention(q, q, q, config=HyperConfig(mode="direct", exact_set=sinks(4), query_block=48,
+                                                             min_seq_len=8))
+    with pytest.raises(InputError, match="mode='direct'"):
+        F.direct_flex_attention(q, q, q, config=HyperConfig())
+    cfg = HyperConfig(mode="direct", exact_set=sinks(4) | window(32), min_seq_len=8)
+    wrong = make_draws(cfg, 128, 128, 16, causal=True, batch_shape=(1, 1), rng=0)
+    with pytest.raises(InputError, match="draws were made for"):
+        F.direct_flex_attention(q, q, q, config=cfg, draws=wrong)
+
+
+@pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_compiled_kernel_matches_the_reference(dtype, tol):
+    q, k, v = _qkv(1, 4, 2, 2048, 2048, 64, seed=8)
+    cfg = HyperConfig(mode="direct", exact_set=sinks(4) | window(256) | heavykeys(64, 256) | blocktop(128, 2),
+                      query_block=128, samples=64, min_seq_len=8)
+    draws = make_draws(cfg, 2048, 2048, 64, causal=True, batch_shape=(1, 4), rng=1)
+    qt, kt, vt = (torch.tensor(x, dtype=dtype, device="cuda") for x in (q, k, v))
+    out, lse = F.direct_flex_attention(qt, kt, vt, causal=True, config=cfg, draws=draws, return_lse=True)
+    qr, kr, vr = (x.double().cpu().numpy() for x in (qt, kt, vt))
+    ref, ref_lse = hyper_attention(qr, kr, vr, config=cfg, draws=draws, causal=True, return_lse=True,
+                                   engine="numpy")
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, atol=tol, rtol=0)
+    np.testing.assert_allclose(lse.double().cpu().numpy(), ref_lse, atol=tol * 4, rtol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
+def test_compiled_gradients_match_the_dense_twin():
+    q, k, v = _qkv(1, 4, 2, 1024, 1024, 64, seed=9)
+    cfg = HyperConfig(mode="direct", exact_set=sinks(4) | window(128) | heavykeys(32, 128) | blocktop(128, 2),
+                      query_block=64, samples=32, min_seq_len=8)
+    draws = make_draws(cfg, 1024, 1024, 64, causal=True, batch_shape=(1, 4), rng=2)
+    grads = []
+    for fn in ("flex", "dense"):
+        qt, kt, vt = (torch.tensor(x, dtype=torch.float32, device="cuda", requires_grad=True) for x in (q, k, v))
+        if fn == "flex":
+            out, lse = F.direct_flex_attention(qt, kt, vt, causal=True, config=cfg, draws=draws, return_lse=True)
+        else:
+            out, lse = direct_attention(qt, kt, vt, causal=True, scale=0.125, config=cfg, draws=draws)
+        w = torch.linspace(-1, 1, out.numel(), device="cuda").view_as(out)
+        ((out * w).sum() + (lse * 0.3).sum()).backward()
+        grads.append([t.grad.double().cpu().numpy() for t in (qt, kt, vt)])
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
