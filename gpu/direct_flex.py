@@ -119,11 +119,11 @@ def block_picks(part: BlockTop, q, k, causal, covered, chunk_blocks: int = 64):
     for r0 in range(0, n_rb, chunk_blocks):
         r1 = min(n_rb, r0 + chunk_blocks)
         rows = q[:, :, r0 * blk:min(nq, r1 * blk)]
-        per_row = (rows @ means.transpose(-1, -2)).float()  # (B, H, rows, n_kb)
+        per_row = rows @ means.transpose(-1, -2)  # (B, H, rows, n_kb), the dtype of q
         short = (r1 - r0) * blk - per_row.shape[2]
         if short:  # the last row block is short: its missing rows never win the max
             per_row = torch.nn.functional.pad(per_row, (0, 0, 0, short), value=-math.inf)
-        score = per_row.unflatten(2, (r1 - r0, blk)).amax(3)
+        score = per_row.unflatten(2, (r1 - r0, blk)).amax(3).float()  # a max is exact in any dtype
         if causal:
             first = torch.arange(r0, r1, device=k.device) * blk + (nk - nq)
             score = score.masked_fill(g_end[None, :] > (first - covered[1])[:, None], -math.inf)
@@ -372,8 +372,12 @@ def _flex_fn(device_type: str):
     return _COMPILED["cuda"]
 
 
-def _mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
-    """The mask and score functions: index arithmetic on the own keys, two loads on a gathered slot."""
+def _mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool, listed_only: bool = False):
+    """The mask and score functions: index arithmetic on the own keys, loads on a gathered slot.
+
+    ``listed_only``: the function is evaluated only on the tiles the plan lists (the compiled
+    kernel), so a gathered slot needs no check that it belongs to the row's tile.
+    """
     s, w = exact_set.sink_count, exact_set.window_width
     offset, nk, nk_pad = plan.nk - plan.nq, plan.nk, plan.nk_pad
     n_slots, per_tile = plan.gpos.shape[-1], plan.slots
@@ -388,7 +392,7 @@ def _mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
         # a gathered slot: its tile, its query block, visible and outside the window
         slot = torch.clamp(kv - nk_pad, 0, n_slots - 1)
         pos = gpos[b, h, slot]
-        mine = slot // per_tile == i // QB
+        mine = True if listed_only else slot // per_tile == i // QB
         if check_owner:
             who = owner[b, h, slot]
             mine = mine & ((who < 0) | (who == i // bq))
@@ -425,10 +429,11 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
     vg = torch.gather(v, 2, idx[..., None].expand(bsz, h, idx.shape[-1], v.shape[-1]))
     k_all = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad)), kg], dim=2)
     v_all = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad)), vg], dim=2)
-    mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal)
     kv_len = k_all.shape[2]
     if q.device.type != "cuda" and not use_flex:
+        mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal)
         return _math(q, k_all, v_all, mask_mod, score_mod, scale, plan)
+    mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal, listed_only=q.device.type == "cuda")
     block_mask = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
                                           BLOCK_SIZE=(QB, KB), mask_mod=mask_mod,
                                           seq_lengths=(nq, kv_len))
