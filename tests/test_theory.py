@@ -371,3 +371,304 @@ def test_g7_does_not_vanish_when_rownorm_misses_zero_values():
         capped = [bounds.g7_bound(m, 0.1, mom.captured, mom.second_centred, 1.0, 1.0, spread=mom.spread)
                   for m in (2**4, 2**14)]
         assert (capped[1] < capped[0] / 10) == finite
+
+
+# ---- parameters of a structured exact set (docs/mathematics.md §2, §3b) ----
+
+def _dense_exact_set_parameters(q, k, v, E, scale, causal, draws):
+    """Brute force: the dense membership of every part, P, and the §2 / §3b quantities."""
+    from hyperref.exact_set import ExactSet, Geometry
+
+    nq, nk = len(q), len(k)
+    geom = Geometry(nq, nk, causal)
+    states = E.prepare(q, k, scale, geom, draws)
+    rows = np.arange(nq)
+    parts = [ExactSet((p,)).member((s,), q, k, scale, geom, rows, nk) for p, s in zip(E.parts, states)]
+    union = np.any(parts, axis=0)
+    assert (union == E.member(states, q, k, scale, geom, rows, nk)).all()
+    visible = geom.visible(rows, nk)
+    S = np.where(visible, scale * q @ k.T, -np.inf)
+    A = np.exp(S - S.max())
+    P = A / A.sum(1, keepdims=True)
+    res = np.where(union, 0.0, P)
+    r = np.where(union, 0.0, A).sum(1)
+    s_, w_ = E.sink_count, E.window_width
+    j = np.arange(nk)[None, :]
+    c = rows[:, None] + nk - nq
+    far = visible & (j >= s_)
+    if w_:
+        far &= (j <= c - w_) if causal else (np.abs(c - j) >= w_)
+
+    def top(weights, counts):
+        srt = -np.sort(-weights, axis=1)
+        return np.array([srt[i, :counts[i]].sum() for i in range(nq)])
+
+    def recall(member):
+        n_all, n_far = member.sum(1), (member & far).sum(1)
+        return ((P * member).sum() / top(P, n_all).sum(),
+                (P * (member & far)).sum() / top(np.where(far, P, 0), n_far).sum() if n_far.any() else math.nan)
+
+    out = {"alpha_res": nk * (res**2).sum(0).max(), "fro_res": np.linalg.norm(res),
+           "op_res": np.linalg.norm(res, 2), "kappa": r[r > 0].max() / r[r > 0].min(),
+           "kappa_zero_rows": int((r == 0).sum()), "mass": (P * union).sum(1),
+           "keys": union.sum(1).mean(), "far_keys": (union & far).sum(1).mean(), "nnz": int(union.sum())}
+    out["recall"], out["far_recall"] = recall(union)
+    out["parts"] = []
+    for i, mp in enumerate(parts):
+        others = np.any([x for t, x in enumerate(parts) if t != i], axis=0) if len(parts) > 1 else np.zeros_like(mp)
+        rec, far_rec = recall(mp)
+        out["parts"].append({"mass": (P * mp).sum(1), "keys": mp.sum(1).mean(), "far_keys": (mp & far).sum(1).mean(),
+                             "recall": rec, "far_recall": far_rec,
+                             "gain": ((P * union).sum(1) - (P * others).sum(1)).mean(),
+                             "alpha_res": nk * (np.where(mp, 0, P) ** 2).sum(0).max()})
+    return out
+
+
+_EXACT_SETS = {
+    "preset-like": "sinks(2) | window(8) | heavykeys(count=4, rows=16) | quest(block=4, candidates=16, keep=4)",
+    "paper + sinks": "sinks(3) | sortlsh(bits=3, block=8, rounds=2)",
+    "blocktop": "window(6) | blocktop(block=8, count=2)",
+}
+
+
+@pytest.mark.parametrize("name", list(_EXACT_SETS))
+@pytest.mark.parametrize("causal, nq, nk", [(True, 96, 96), (False, 80, 96), (True, 64, 96)])
+@pytest.mark.parametrize("cache_bytes", [2**28, 0])
+def test_exact_set_parameters_equal_brute_force(name, causal, nq, nk, cache_bytes):
+    from hyperref.exact_set import Geometry, parse_exact_set
+    from hyperref.theory.exact_set_parameters import exact_set_parameters
+
+    E = parse_exact_set(_EXACT_SETS[name])
+    rng = np.random.default_rng(nq + nk)
+    q, k, v = rng.standard_normal((nq, 6)), rng.standard_normal((nk, 6)), rng.standard_normal((nk, 5))
+    k[[5, 40, 41]] += 2.0 * q.mean(0) / np.linalg.norm(q.mean(0))  # far keys with more mass
+    draws = E.draw(Geometry(nq, nk, causal), 6, (), np.random.default_rng(3))
+    got = exact_set_parameters(q, k, v, E, 0.7, causal=causal, draws=draws, part_params=True,
+                               cache_bytes=cache_bytes)
+    want = _dense_exact_set_parameters(q, k, v, E, 0.7, causal, draws)
+    par = got.params
+    assert got.alpha_res == pytest.approx(want["alpha_res"], rel=1e-9)
+    assert par.fro_res == pytest.approx(want["fro_res"], rel=1e-9)
+    assert par.op_res == pytest.approx(want["op_res"], rel=1e-6)
+    assert got.srank_res == pytest.approx(want["fro_res"] ** 2 / want["op_res"] ** 2, rel=1e-5)
+    assert got.kappa == pytest.approx(want["kappa"], rel=1e-9)
+    assert par.kappa_zero_rows == want["kappa_zero_rows"] and par.nnz_mask == want["nnz"]
+    assert got.mass_mean == pytest.approx(want["mass"].mean(), rel=1e-9)
+    assert got.mass_min == pytest.approx(want["mass"].min(), rel=1e-9)
+    assert (got.keys_mean, got.far_keys_mean) == pytest.approx((want["keys"], want["far_keys"]))
+    assert got.recall == pytest.approx(want["recall"], rel=1e-9) and got.recall <= 1 + 1e-12
+    assert got.far_recall == pytest.approx(want["far_recall"], rel=1e-9, nan_ok=True)
+    assert len(got.parts) == len(E.parts)
+    for part, ref in zip(got.parts, want["parts"]):
+        assert part.mass_mean == pytest.approx(ref["mass"].mean(), rel=1e-9, abs=1e-15)
+        assert part.mass_min == pytest.approx(ref["mass"].min(), rel=1e-9, abs=1e-15)
+        assert (part.keys_mean, part.far_keys_mean) == pytest.approx((ref["keys"], ref["far_keys"]))
+        assert part.gain_mean == pytest.approx(ref["gain"], rel=1e-9, abs=1e-15)
+        assert part.recall == pytest.approx(ref["recall"], rel=1e-9, nan_ok=True)
+        assert part.far_recall == pytest.approx(ref["far_recall"], rel=1e-9, nan_ok=True)
+        assert part.params.alpha_res == pytest.approx(ref["alpha_res"], rel=1e-9)
+        assert part.params.op_p == par.op_p  # the ‖P‖_op solve is shared
+        # a part's marginal gain is at most what it captures alone
+        assert part.gain_mean <= part.mass_mean + 1e-12
+
+
+def test_exact_set_recall_of_the_oracle_is_one_and_inputs_are_checked():
+    from hyperref.exact_set import Geometry, heavykeys, sinks, topk, window
+    from hyperref.theory.exact_set_parameters import exact_set_parameters
+
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((3, 64, 4))
+    assert exact_set_parameters(q, k, v, topk(5), parts=False).recall == pytest.approx(1.0, rel=1e-12)
+    # the oracle's budget is the row's own: a set and its topk at that budget, sinks + window strictly below
+    sw = exact_set_parameters(q, k, v, sinks(2) | window(4))
+    assert sw.recall < 1 and math.isnan(sw.far_recall) and sw.far_keys_mean == 0
+    assert exact_set_parameters(q, k, v, "sinks(2) | window(4)").recall == sw.recall  # parsed description
+    geom = Geometry(64, 64, True)
+    E = sinks(2) | heavykeys(4, 8)
+    bad = [(dict(exact_set=sinks(2) | window(4), draws=(None,)), "one entry per part"),
+           (dict(exact_set=E, draws=(None, np.zeros(3, np.int64))), "shape"),
+           (dict(exact_set=E, draws=(None, np.full(8, 99, np.int64))), "row indices"),
+           (dict(exact_set=E, draws=(np.zeros(1), E.draw(geom, 4, (), rng)[1])), "deterministic"),
+           (dict(exact_set="nothing(3)"), "unknown exact-set part"), (dict(exact_set=3), "ExactSet"),
+           (dict(exact_set=sinks(2), causal="yes"), "causal must be a bool"),
+           (dict(exact_set=sinks(2), parts=1), "parts must be a bool")]
+    for kwargs, match in bad:
+        with pytest.raises(ValueError, match=match):
+            exact_set_parameters(q, k, v, **kwargs)
+    with pytest.raises(ValueError, match="one head"):
+        exact_set_parameters(q[None, None], k[None, None], v[None, None], sinks(2))
+    with pytest.raises(ValueError, match="norm_p"):
+        attention_parameters(q, k, v, norm_p=(1.0,))
+
+
+# ---- G3 for the direct mode: the numerator's product error with exact D ----
+
+@pytest.mark.parametrize("sampler, zero_v", [("mixed", False), ("uniform", False), ("rownorm", True)])
+def test_g3_direct_failures_within_binomial_quantile(sampler, zero_v):
+    # D⁻¹N − PV (numerator over the exact normalizer) stays within G3-direct on all but a
+    # binomial number of seeds; rownorm with zero values is included: the numerator needs no
+    # v_j = 0 key (unlike the self-normalizer, SPEC §5)
+    from hyperref import exact_attention, hyper_attention, make_draws
+    from hyperref.theory.exact_set_parameters import exact_set_parameters
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(5, zero_v=zero_v)
+    n, R, delta = len(q), 200, 0.2
+    base = HyperConfig(mode="direct", exact_set=E, samples=1, query_block=32, min_seq_len=64, sampler=sampler)
+    draws0 = make_draws(base, n, n, q.shape[1], causal=True, rng=0)
+    mom = direct_moments(q, k, v, 0.5, base, draws0.direct, True)
+    params = attention_parameters(q, k, v, 0.5, causal=True)
+    exact, exact_lse = exact_attention(q, k, v, causal=True, scale=0.5, return_lse=True)
+    m = max(1, math.ceil(mom.second_raw.sum() / (delta * (0.3 * params.op_p * params.op_v) ** 2)))
+    bound = bounds.g3_direct_bound(m, delta, mom.second_raw, params.op_p, params.op_v)
+    assert 0.1 <= bound <= 0.5
+    if sampler != "uniform":  # the srank corollary with the exact set's ‖P∘(1−M_E)‖_F (×2 for mixed)
+        es = exact_set_parameters(q, k, v, E, 0.5, draws=draws0.direct.exact, parts=False, residual_norm=False)
+        factor = 2.0 if sampler == "mixed" else 1.0
+        srank = bounds.g3_bound(m, delta, math.sqrt(factor) * es.params.fro_res, params.op_p, params.srank_v)
+        assert bound <= srank * (1 + 1e-9)
+    cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler=sampler)
+    failures = 0
+    for seed in range(R):
+        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed + 1)
+        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
+                            type(fresh.direct)(draws0.direct.exact, fresh.direct.sample_u))
+        out, lse = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5, return_lse=True)
+        numerator = out * np.exp(lse - exact_lse)[:, None]  # N_i / d_i
+        failures += spectral_error(numerator, exact, params.op_p, params.op_v) > bound
+    assert failures <= binom.ppf(QUANTILE, R, delta)
+
+
+# ---- G7, tail form: Bernstein for the normalizer and over the query blocks ----
+
+def _direct_runs(q, k, v, cfg, exact_draws, seeds, scale=0.5):
+    """``(outputs, normalizer ratios d̃/d)`` of the direct mode over seeds, the exact set's draws fixed."""
+    from hyperref import exact_attention, hyper_attention, make_draws
+
+    n = len(q)
+    _, exact_lse = exact_attention(q, k, v, causal=True, scale=scale, return_lse=True)
+    outs, ratios = [], []
+    for seed in seeds:
+        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed)
+        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
+                            type(fresh.direct)(exact_draws, fresh.direct.sample_u))
+        out, lse = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=scale, return_lse=True)
+        outs.append(out)
+        ratios.append(np.exp(lse - exact_lse))
+    return np.array(outs), np.array(ratios)
+
+
+def _samples_for(target, bound_of_m):
+    """Smallest m (a power-of-two bisection) with ``bound_of_m(m) <= target``: the bound falls with m."""
+    lo, hi = 1, 1
+    while bound_of_m(hi) > target:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if bound_of_m(mid) <= target else (mid, hi)
+    return hi
+
+
+def test_normalizer_lower_tail_failures_within_binomial_quantile():
+    # Pr[d̃_i < λ_i d_i] ≤ π_i(λ_i) row by row, with λ_i chosen so that π_i(λ_i) = 0.2
+    from hyperref import make_draws
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(6)
+    n, R, m, level = len(q), 200, 32, 0.2
+    cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler="mixed")
+    draws0 = make_draws(cfg, n, n, q.shape[1], causal=True, rng=0)
+    mom = direct_moments(q, k, v, 0.5, cfg, draws0.direct, True)
+    # rows with a residual whose tail bound drops below the level somewhere in (h_i, 1)
+    near_h = bounds.normalizer_lower_tail(m, mom.captured, mom.second_mass, np.minimum(mom.captured + 1e-9, 1))
+    rows = np.nonzero((mom.captured < 0.6) & (near_h < level / 2))[0][::5][:12]
+    assert len(rows) >= 8
+    h, u = mom.captured[rows], mom.second_mass[rows]
+    lam_lo, lam_hi = h.copy(), np.ones_like(h)
+    for _ in range(60):  # π_i increases with λ on (h_i, 1), to 1 at λ = 1: bisect π_i(λ_i) = level
+        mid = (lam_lo + lam_hi) / 2
+        above = bounds.normalizer_lower_tail(m, h, u, mid) > level
+        lam_lo, lam_hi = np.where(above, lam_lo, mid), np.where(above, mid, lam_hi)
+    lam = lam_lo
+    pi = bounds.normalizer_lower_tail(m, h, u, lam)
+    assert np.all((pi <= level) & (pi > level / 2)) and np.all(lam > h)
+    _, ratios = _direct_runs(q, k, v, cfg, draws0.direct.exact, range(1, R + 1))
+    failures = (ratios[:, rows] < lam[None, :]).sum(axis=0)
+    assert np.all(failures <= binom.ppf(QUANTILE, R, pi))
+    assert np.all(ratios >= mom.captured[None, :] * (1 - 1e-12))  # d̃_i ≥ h_i d_i on every draw
+
+
+@pytest.mark.parametrize("sampler", ["mixed", "uniform"])
+def test_g7_tail_failures_within_binomial_quantile(sampler):
+    # each form of the tail bound (Markov over rows, Bernstein over query blocks) and their
+    # minimum hold on all but a binomial number of seeds; the row terms bound the mean
+    from hyperref import make_draws
+    from hyperref.theory.self_normalized import direct_moments
+
+    q, k, v, E = _g7_workload(7)
+    n, R, delta, bq = len(q), 200, 0.2, 8
+    base = HyperConfig(mode="direct", exact_set=E, samples=1, query_block=bq, min_seq_len=64, sampler=sampler)
+    draws0 = make_draws(base, n, n, q.shape[1], causal=True, rng=0)
+    mom = direct_moments(q, k, v, 0.5, base, draws0.direct, True)
+    params = attention_parameters(q, k, v, 0.5, causal=True)
+    args = (mom.captured, mom.second_centred, mom.second_mass, mom.spread, params.op_p, params.op_v)
+
+    def tail(m):
+        return bounds.g7_tail_bound(m, delta, *args, query_block=bq)
+
+    m = _samples_for(0.3, tail)
+    forms = bounds.g7_tail_forms(m, delta, *args, query_block=bq)
+    old = bounds.g7_bound(m, delta, mom.captured, mom.second_centred, params.op_p, params.op_v, spread=mom.spread)
+    assert 0.1 <= min(forms.values()) <= 0.3 < old
+    cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=bq, min_seq_len=64, sampler=sampler)
+    outs, _ = _direct_runs(q, k, v, cfg, draws0.direct.exact, range(1, R + 1))
+    errors = np.array([spectral_error(o, mom.exact, params.op_p, params.op_v) for o in outs])
+    limit = binom.ppf(QUANTILE, R, delta)
+    for name, value in forms.items():
+        assert (errors > value).sum() <= limit, name
+    assert (errors > min(forms.values())).sum() <= limit
+    # E‖õ_i − o_i‖² ≤ b_i, summed over rows: the mean over seeds within a one-sided CLT margin
+    terms = bounds.g7_row_terms(m, mom.captured, mom.second_centred, mom.spread, mom.second_mass)
+    sq = ((outs - mom.exact[None]) ** 2).sum(axis=(1, 2))
+    assert sq.mean() <= terms.sum() + 4.75 * sq.std(ddof=1) / math.sqrt(R)
+    # the tail form is the tighter one here, and not far above the measured (1 − δ)-quantile
+    assert min(forms.values()) < old
+    assert min(forms.values()) <= 12 * np.quantile(errors, 1 - delta)  # measured: 7.1–7.5
+
+
+def test_g7_tail_bound_edge_cases():
+    # a row with no exact key may get d̃_i = 0 (output 0): the cap covers it; s_i = 0 rows are exact
+    h, s, u, cap = np.array([0.0, 1.0, 0.5]), np.array([0.0, 0.0, 0.02]), np.array([1.0, 0.0, 0.5]), np.ones(3)
+    terms = bounds.g7_row_terms(10, h, s, cap, u)
+    assert terms[0] > 0 and terms[1] == 0 and 0 < terms[2] <= bounds.g7_row_terms(10, h, s, cap)[2]
+    assert bounds.g7_row_terms(10, h, s, cap)[0] == 1.0  # the capped form: the cap itself
+    assert bounds.g7_tail_bound(10, 0.1, [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0], 1.0, 1.0) == 0.0
+    for call in (lambda: bounds.g7_tail_forms(10, 0.1, h, s, None, cap, 1.0, 1.0),
+                 lambda: bounds.g7_row_terms(10, h, s, cap[:2], u),
+                 lambda: bounds.g7_tail_bound(10, 0.1, h, s, u, cap, 1.0, 1.0, query_block=0),
+                 lambda: bounds.normalizer_lower_tail(10, h, u, h - 0.1),
+                 lambda: bounds.g3_direct_bound(10, 0.1, [-1.0], 1.0, 1.0)):
+        with pytest.raises(ValueError):
+            call()
+
+
+def test_g7_cap_holds_on_every_draw_also_for_rows_without_exact_keys():
+    # ‖õ_i − o_i‖² ≤ D_i² for every draw; a row with h_i = 0 whose samples all miss R_i has õ_i = 0,
+    # so its cap includes ‖o_i‖² (row 0 of a causal sortlsh-only set: the cap was 0, the error ‖v_0‖²)
+    from hyperref import hyper_attention, make_draws
+    from hyperref.exact_set import sortlsh
+    from hyperref.theory.self_normalized import direct_moments
+
+    rng = np.random.default_rng(0)
+    n = 512
+    q, k, v = rng.standard_normal((3, n, 8))
+    cfg = HyperConfig(mode="direct", exact_set=sortlsh(7, 32, 1), samples=16, query_block=64, min_seq_len=64)
+    missed = 0
+    for seed in range(10):
+        draws = make_draws(cfg, n, n, 8, causal=True, rng=seed)
+        out = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5)
+        mom = direct_moments(q, k, v, 0.5, cfg, draws.direct, True)
+        err = ((out - mom.exact) ** 2).sum(axis=1)
+        assert np.all(err <= mom.spread * (1 + 1e-9) + 1e-12)
+        missed += int((mom.captured == 0).any() and (np.abs(out).sum(axis=1) == 0).any())
+    assert missed > 0  # the case the cap must cover did occur

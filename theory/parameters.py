@@ -191,7 +191,7 @@ class Parameters:
 
 
 def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask | None = None,
-                         residual_norm=True, rng=0) -> Parameters:
+                         residual_norm=True, rng=0, norm_p=None) -> Parameters:
     """Compute the parameters of SPEC §2 for one head, exactly and memory-light.
 
     Parameters
@@ -201,14 +201,19 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
         Default ``1/sqrt(d)``.
     causal : bool
         Use the causal softmax matrix (bottom-right aligned).
-    mask : HeavyMask, optional
-        The mask of exactly computed entries
-        (:func:`hyperref.attention.heavy_mask`); without it the mask-dependent
-        parameters are ``nan``.
+    mask : HeavyMask or ExactSetMask, optional
+        The mask of exactly computed entries: the paper's
+        (:func:`hyperref.attention.heavy_mask`) or an exact set's membership
+        (:class:`hyperref.theory.exact_set_parameters.ExactSetMask`; any object with
+        ``nq``, ``nk``, ``rows(start, stop)`` and ``nnz()``); without it the
+        mask-dependent parameters are ``nan``.
     residual_norm : bool
         Also compute ``‖P∘(1−M)‖_op`` (one more iterative solve).
     rng : int
         Seed of the subspace iteration's start block.
+    norm_p : tuple of float, optional
+        ``(‖P‖_op, relative residual)`` from an earlier call on the same ``q``, ``k``,
+        ``scale`` and ``causal`` (``op_p``, ``op_p_residual``): skips that solve.
 
     Returns
     -------
@@ -230,6 +235,9 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
         raise InputError(f"the parameters need nq, nk >= 1, got nq={len(q)}, nk={len(k)}")
     causal = check_bool(causal, "causal")
     scale = check_scale(scale, q.shape[1])
+    if norm_p is not None and not (isinstance(norm_p, tuple) and len(norm_p) == 2
+                                   and all(isinstance(x, (int, float)) and x >= 0 for x in norm_p)):
+        raise InputError(f"norm_p must be a pair (op_p, op_p_residual) of numbers >= 0, got {norm_p!r}")
     if mask is not None and (mask.nq, mask.nk) != (len(q), len(k)):
         raise InputError(f"mask is for a {mask.nq} x {mask.nk} matrix, not {len(q)} x {len(k)}")
     dtype = q.dtype  # check_qkv's common dtype, float32 or wider
@@ -269,8 +277,10 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
             with np.errstate(divide="ignore"):
                 log_r[start:stop] = lse[start:stop] + np.log(
                     np.where(m, 0.0, p).sum(axis=1, dtype=np.float64))
-    op = SoftmaxOperator(q, k, scale, causal, lse=lse)
-    op_p, op_p_resid = op.op_norm(rng=rng)
+    if norm_p is None:
+        op_p, op_p_resid = SoftmaxOperator(q, k, scale, causal, lse=lse).op_norm(rng=rng)
+    else:
+        op_p, op_p_resid = (float(x) for x in norm_p)
     op_v = float(np.linalg.norm(v, 2)) if v.size else 0.0
     fro_v_sq = float((v * v).sum())
     nan = float("nan")
