@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+import numpy.typing as npt
 
 from ._validation import InputError, check_bool, check_config, check_qkv, check_scale
 from .causal import causal_head
-from .direct import direct_head
+from .direct import direct_head, paper_exact_set
 from .config import HyperConfig
 from .draws import Draws, check_draws_contents, make_draws
 from .estimators import noncausal_head
 from .exact import exact_head
+
+if TYPE_CHECKING:
+    from .mask import HeavyMask
 
 
 def _for_each_head(q, k, v, single, head_fn):
@@ -28,7 +34,9 @@ def _for_each_head(q, k, v, single, head_fn):
     return out, lse
 
 
-def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def exact_attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, *, causal: bool = False,
+                    scale: float | None = None,
+                    return_lse: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Exact softmax attention, row-blocked (SPEC §1).
 
     .. math:: \\mathrm{Att} = D^{-1} e^{s QK^\\top} V, \\qquad
@@ -71,7 +79,8 @@ def exact_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     return (out, lse) if return_lse else out
 
 
-def _wide_enough(q, k, v, scale):
+def _wide_enough(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                 scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``q, k, v`` in a dtype where every logit ``scale · q_i·k_j`` is finite.
 
     ``|scale · q_i·k_j| ≤ |scale| · d · max|q| · max|k|`` (two reductions, no copy);
@@ -89,7 +98,8 @@ def _wide_enough(q, k, v, scale):
     raise InputError(f"logits up to {bound:.3g} may exceed float64's range; rescale q or k (or the scale)")
 
 
-def check_draws(draws: Draws, config: HyperConfig, q, k, causal: bool, single: bool) -> None:
+def check_draws(draws: Draws, config: HyperConfig, q: np.ndarray, k: np.ndarray, causal: bool,
+                single: bool) -> None:
     """Raise :class:`InputError` unless ``draws`` were made for this call."""
     b, h, nq, d = q.shape
     nk = k.shape[2]
@@ -118,8 +128,11 @@ def default_engine() -> str:
     return "numba"
 
 
-def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=None,
-                    return_lse=False, engine=None, rng=None):
+def hyper_attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, *, causal: bool = False,
+                    scale: float | None = None, config: HyperConfig | None = None,
+                    draws: Draws | None = None, return_lse: bool = False, engine: str | None = None,
+                    rng: int | np.random.Generator | None = None,
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """HyperAttention (Han et al., ICLR 2024), the NumPy reference.
 
     Non-causal: Algorithm 1 (sortLSH mask), Algorithm 2 (ApproxD, when
@@ -154,8 +167,10 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     engine : {"numba", "numpy"}, optional
         ``numpy``: the readable reference; ``numba``: the parallel kernels of
         :mod:`hyperref.numba_kernels` (default when Numba is installed). Both
-        compute the same function of (inputs, draws). The direct mode has no
-        Numba kernels yet: both engines run its NumPy reference.
+        compute the same function of (inputs, draws). In the direct mode
+        ``numba`` is :mod:`hyperref.direct_numba` (work per query block in
+        proportion to the keys it attends); exact sets with the oracle ``topk``
+        are computed by the reference on either engine.
     rng : None, int or numpy.random.Generator
         Randomness for the draws, when ``draws`` is not given.
 
@@ -203,8 +218,15 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
         check_draws_contents(draws)
     exact = nq <= config.min_seq_len
     if not exact and config.mode == "direct":
-        out, lse = _for_each_head(q, k, v, single, lambda index, qh, kh, vh: direct_head(
-            qh, kh, vh, s, config, draws.head(() if single else index).direct, causal))
+        from .direct_numba import direct_heads, supports
+
+        if engine == "numba" and b > 0 and h > 0 and supports(paper_exact_set(config), q.dtype):
+            out, lse, _ = direct_heads(q, k, v, s, config, draws, causal)
+            if single:
+                out, lse = out[0, 0], lse[0, 0]
+        else:  # engine="numpy", or a part only the reference computes (the oracle topk)
+            out, lse = _for_each_head(q, k, v, single, lambda index, qh, kh, vh: direct_head(
+                qh, kh, vh, s, config, draws.head(() if single else index).direct, causal))
         return (out, lse) if return_lse else out
     # the kernels are compiled for float32/float64 and a nonempty batch; else the NumPy reference
     numba_ok = q.dtype in (np.float32, np.float64) and b > 0 and h > 0
@@ -228,7 +250,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, config=None, draws=Non
     return (out, lse) if return_lse else out
 
 
-def heavy_mask(q, k, *, causal=False, config=None, draws=None):
+def heavy_mask(q: npt.ArrayLike, k: npt.ArrayLike, *, causal: bool = False,
+               config: HyperConfig | None = None, draws: Draws | None = None) -> HeavyMask:
     """The mask ``M`` of exactly computed entries for one head and its draws.
 
     Parameters
@@ -252,8 +275,8 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     q4, k4, _, single = check_qkv(q, k, k)
     if not single:
         raise InputError(f"heavy_mask takes one head, q (N, D) and k (Nk, D); got {np.shape(q)}, {np.shape(k)}")
-    q, k = q4[0, 0], k4[0, 0]
-    nq, nk = len(q), len(k)
+    qh, kh = q4[0, 0], k4[0, 0]  # the one head
+    nq, nk = len(qh), len(kh)
     if nq <= config.min_seq_len:
         return HeavyMask(nq, nk, [(0, nq, 0, nk)], ())
     if draws is None:
@@ -261,9 +284,9 @@ def heavy_mask(q, k, *, causal=False, config=None, draws=None):
     check_draws(draws, config, q4, k4, causal, single=True)
     check_draws_contents(draws)
     if not causal:
-        return HeavyMask.noncausal(block_structure(q, k, draws.blocks[""].lsh_planes, config.block))
+        return HeavyMask.noncausal(block_structure(qh, kh, draws.blocks[""].lsh_planes, config.block))
     offdiag, leaves = causal_nodes(nq, nk, config.min_seq_len)
-    blocks = [(n.q0, n.k0, block_structure(q[n.q0:n.q1], k[n.k0:n.k1],
+    blocks = [(n.q0, n.k0, block_structure(qh[n.q0:n.q1], kh[n.k0:n.k1],
                                            draws.blocks[n.path].lsh_planes, config.block))
               for n in offdiag]
     return HeavyMask(nq, nk, [(lf.q0, lf.q1, lf.k0, lf.k1) for lf in leaves], blocks)

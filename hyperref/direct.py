@@ -23,6 +23,10 @@ Numerator and normalizer are unbiased for the residual sums of every row
 (``E[W_ij] = 1`` on ``R_i``), so with a sampler that gives every key of
 ``U_t`` positive probability (``uniform``, ``mixed``) the ratio converges to
 exact attention as ``m → ∞`` (SPEC §5, normalizer bias). No recursion, no merges.
+
+This module is the readable definition: dense logits and membership over each
+block's key prefix, ``O(nq·nk)`` a head. :mod:`hyperref.direct_numba` computes the
+same function of (inputs, draws) with work in proportion to the keys attended.
 """
 
 from __future__ import annotations

@@ -247,8 +247,9 @@ class BlockTop(ExactPart):
 
     and takes the ``count`` best (ties by smaller ``g``). Work
     ``O(nq · nk/b · d)`` for the scores: a fraction ``1/b`` of exact attention's,
-    not near-linear. Retrieval keys of language models come in runs of
-    consecutive positions (a copied passage), which whole key blocks capture.
+    not near-linear (scored a chunk of row blocks at a time). Retrieval keys of
+    language models come in runs of consecutive positions (a copied passage),
+    which whole key blocks capture.
     """
 
     block: int = 64
@@ -264,16 +265,21 @@ class BlockTop(ExactPart):
         starts = np.arange(0, nk, b)
         means = np.add.reduceat(k.astype(np.float64), starts, axis=0) / np.diff(np.append(starts, nk))[:, None]
         n_rb = -(-nq // b)
-        per_row = q.astype(np.float64) @ means.T  # (nq, key blocks)
-        pad = np.full((n_rb * b - nq, len(starts)), -np.inf)
-        score = np.concatenate([per_row, pad]).reshape(n_rb, b, len(starts)).max(axis=1)
-        if geom.causal:  # key blocks wholly before every row's window
-            g_end = np.minimum(starts + b, nk) - 1
-            first = np.arange(n_rb) * b + geom.offset
-            score = np.where(g_end[None, :] <= (first - covered[1])[:, None], score, -np.inf)
-        order = np.argsort(-score, axis=1, kind="stable")[:, :self.count]
-        best = np.take_along_axis(score, order, axis=1)
-        return np.where(np.isfinite(best), order, -1)
+        g_end = np.minimum(starts + b, nk) - 1
+        picked = np.empty((n_rb, min(self.count, len(starts))), dtype=np.int64)
+        step = max(1, 2**22 // (b * len(starts)))  # row blocks per chunk: scores of ≤ 4M entries
+        for t0 in range(0, n_rb, step):
+            t1 = min(n_rb, t0 + step)
+            per_row = q[t0 * b:t1 * b].astype(np.float64) @ means.T  # (rows, key blocks)
+            pad = np.full(((t1 - t0) * b - len(per_row), len(starts)), -np.inf)
+            score = np.concatenate([per_row, pad]).reshape(t1 - t0, b, len(starts)).max(axis=1)
+            if geom.causal:  # key blocks wholly before every row's window
+                first = np.arange(t0, t1) * b + geom.offset
+                score = np.where(g_end[None, :] <= (first - covered[1])[:, None], score, -np.inf)
+            order = np.argsort(-score, axis=1, kind="stable")[:, :self.count]
+            best = np.take_along_axis(score, order, axis=1)
+            picked[t0:t1] = np.where(np.isfinite(best), order, -1)
+        return picked
 
     def member(self, state, q, k, scale, geom, rows, nkeys):
         key_block = np.arange(nkeys) // self.block
@@ -294,7 +300,7 @@ class HeavyKeys(ExactPart):
     ``Σ_{i∈T} P_ij`` and keep the ``count`` best (ties by smaller ``j``): one
     static set per head, intersected with what each row sees. It finds the
     "secondary sinks" that language-model heads keep at fixed positions. Work
-    ``O(|T| · nk · d)``.
+    ``O(|T| · nk · d)``, memory the softmax rows of a chunk of ``T`` at a time.
     """
 
     count: int = 64
@@ -318,12 +324,18 @@ class HeavyKeys(ExactPart):
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
         rows = np.asarray(draws, dtype=np.int64)
         nk = len(k)
-        logits = (q[rows].astype(np.float64) @ k.T.astype(np.float64)) * scale
-        logits = np.where(geom.visible(rows, nk), logits, -np.inf)
-        peak = logits.max(axis=1, keepdims=True)
-        p = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
-        p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
-        score = np.where(_far_from_covered(rows, nk, geom, covered), p, 0.0).sum(axis=0)
+        kt = k.T.astype(np.float64)
+        score = np.zeros(nk)
+        step = max(1, 2**20 // max(nk, 1))  # sampled rows per chunk: ≤ 1M scores at once
+        for r0 in range(0, len(rows), step):
+            part = rows[r0:r0 + step]
+            logits = (q[part].astype(np.float64) @ kt) * scale
+            logits[~geom.visible(part, nk)] = -np.inf
+            peak = logits.max(axis=1, keepdims=True)
+            p = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0), out=logits)
+            p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+            p[~_far_from_covered(part, nk, geom, covered)] = 0.0
+            score += p.sum(axis=0)
         keep = np.argsort(-score, kind="stable")[:self.count]
         return np.sort(keep[score[keep] > 0])
 

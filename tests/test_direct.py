@@ -226,3 +226,178 @@ def test_gpu_path_refuses_the_direct_mode_instead_of_ignoring_it():
     q = torch.zeros(1, 1, 64, 16)
     with pytest.raises(ValueError, match="direct_attention"):
         gpu.hyper_attention(q, q, q, causal=True, config=_direct(window(8), samples=4))
+
+
+# --- the Numba engine of the direct mode (hyperref.direct_numba) on the reference's draws
+
+FULL = (sinks(3) | window(40) | sortlsh(5, 32, 2, centred=True) | blocktop(16, 2) | heavykeys(5, 30)
+        | quest(8, 32, 6))
+EPS32 = np.finfo(np.float32).eps
+
+
+def _engines(q, k, v, cfg, causal, seed=2):
+    """``(draws, reference, numba)`` of the direct mode; results are ``(out, lse, keys)``."""
+    from hyperref.direct import direct_heads as reference
+    from hyperref.direct_numba import direct_heads as fast
+
+    draws = make_draws(cfg, q.shape[2], k.shape[2], q.shape[3], causal=causal,
+                       batch_shape=q.shape[:2], rng=seed)
+    return draws, reference(q, k, v, 0.25, cfg, draws, causal), fast(q, k, v, 0.25, cfg, draws, causal)
+
+
+def _within(got, ref64, ref32, dtype):
+    """SPEC §8, a derived tolerance: ``|got − ref64| ≤ 2·(ε/ε₃₂)·|ref32 − ref64| + 8·ε·max|ref64|``.
+
+    ``|ref32 − ref64|`` is the reference's own float32 rounding on these inputs (the
+    same draws, inputs exact in float32); scaled by ``ε/ε₃₂`` it is the rounding
+    level of ``dtype``. The fast engine sums in other orders: twice that, plus a floor.
+    """
+    eps = np.finfo(dtype).eps
+    finite = np.isfinite(ref64)
+    assert np.array_equal(finite, np.isfinite(got)) and np.array_equal(finite, np.isfinite(ref32))
+    err32 = np.abs(ref32[finite].astype(np.float64) - ref64[finite]).max(initial=0.0)
+    tol = 2 * (eps / EPS32) * err32 + 8 * eps * np.abs(ref64[finite]).max(initial=1.0)
+    err = np.abs(got[finite].astype(np.float64) - ref64[finite]).max(initial=0.0)
+    assert err <= tol, (err, tol)
+
+
+def _gqa_inputs(nq, nk, seed, batch=2, heads=4, kv_heads=2, d=16):
+    """Float32-exact inputs (B, H, ·, d) with ``kv_heads`` dividing ``heads``; every 5th value row 0."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, heads, nq, d)).astype(np.float32)
+    k, v = rng.standard_normal((2, batch, kv_heads, nk, d)).astype(np.float32)
+    v[..., ::5, :] = 0.0
+    return q, k, v
+
+
+def _check_engines(q, k, v, cfg, causal, seed=2):
+    """The Numba engine equals the reference on the same draws: keys exactly, out and lse in float32
+    and float64 within the derived tolerance."""
+    as64 = [x.astype(np.float64) for x in (q, k, v)]
+    _, (o64, l64, c64), (f_o64, f_l64, f_c64) = _engines(*as64, cfg, causal, seed)
+    _, (o32, l32, c32), (f_o32, f_l32, f_c32) = _engines(q, k, v, cfg, causal, seed)
+    assert np.array_equal(f_c64, c64) and np.array_equal(f_c32, c32)
+    assert f_o32.dtype == f_l32.dtype == np.float32
+    for got, ref64, ref32 in ((f_o64, o64, o32), (f_l64, l64, l32)):
+        _within(got, ref64, ref32, np.float64)
+    for got, ref64, ref32 in ((f_o32, o64, o32), (f_l32, l64, l32)):
+        _within(got, ref64, ref32, np.float32)
+    return c64
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk", [(333, 333), (257, 130), (130, 257)])
+def test_numba_direct_equals_reference(causal, nq, nk):
+    q, k, v = _gqa_inputs(nq, nk, seed=nq + nk)
+    counts = _check_engines(q, k, v, _direct(FULL, samples=48, query_block=32), causal)
+    if causal and nq > nk:
+        assert (counts[..., :nq - nk] == 0).all()  # rows that see no key
+
+
+@pytest.mark.parametrize("sampler", ["rownorm", "uniform"])
+def test_numba_direct_samplers(sampler):
+    q, k, v = _gqa_inputs(301, 301, seed=3, batch=1)
+    _check_engines(q, k, v, _direct(FULL, samples=64, query_block=24, sampler=sampler), True)
+
+
+def test_numba_direct_repeated_parts_empty_supports_and_no_samples():
+    q, k, v = _gqa_inputs(203, 203, seed=4, batch=1, heads=2, kv_heads=1)
+    many = (window(8) | window(24) | sinks(2) | sinks(5) | heavykeys(3, 20) | heavykeys(4, 10)
+            | sortlsh(4, 16) | sortlsh(3, 32, 2) | quest(8, 24, 4) | quest(4, 16, 3) | blocktop(16, 1)
+            | blocktop(32, 2))
+    for causal in (True, False):
+        _check_engines(q, k, v, _direct(many, samples=40, query_block=16), causal)
+        _check_engines(q, k, v, _direct(many, samples=0, query_block=16), causal)
+    # supports empty in every block: causal, a window wider than the prefix; non-causal, sinks
+    # covering every key. The answer is exact attention.
+    for causal, E in ((True, window(500)), (False, sinks(203) | window(3))):
+        _check_engines(q, k, v, _direct(E, samples=16, query_block=16), causal)
+        got = hyper_attention(q[0, 0], k[0, 0], v[0, 0], causal=causal, config=_direct(E, samples=16),
+                              engine="numba", rng=0)
+        np.testing.assert_allclose(got, exact_attention(q[0, 0], k[0, 0], v[0, 0], causal=causal),
+                                   atol=1e-6)
+
+
+def test_numba_direct_breaks_exact_ties_like_the_reference():
+    # small integers: every score, bound and key-block mean is exact, so the rankings of quest,
+    # heavykeys and blocktop are full of exact ties, broken by the smaller index in both engines
+    rng = np.random.default_rng(5)
+    q = rng.integers(-1, 2, (1, 2, 200, 8)).astype(np.float32)
+    k = rng.integers(-1, 2, (1, 1, 200, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 200, 8)).astype(np.float32)
+    E = sinks(1) | window(8) | quest(4, 16, 5) | heavykeys(6, 40) | blocktop(8, 2)
+    for causal in (True, False):
+        _check_engines(q, k, v, _direct(E, samples=12, query_block=16), causal)
+
+
+def test_numba_direct_sampling_kernel_is_the_reference_inverse_cdf():
+    from hyperref.direct import sample_block
+    from hyperref.direct_numba import SAMPLER_CODES, block_samples
+
+    rng = np.random.default_rng(6)
+    sq = rng.random(500) ** 4
+    sq[::3] = 0.0
+    sq[200:260] = 0.0  # a support of zero norms: rownorm falls back to uniform
+    u = rng.random(300)
+    keys, weight = np.empty(300, np.int64), np.empty(300)
+    for lo, hi in ((0, 500), (7, 123), (200, 260), (5, 6), (9, 9)):
+        pref = np.concatenate([[0.0], np.cumsum(sq[lo:])])
+        for sampler, code in SAMPLER_CODES.items():
+            want = sample_block(u, sq, lo, hi, sampler)
+            n = block_samples(u, sq, pref, lo, hi, code, keys, weight)
+            np.testing.assert_array_equal(keys[:n], want.keys)
+            np.testing.assert_allclose(weight[:n], want.weight, rtol=1e-12)
+
+
+def test_numba_direct_in_the_public_api_and_the_oracle_stays_reference():
+    from hyperref.direct_numba import direct_heads
+
+    q, k, v = _gqa_inputs(300, 300, seed=7, batch=1, heads=1, kv_heads=1)
+    cfg = _direct(FULL, samples=32, query_block=32)
+    draws = make_draws(cfg, 300, 300, 16, causal=True, rng=1)
+    ref = hyper_attention(q[0, 0], k[0, 0], v[0, 0], causal=True, config=cfg, draws=draws,
+                          engine="numpy", return_lse=True)
+    fast = hyper_attention(q[0, 0], k[0, 0], v[0, 0], causal=True, config=cfg, draws=draws,
+                           return_lse=True)  # the default engine
+    for got, want in zip(fast, ref):
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    oracle = _direct(sinks(2) | topk(5), samples=8, query_block=32)
+    draws = make_draws(oracle, 300, 300, 16, causal=True, batch_shape=(1, 1), rng=1)
+    np.testing.assert_array_equal(
+        hyper_attention(q, k, v, causal=True, config=oracle, draws=draws, engine="numba"),
+        hyper_attention(q, k, v, causal=True, config=oracle, draws=draws, engine="numpy"))
+    with pytest.raises(InputError, match="topk"):
+        direct_heads(q, k, v, 0.25, oracle, draws, True)
+
+
+def test_numba_direct_kernels_without_jit():
+    """A small subset with NUMBA_DISABLE_JIT=1: the kernels' Python bodies give the reference's answer."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from hyperref import HyperConfig, make_draws\n"
+        "from hyperref.direct import direct_heads as ref\n"
+        "from hyperref.direct_numba import direct_heads as fast\n"
+        "from hyperref.exact_set import sinks, window, sortlsh, blocktop, heavykeys, quest\n"
+        "rng = np.random.default_rng(0)\n"
+        "q = rng.standard_normal((1, 2, 70, 8))\n"
+        "k, v = rng.standard_normal((2, 1, 1, 61, 8))\n"
+        "E = sinks(2) | window(9) | sortlsh(3, 8, 2) | blocktop(8, 1) | heavykeys(3, 10) | quest(4, 8, 3)\n"
+        "cfg = HyperConfig(mode='direct', exact_set=E, samples=12, query_block=16, min_seq_len=8)\n"
+        "for causal in (True, False):\n"
+        "    d = make_draws(cfg, 70, 61, 8, causal=causal, batch_shape=(1, 2), rng=1)\n"
+        "    o, l, c = ref(q, k, v, 0.3, cfg, d, causal)\n"
+        "    fo, fl, fc = fast(q, k, v, 0.3, cfg, d, causal)\n"
+        "    f = np.isfinite(l)\n"
+        "    assert (c == fc).all() and (f == np.isfinite(fl)).all(), causal\n"
+        "    assert np.abs(o - fo).max() <= 1e-12 and np.abs(l[f] - fl[f]).max() <= 1e-12, causal\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
