@@ -46,7 +46,7 @@ def _logsumexp_rows(logits: np.ndarray) -> np.ndarray:
 
 def masked_row_sums(q, k, scale, structure: BlockStructure) -> np.ndarray:
     """``log a_i`` with ``a_i = Σ_j M_ij A_ij`` (exact, cost ``O(nnz(M)·d)``)."""
-    log_a = np.full(len(q), -np.inf)
+    log_a = np.full(len(q), -np.inf, dtype=np.result_type(q.dtype, np.float64))  # longdouble stays
     for g in range(structure.n_blocks):
         rows = structure.block_queries(g)
         if len(rows) == 0:

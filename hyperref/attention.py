@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -91,6 +92,8 @@ def _wide_enough(q: np.ndarray, k: np.ndarray, v: np.ndarray,
         return q, k, v
     with np.errstate(over="ignore"):
         bound = abs(scale) * q.shape[-1] * float(np.abs(q).max()) * float(np.abs(k).max())
+    if math.isnan(bound):  # 0 · inf: a zero factor (scale 0, or q or k all 0) next to longdouble
+        bound = 0.0        # entries beyond float64's range; every logit is 0
     if bound <= float(np.finfo(q.dtype).max) / 4:
         return q, k, v
     if bound <= float(np.finfo(np.float64).max) / 4:

@@ -6,7 +6,7 @@ import numpy as np
 
 from .config import HyperConfig
 from .draws import Draws
-from .estimators import noncausal_head
+from .estimators import noncausal_partial
 from .exact import exact_head
 from .merge import merge_partials
 from .plan import causal_nodes
@@ -35,8 +35,8 @@ def causal_head(q, k, v, scale, config: HyperConfig, draws: Draws):
         out[leaf.q0:leaf.q1], lse[leaf.q0:leaf.q1] = exact_head(
             q[leaf.q0:leaf.q1], k[leaf.k0:leaf.k1], v[leaf.k0:leaf.k1], scale, causal=True)
     for node in offdiag:
-        o2, l2 = noncausal_head(q[node.q0:node.q1], k[node.k0:node.k1], v[node.k0:node.k1],
-                                scale, config, draws.blocks[node.path])
+        o2, l2, shift2 = noncausal_partial(q[node.q0:node.q1], k[node.k0:node.k1], v[node.k0:node.k1],
+                                           scale, config, draws.blocks[node.path])
         rows = slice(node.q0, node.q1)
-        out[rows], lse[rows] = merge_partials(out[rows], lse[rows], o2, l2)
+        out[rows], lse[rows] = merge_partials(out[rows], lse[rows], o2, l2, shift2)
     return out, lse

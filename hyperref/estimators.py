@@ -81,6 +81,30 @@ ESTIMATORS = {
 }
 
 
+def noncausal_partial(q, k, v, scale, config: HyperConfig, draws: BlockDraws,
+                      structure: BlockStructure | None = None):
+    """Non-causal HyperAttention of one head as ``(o, lse, shift)``: the answer is ``o · e^shift``.
+
+    ``o`` and ``lse`` are the self-normalized estimator's (a convex combination of values and
+    its log-normalizer). With the ``self`` normalizer ``shift = 0``; with ``approxd``, ``lse``
+    becomes ``log d̃`` and ``shift = lse_self − log d̃``, kept apart so that a merge (the causal
+    recursion) can combine exponents before exponentiating: ``e^shift`` may overflow where the
+    merged answer does not.
+    """
+    if structure is None:
+        structure = block_structure(q, k, draws.lsh_planes, config.block)
+    idx, log_w = sample_keys(draws.sample_u, v, config.sampler)
+    out, lse = ESTIMATORS[config.estimator](q, k, v, scale, structure, idx, log_w)
+    shift = np.zeros(len(q), dtype=lse.dtype)
+    if config.normalizer == "approxd":
+        log_d = approx_d(q, k, scale, structure, draws.approxd_rows,
+                         draws.approxd_cols, config.kappa).log_d.astype(v.dtype)
+        with np.errstate(invalid="ignore"):
+            shift = np.where(np.isfinite(lse), lse - log_d, 0.0).astype(lse.dtype)
+        lse = log_d
+    return out, lse, shift
+
+
 def noncausal_head(q, k, v, scale, config: HyperConfig, draws: BlockDraws,
                    structure: BlockStructure | None = None):
     """Non-causal HyperAttention of one head; returns ``(out, lse)``.
@@ -102,14 +126,9 @@ def noncausal_head(q, k, v, scale, config: HyperConfig, draws: BlockDraws,
     lse : ndarray, shape (nq,)
         ``log d̃`` of the normalizer used.
     """
-    if structure is None:
-        structure = block_structure(q, k, draws.lsh_planes, config.block)
-    idx, log_w = sample_keys(draws.sample_u, v, config.sampler)
-    out, lse = ESTIMATORS[config.estimator](q, k, v, scale, structure, idx, log_w)
+    out, lse, shift = noncausal_partial(q, k, v, scale, config, draws, structure)
     if config.normalizer == "approxd":
-        log_d = approx_d(q, k, scale, structure, draws.approxd_rows,
-                         draws.approxd_cols, config.kappa).log_d.astype(v.dtype)
-        with np.errstate(invalid="ignore"):
-            factor = np.where(np.isfinite(lse), np.exp(lse - log_d), 0.0)
-        out, lse = out * factor[:, None].astype(v.dtype), log_d
+        with np.errstate(over="ignore", invalid="ignore"):
+            scaled = out * np.exp(shift)[:, None].astype(v.dtype)
+        out = np.where(out == 0, out, scaled)  # a zero numerator stays 0 when e^shift overflows
     return out, lse

@@ -60,6 +60,7 @@ def query_blocks(nq: int, nk: int, block: int) -> np.ndarray:
     .. math:: g(p) = \\min(\\lfloor p\\, n_k / (n_q b) \\rfloor,\\ G - 1),
               \\quad G = \\lceil n_k / b \\rceil
     """
+    block = min(block, max(nk, 1))  # one block holds every key; keeps nq·block in int64
     n_blocks = -(-nk // block)
     p = np.arange(nq, dtype=np.int64)
     return np.minimum((p * nk) // (nq * block), n_blocks - 1)
@@ -82,6 +83,7 @@ def block_structure(q: np.ndarray, k: np.ndarray, planes: np.ndarray, block: int
     BlockStructure
     """
     nq, nk = len(q), len(k)
+    block = min(block, max(nk, 1))  # a block beyond nk is one block of every key
     perm_q = np.argsort(buckets(q, planes), kind="stable")
     perm_k = np.argsort(buckets(k, planes), kind="stable")
     sorted_q_block = query_blocks(nq, nk, block)

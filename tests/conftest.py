@@ -1,4 +1,5 @@
-"""Hypothesis profiles: derandomized by default, ``HYPOTHESIS_PROFILE=thorough`` for 10x examples."""
+"""Hypothesis profiles: ``ci`` (derandomized, the default), ``HYPOTHESIS_PROFILE=thorough`` for 10x
+examples, not derandomized; the fuzz suite's outcome counts at the end of a run."""
 
 import os
 
@@ -13,7 +14,7 @@ except ImportError:
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
-    "default", derandomize=True, max_examples=20, deadline=None,
+    "ci", derandomize=True, max_examples=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
@@ -22,4 +23,14 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The outcomes of the fuzz suite (tests/fuzz.py), when it ran."""
+    import sys
+
+    fuzz = sys.modules.get("tests.fuzz")
+    if fuzz is not None and fuzz.OUTCOMES:
+        counts = ", ".join(f"{kind} {fuzz.OUTCOMES[kind]}" for kind in fuzz.KINDS)
+        terminalreporter.write_line(f"fuzz outcomes: {sum(fuzz.OUTCOMES.values())} calls: {counts}")
