@@ -112,7 +112,7 @@ def _raise_if_nonfinite(pending):
     for name, flagged in zip(names, bad.tolist()):
         if flagged and name == "overflow":
             raise InputError("the logits or the weighted values exceed the range of the kernels' float32 "
-                             "arithmetic (|scale|·|q|·|k| or |v| too large): rescale q, k or v (or the "
+                             "arithmetic (|q|·|k|, |scale|·|q|·|k| or |v| too large): rescale q, k or v (or the "
                              "scale); hyperref.hyper_attention computes such inputs in float64")
         if flagged:
             raise InputError(f"{name} contains NaN or Inf")
@@ -125,7 +125,9 @@ def _with_overflow_flag(pending, out, lse, nq, nk, causal):
     out, lse = out.detach(), lse.detach().reshape(-1, nq)
     first = max(0, nq - nk) if causal else 0  # causal rows i < nq − nk see no key: lse −inf, out 0
     bad = (~torch.isfinite(out)).any() | torch.isnan(lse).any() | torch.isneginf(lse[:, first:]).any()
-    names, flags = pending if pending is not None else ([], torch.zeros(0, dtype=torch.int32, device=out.device))
+    if pending is None:
+        pending = ([], torch.zeros(0, dtype=torch.int32, device=out.device))
+    names, flags = pending
     return names + ["overflow"], torch.cat([flags.reshape(-1).int(), bad.reshape(1).int()])
 
 

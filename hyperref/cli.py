@@ -387,7 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("unknown command; use 'hyperref run' or 'hyperref lm' (see 'hyperref --help')")
         return commands[args.command](args)
     except (UsageError, InputError) as exc:
-        print(f"hyperref: error: {exc}", file=sys.stderr)
+        # one line: control characters of the user's arguments (a form feed, a newline) escaped
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(exc))
+        print(f"hyperref: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except MemoryError as exc:  # e.g. --n 10**12: the workload itself does not fit
         print(f"hyperref: error: not enough memory ({exc}); use a smaller --n, --d or input",

@@ -38,30 +38,43 @@ def partial_softmax(logits: np.ndarray, values: np.ndarray) -> tuple[np.ndarray,
         return o.astype(values.dtype, copy=False), lse.astype(values.dtype, copy=False)
 
 
-def merge_partials(o1, l1, o2, l2, shift2=None):
+def merge_partials(o1, l1, o2, l2):
     """Merge partials over disjoint key sets.
 
     .. math:: l = \\log(e^{l_1} + e^{l_2}),\\quad o = e^{l_1 - l} o_1 + e^{l_2 - l} o_2
 
     Equivalent to adding un-normalized sums and normalizers
-    (``approxd``: ``D̃ = D̃_1 + D̃_2``). Rows empty in both stay ``(0, −∞)``. ``shift2``
-    (per row): the second partial's answer is ``o_2 e^{shift2}`` (``approxd``,
-    :func:`hyperref.estimators.noncausal_partial`); its weight is then ``e^{l_2 + shift2 − l}``.
+    (``approxd``: ``D̃ = D̃_1 + D̃_2``). Rows empty in both stay ``(0, −∞)``.
+    """
+    zero = np.zeros(np.shape(l1), dtype=np.result_type(l1, l2))
+    o, lse, _ = merge_shifted(o1, l1, zero, o2, l2, zero)
+    return o, lse
+
+
+def merge_shifted(o1, l1, s1, o2, l2, s2):
+    """Merge partials whose answers are ``o_p e^{s_p}`` (``approxd``: ``s_p = lse_p − log d̃_p``).
+
+    A partial ``(o, l, s)`` stands for the numerator ``N = o e^{l + s}`` and the normalizer
+    ``D = e^l``, with ``o`` a convex combination of values. The merge adds both:
+
+    .. math::
+        l = \\log(e^{l_1} + e^{l_2}),\\quad
+        s = \\log(e^{l_1 + s_1} + e^{l_2 + s_2}) - l,\\quad
+        o = \\frac{e^{l_1 + s_1} o_1 + e^{l_2 + s_2} o_2}{e^{l_1 + s_1} + e^{l_2 + s_2}}
+
+    with the weights taken relative to the larger exponent, so that they sum to 1 also where
+    ``l`` is too large for its dtype to hold ``log 2`` (float32 at 6e6), and nothing overflows
+    before the answer ``o e^s`` is formed. Rows empty in both stay ``(0, −∞, 0)``.
     """
     lse = np.logaddexp(l1, l2)
-    # weights relative to the larger partial, then normalized: they sum to 1 also where lse is
-    # too large for its dtype to hold log 2 (float32 lse of 6e6 is rounded to a multiple of 0.5,
-    # and exp(l − lse) would then sum to up to e^0.25 + e^0.25)
-    peak = np.maximum(l1, l2)
-    finite = np.isfinite(peak)
-    safe = np.where(finite, peak, 0.0)
     with np.errstate(invalid="ignore"):
-        w1 = np.where(finite, np.exp(l1 - safe), 0.0)
-        w2 = np.where(finite, np.exp(l2 - safe), 0.0)
-    total = np.where(finite, w1 + w2, 1.0)
-    if shift2 is not None:  # e^{l2 + shift2 − peak}: the exponents combined before exp
-        with np.errstate(over="ignore", invalid="ignore"):
-            w2 = np.where(finite, np.exp(l2 + shift2 - safe), 0.0)
-    with np.errstate(over="ignore", invalid="ignore"):  # an answer beyond the range is inf
-        second = np.where(o2 == 0, 0.0, (w2 / total)[..., None] * o2)  # a zero stays 0 (0·inf)
-        return (w1 / total)[..., None] * o1 + second.astype(o2.dtype, copy=False), lse
+        a1, a2 = l1 + s1, l2 + s2
+        peak = np.maximum(a1, a2)
+        finite = np.isfinite(peak)
+        safe = np.where(finite, peak, 0.0)
+        w1 = np.where(finite, np.exp(a1 - safe), 0.0)
+        w2 = np.where(finite, np.exp(a2 - safe), 0.0)
+        total = np.where(finite, w1 + w2, 1.0)
+        shift = np.where(finite & np.isfinite(lse), safe + np.log(total) - lse, 0.0).astype(lse.dtype)
+    o = (w1 / total)[..., None] * o1 + (w2 / total)[..., None] * o2
+    return o.astype(np.result_type(o1, o2), copy=False), lse, shift

@@ -329,13 +329,15 @@ def heads(case, out):
             for b in range(q.shape[0]) for h in range(q.shape[1])]
 
 
-def check_exact(case, out, lse=None, what="exact attention"):
+def check_exact(case, out, lse=None, what="exact attention", merges=0):
     """``verdict`` of ``out`` (and ``lse``) against :func:`oracle_attention`, head by head.
 
     Output tolerance: :func:`softmax_tolerance` with the logit bound of the dtype the call
     computes in (0 for exact logits), plus the oracle's own rounding. ``lse``: off by at most
     ``δ + (terms + 4)·u`` plus one rounding of its size; ``+inf`` where the true value is beyond
-    the dtype's range.
+    the dtype's range. ``merges``: how many log-sum-exp merges a row went through (the causal
+    recursion); each weighs its partials by ``e^(l − lse)`` with ``lse`` rounded to the dtype,
+    which moves the weights by up to ``e^(2u|lse|)`` and the answer by that times ``2 max|v|``.
     """
     dtype = result_dtype(case)
     if out.dtype != dtype:
@@ -349,6 +351,9 @@ def check_exact(case, out, lse=None, what="exact attention"):
         delta = 0.0 if case["exact_logits"] else logit_perturbation(qh, kh, s, dtype)
         vmax = max_abs(vh)
         tol = softmax_tolerance(delta, kh.shape[0], vmax, dtype) + softmax_tolerance(0.0, kh.shape[0], vmax, wide)
+        if merges and np.isfinite(want_lse).any():
+            size = float(np.abs(want_lse[np.isfinite(want_lse)]).max()) + 1
+            tol += math.expm1(min(2 * merges * eps(dtype) * size, 700.0)) * 2 * vmax
         err = max_abs(np.asarray(oh, dtype=wide) - want) if oh.size else 0.0
         if not err <= tol:  # NaN fails
             bad.append(("out", hi, err, tol))

@@ -129,6 +129,8 @@ def run_argv(draw, directory):
         ("--normalizer", ""), ("--engine", "cuda"), ("--repeats", "0"), ("--save", "/nonexistent/dir/out"),
         ("--mode", "direct"), ("--block", "99999999999999999999999"), ("--n", str(10**12)), ("--n",),
         ("--bogus",)]))
+    if broken == ("--n", str(10**12)) and arrays is not None:
+        broken = None  # with --input the workload's --n is not used
     if broken:
         argv += list(broken)
         why.append(" ".join(broken))
@@ -220,3 +222,9 @@ def test_a_workload_beyond_memory_is_one_line():
     """``--n 10**12`` (466 TiB of float64 draws for the workload) is an error line, not a traceback."""
     _expect_usage_error(["run", "--n", str(10**12), "--no-theory"], "workload beyond memory")
     _expect_usage_error(["run", "--n", "8", "--d", str(10**12), "--no-theory"], "workload beyond memory")
+
+
+def test_control_characters_in_arguments_stay_on_one_line():
+    """An argument holding a form feed or a newline is quoted escaped in the one error line."""
+    _expect_usage_error(["lm", "\x0c", "--device", "tpu"], "form feed argument")
+    _expect_usage_error(["run", "--n", "4\n2"], "newline in a value")

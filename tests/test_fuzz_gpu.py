@@ -72,10 +72,12 @@ def _tolerance(case, terms, work=np.float32):
 
 
 def _overflow_ok(case, terms):
-    """The documented refusal: logits or weighted sums may exceed float32's range."""
+    """The documented refusal: dot products (formed before the scale), logits or weighted sums
+    may exceed float32's range."""
     q, k, v = (case[x].abs().max().item() for x in "qkv")
     s = 1 / 4 if case["scale"] is None else abs(case["scale"])
-    return lambda err: "range" in str(err) and (s * 16 * q * k > F32_MAX / 4 or v * terms > F32_MAX / 4)
+    big = max(s, 1.0) * 16 * q * k > F32_MAX / 4 or v * terms > F32_MAX / 4
+    return lambda err: "range" in str(err) and big
 
 
 @settings(max_examples=examples(20))
@@ -158,8 +160,10 @@ GPU_MUTATIONS = {
     "no keys": (lambda q, k, v: (q, k[:, :, :0], v[:, :, :0]), {"backend": "dense"}, ["key"]),
     "heads": (lambda q, k, v: (q[:, :1], k, v), {}, ["heads"]),
     "batch": (lambda q, k, v: (q, torch.cat([k, k]), v), {}, ["batch"]),
-    "nan q": (lambda q, k, v: (q.index_fill(2, torch.tensor([3], device=q.device), float("nan")), k, v), {}, ["q", "nan"]),
-    "inf v": (lambda q, k, v: (q, k, v.index_fill(2, torch.tensor([0], device=q.device), float("inf"))), {}, ["v", "inf"]),
+    "nan q": (lambda q, k, v: (q.index_fill(2, torch.tensor([3], device=q.device), float("nan")), k, v), {},
+              ["q", "nan"]),
+    "inf v": (lambda q, k, v: (q, k, v.index_fill(2, torch.tensor([0], device=q.device), float("inf"))), {},
+              ["v", "inf"]),
     "inf k sampled": (lambda q, k, v: (q, k.index_fill(2, torch.tensor([7], device=q.device), -float("inf")), v),
                       {"config": HyperConfig(bits=2, block=2, samples=2, min_seq_len=2)}, ["k", "inf"]),
     "scale str": (lambda q, k, v: (q, k, v), {"scale": "x"}, ["scale"]),

@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from hyperref.theory import bounds
 from hyperref.theory.parameters import attention_parameters, spectral_error
 
-from .fuzz import Refused, answer, attention_case, examples, expect_input_error, verdict
+from .fuzz import answer, attention_case, examples, expect_input_error, verdict
 
 mpmath.mp.dps = 50
 U = sys.float_info.epsilon / 2
@@ -308,3 +308,10 @@ SPECTRAL_DEFECT = pytest.mark.xfail(strict=True, reason="theory/parameters.py sp
 def test_spectral_error_refuses_what_it_cannot_measure(mutation):
     a = np.random.default_rng(0).standard_normal((5, 3))
     expect_input_error(lambda: spectral_error(*mutation(a)), "must", "nan", "inf", "finite")
+
+
+def test_float32_scalars_are_computed_in_float64():
+    """``g5_failure(7, np.float32(0.5), 1, 1)`` was rounded to float32 (0.9447330813 vs 0.9447331055)."""
+    want = float(2 * mpmath.exp(-mpmath.mpf(0.25) * 7 / (2 * (1 + mpmath.mpf(0.5) / 3))))
+    got = bounds.g5_failure(7, np.float32(0.5), 1.0, 1)
+    verdict(abs(got - min(want, 1.0)) <= 8 * U, f"{got} vs {want}")

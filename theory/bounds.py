@@ -191,8 +191,9 @@ def g2_bound(m: int, delta: float, srank_p: float, srank_v: float) -> float:
     _check_count(m, "m")
     _check_srank(srank_p, "srank_p")
     _check_srank(srank_v, "srank_v")
-    return _evaluate(lambda: np.sqrt(np.float64(srank_p) * np.float64(srank_v) / (np.float64(delta) * np.float64(m))),
-                     [(srank_p, 0.5), (srank_v, 0.5), (delta, -0.5), (m, -0.5)])
+    def plain():
+        return np.sqrt(np.float64(srank_p) * np.float64(srank_v) / (np.float64(delta) * np.float64(m)))
+    return _evaluate(plain, [(srank_p, 0.5), (srank_v, 0.5), (delta, -0.5), (m, -0.5)])
 
 
 def g2_samples(eps: float, delta: float, srank_p: float, srank_v: float) -> int:
@@ -202,7 +203,8 @@ def g2_samples(eps: float, delta: float, srank_p: float, srank_v: float) -> int:
     _check_srank(srank_p, "srank_p")
     _check_srank(srank_v, "srank_v")
     # exact rational arithmetic on the given floats: no overflow, no rounding at the ceiling
-    return max(1, math.ceil(_fraction(srank_p) * _fraction(srank_v) / (_fraction(delta) * _fraction(eps) ** 2)))
+    ratio = _fraction(srank_p) * _fraction(srank_v) / (_fraction(delta) * _fraction(eps) ** 2)
+    return max(1, math.ceil(ratio))
 
 
 def g2_samples_alpha(eps: float, delta: float, alpha: float, srank_v: float, nq: int, nk: int) -> int:
@@ -231,8 +233,9 @@ def g3_bound(m: int, delta: float, fro_res: float, op_p: float, srank_v: float) 
         return 0.0
     if op_p == math.inf:
         return math.inf if fro_res == math.inf else 0.0
-    return _evaluate(lambda: np.sqrt(np.float64(fro_res) ** 2 * np.float64(srank_v) / (np.float64(delta) * np.float64(m)))
-                     / np.float64(op_p), [(fro_res, 1), (srank_v, 0.5), (delta, -0.5), (m, -0.5), (op_p, -1)])
+    def plain():
+        return np.sqrt(np.float64(fro_res) ** 2 * np.float64(srank_v) / (np.float64(delta) * np.float64(m))) / op_p
+    return _evaluate(plain, [(fro_res, 1), (srank_v, 0.5), (delta, -0.5), (m, -0.5), (op_p, -1)])
 
 
 def product_bound(m: int, delta: float, col_sq, v, p, op_p: float, op_v: float) -> float:
@@ -617,6 +620,7 @@ def g5_failure(m_d: int, eps: float, rho: float, nq: int) -> float:
     _check_count(m_d, "m_d", least=0)
     _check_count(nq, "nq")
     _check_rho(rho)
+    eps = float(eps)  # a float32 scalar would round the arithmetic below to float32
     if m_d == 0:
         return 1.0
     # exponent ε² m_d / (2ρ(1 + ε/3)), then min(1, 2 nq e^-exponent) = exp(min(0, log(2 nq) − exponent))
