@@ -72,15 +72,19 @@ def fit_exponent(ns, ts):
 
 
 def versions():
+    """The machine and library versions a CPU benchmark table is stamped with."""
     import numba
     import numpy
     import scipy
-    info = {"python": platform.python_version(), "numpy": numpy.__version__,
-            "scipy": scipy.__version__, "numba": numba.__version__,
+
+    import hyperref
+
+    info = {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__,
+            "numba": numba.__version__, "hyperref": getattr(hyperref, "__version__", "?"),
             "machine": platform.machine(), "cpus": os.cpu_count()}
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     try:
@@ -88,6 +92,13 @@ def versions():
             info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
     except OSError:
         pass
+    try:
+        import threadpoolctl
+
+        blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+        info["blas"] = ", ".join(f"{p['internal_api']} {p['version']}" for p in blas) or "?"
+    except Exception:  # pragma: no cover - informational only
+        info["blas"] = "?"
     return info
 
 

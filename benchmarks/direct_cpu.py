@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
+
+from cpu_scaling import versions  # the same stamp as the scaling table (run as a script)
 
 CHILD = r"""
 import dataclasses, json, sys, time
@@ -75,31 +76,6 @@ def measure(n, what, config, threads, repeats):
     out = subprocess.run([sys.executable, "-c", CHILD, str(n), what, config, str(repeats)],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def versions():
-    import numba
-    import numpy
-    import scipy
-
-    import hyperref
-
-    info = {"python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__,
-            "numba": numba.__version__, "hyperref": getattr(hyperref, "__version__", "?"),
-            "machine": platform.machine(), "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        info["cpu"] = platform.processor()
-    try:
-        import threadpoolctl
-
-        blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
-        info["blas"] = ", ".join(f"{p['internal_api']} {p['version']}" for p in blas) or "?"
-    except Exception:  # pragma: no cover - informational only
-        info["blas"] = "?"
-    return info
 
 
 def main(argv=None):
