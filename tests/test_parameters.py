@@ -1,9 +1,11 @@
 """hyperref.theory.parameters against brute force (SPEC §2)."""
 
+import math
+
 import numpy as np
 import pytest
 
-from hyperref import HyperConfig, make_draws
+from hyperref import HyperConfig, InputError, make_draws
 from hyperref.attention import heavy_mask
 from hyperref.theory.parameters import SoftmaxOperator, attention_parameters, spectral_error
 
@@ -92,3 +94,41 @@ def test_op_norm_near_rank_one(seed):
     k[: int(rng.integers(1, 5))] += rng.uniform(2, 8) * direction
     P, _ = _dense_p(q, k, 8**-0.5, False)
     assert attention_parameters(q, k, v).op_p == pytest.approx(np.linalg.norm(P, 2), rel=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_parameters_with_logits_beyond_float64(causal):
+    # logits near 1e320 are longdouble blocks: the row log-sums follow them, P stays exact
+    if np.finfo(np.longdouble).max <= np.finfo(np.float64).max:
+        pytest.skip("longdouble is float64 here")
+    rng = np.random.default_rng(5)
+    q, k, v = rng.standard_normal((3, 12, 4))
+    big = 1e160
+    par = attention_parameters(q * big, k * big, v, causal=causal)
+    s = (q.astype(np.longdouble) * big) @ (k.astype(np.longdouble) * big).T * np.longdouble(0.5)
+    if causal:
+        s = np.where(np.tri(12, dtype=bool), s, -np.inf)
+    a = np.exp(s - s.max(1, keepdims=True))
+    P = (a / a.sum(1, keepdims=True)).astype(np.float64)
+    np.testing.assert_allclose(par.alpha, 12 * (P**2).sum(0).max(), rtol=1e-9)
+    np.testing.assert_allclose(par.fro_p, np.linalg.norm(P), rtol=1e-9)
+    np.testing.assert_allclose(par.op_p, np.linalg.norm(P, 2), rtol=1e-6)
+    assert par.max_abs_logit == np.inf  # beyond float64's range
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_parameters_refuse_logits_beyond_longdouble(causal):
+    big = np.longdouble(10) ** 3000
+    q = np.random.default_rng(6).standard_normal((8, 4)).astype(np.longdouble) * big
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(q @ q.T).all():
+            pytest.skip("longdouble holds these logits here")
+    with pytest.raises(InputError, match="range"):
+        attention_parameters(q, q, np.ones((8, 2)), causal=causal)
+
+
+@pytest.mark.parametrize("op_p, op_v", [(math.inf, 1.0), (1.0, 10**400), (True, 1.0), (1.0, np.array(1.0))])
+def test_spectral_error_refuses_norms_it_cannot_divide_by(op_p, op_v):
+    a = np.ones((3, 2))
+    with pytest.raises(InputError, match="op_"):
+        spectral_error(a, 0 * a, op_p, op_v)

@@ -294,6 +294,23 @@ def _g7_workload(seed, zero_v=False):
     return q, k, v, E
 
 
+def _direct_runs(q, k, v, cfg, exact_draws, seeds, scale=0.5):
+    """``(outputs, normalizer ratios d̃/d)`` of the direct mode over seeds, the exact set's draws fixed."""
+    from hyperref import exact_attention, hyper_attention, make_draws
+
+    n = len(q)
+    _, exact_lse = exact_attention(q, k, v, causal=True, scale=scale, return_lse=True)
+    outs, ratios = [], []
+    for seed in seeds:
+        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed)
+        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
+                            type(fresh.direct)(exact_draws, fresh.direct.sample_u))
+        out, lse = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=scale, return_lse=True)
+        outs.append(out)
+        ratios.append(np.exp(lse - exact_lse))
+    return np.array(outs), np.array(ratios)
+
+
 def test_g7_row_identity_and_deterministic_h_bound():
     # õ_i − o_i = (d_i/d̃_i) e_i with e_i the centred product error, and ‖õ_i − o_i‖ ≤ ‖e_i‖/h_i
     from hyperref import hyper_attention, make_draws
@@ -330,7 +347,7 @@ def test_g7_row_identity_and_deterministic_h_bound():
 
 @pytest.mark.parametrize("sampler", ["mixed", "uniform"])
 def test_g7_failures_within_binomial_quantile(sampler):
-    from hyperref import hyper_attention, make_draws
+    from hyperref import make_draws
     from hyperref.theory.self_normalized import direct_moments
 
     q, k, v, E = _g7_workload(3)
@@ -346,13 +363,8 @@ def test_g7_failures_within_binomial_quantile(sampler):
                             spread=mom.spread)
     assert 0.1 <= bound <= 0.5
     cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler=sampler)
-    failures = 0
-    for seed in range(R):
-        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed + 1)
-        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
-                            type(fresh.direct)(draws0.direct.exact, fresh.direct.sample_u))
-        out = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5)
-        failures += spectral_error(out, mom.exact, params.op_p, params.op_v) > bound
+    outs, _ = _direct_runs(q, k, v, cfg, draws0.direct.exact, range(1, R + 1))
+    failures = sum(spectral_error(out, mom.exact, params.op_p, params.op_v) > bound for out in outs)
     assert failures <= binom.ppf(QUANTILE, R, delta)
 
 
@@ -508,7 +520,7 @@ def test_g3_direct_failures_within_binomial_quantile(sampler, zero_v):
     # D⁻¹N − PV (numerator over the exact normalizer) stays within G3-direct on all but a
     # binomial number of seeds; rownorm with zero values is included: the numerator needs no
     # v_j = 0 key (unlike the self-normalizer, SPEC §5)
-    from hyperref import exact_attention, hyper_attention, make_draws
+    from hyperref import exact_attention, make_draws
     from hyperref.theory.exact_set_parameters import exact_set_parameters
     from hyperref.theory.self_normalized import direct_moments
 
@@ -518,7 +530,7 @@ def test_g3_direct_failures_within_binomial_quantile(sampler, zero_v):
     draws0 = make_draws(base, n, n, q.shape[1], causal=True, rng=0)
     mom = direct_moments(q, k, v, 0.5, base, draws0.direct, True)
     params = attention_parameters(q, k, v, 0.5, causal=True)
-    exact, exact_lse = exact_attention(q, k, v, causal=True, scale=0.5, return_lse=True)
+    exact = exact_attention(q, k, v, causal=True, scale=0.5)
     m = max(1, math.ceil(mom.second_raw.sum() / (delta * (0.3 * params.op_p * params.op_v) ** 2)))
     bound = bounds.g3_direct_bound(m, delta, mom.second_raw, params.op_p, params.op_v)
     assert 0.1 <= bound <= 0.5
@@ -528,35 +540,13 @@ def test_g3_direct_failures_within_binomial_quantile(sampler, zero_v):
         srank = bounds.g3_bound(m, delta, math.sqrt(factor) * es.params.fro_res, params.op_p, params.srank_v)
         assert bound <= srank * (1 + 1e-9)
     cfg = HyperConfig(mode="direct", exact_set=E, samples=m, query_block=32, min_seq_len=64, sampler=sampler)
-    failures = 0
-    for seed in range(R):
-        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed + 1)
-        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
-                            type(fresh.direct)(draws0.direct.exact, fresh.direct.sample_u))
-        out, lse = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=0.5, return_lse=True)
-        numerator = out * np.exp(lse - exact_lse)[:, None]  # N_i / d_i
-        failures += spectral_error(numerator, exact, params.op_p, params.op_v) > bound
+    outs, ratios = _direct_runs(q, k, v, cfg, draws0.direct.exact, range(1, R + 1))
+    numerators = outs * ratios[:, :, None]  # N_i / d_i = õ_i d̃_i / d_i
+    failures = sum(spectral_error(x, exact, params.op_p, params.op_v) > bound for x in numerators)
     assert failures <= binom.ppf(QUANTILE, R, delta)
 
 
 # ---- G7, tail form: Bernstein for the normalizer and over the query blocks ----
-
-def _direct_runs(q, k, v, cfg, exact_draws, seeds, scale=0.5):
-    """``(outputs, normalizer ratios d̃/d)`` of the direct mode over seeds, the exact set's draws fixed."""
-    from hyperref import exact_attention, hyper_attention, make_draws
-
-    n = len(q)
-    _, exact_lse = exact_attention(q, k, v, causal=True, scale=scale, return_lse=True)
-    outs, ratios = [], []
-    for seed in seeds:
-        fresh = make_draws(cfg, n, n, q.shape[1], causal=True, rng=seed)
-        draws = type(fresh)(fresh.nq, fresh.nk, fresh.d, True, (), cfg, {},
-                            type(fresh.direct)(exact_draws, fresh.direct.sample_u))
-        out, lse = hyper_attention(q, k, v, causal=True, config=cfg, draws=draws, scale=scale, return_lse=True)
-        outs.append(out)
-        ratios.append(np.exp(lse - exact_lse))
-    return np.array(outs), np.array(ratios)
-
 
 def _samples_for(target, bound_of_m):
     """Smallest m (a power-of-two bisection) with ``bound_of_m(m) <= target``: the bound falls with m."""

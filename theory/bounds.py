@@ -336,15 +336,12 @@ def g3_direct_bound(m: int, delta: float, second_raw, op_p: float, op_v: float) 
 
     Parameters
     ----------
-    m : int
-        Samples per query block.
-    delta : float
-        Failure probability.
+    m, delta, op_p, op_v
+        As in :func:`g7_bound`: samples per query block, failure probability,
+        ``‖P‖_op`` and ``‖V‖_op``.
     second_raw : array (nq,)
         ``s^raw_i``, the one-sample second moment of row ``i``'s residual estimate
         (:attr:`hyperref.theory.self_normalized.DirectMoments.second_raw`).
-    op_p, op_v : float
-        ``‖P‖_op``, ``‖V‖_op``.
 
     Returns
     -------

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from hyperref._validation import InputError, check_bool, check_qkv, check_scale
+from hyperref.draws import as_generator
 from hyperref.exact import logit_blocks
-from hyperref.exact_set import ExactPart, ExactSet, Geometry, parse_exact_set
+from hyperref.exact_set import ExactPart, ExactSet, Geometry, _far_from_covered, parse_exact_set
 
 from .parameters import Parameters, attention_parameters
 
@@ -144,6 +145,11 @@ class PartParameters:
         return out
 
 
+def _of_params(name: str) -> property:
+    """A read-only attribute that is ``self.params.<name>``."""
+    return property(lambda self: getattr(self.params, name), doc=f"``params.{name}``.")
+
+
 @dataclass(frozen=True)
 class ExactSetParameters:
     """The parameters of SPEC §2 for an exact set, its recall and its parts (SPEC §3b).
@@ -178,45 +184,17 @@ class ExactSetParameters:
     far_recall: float
     parts: tuple = ()
 
-    @property
-    def alpha_res(self) -> float:
-        return self.params.alpha_res
-
-    @property
-    def kappa(self) -> float:
-        return self.params.kappa
-
-    @property
-    def srank_res(self) -> float:
-        return self.params.srank_res
-
-    @property
-    def mass_mean(self) -> float:
-        return self.params.heavy_mass_mean
-
-    @property
-    def mass_min(self) -> float:
-        return self.params.heavy_mass_min
+    alpha_res = _of_params("alpha_res")
+    kappa = _of_params("kappa")
+    srank_res = _of_params("srank_res")
+    mass_mean = _of_params("heavy_mass_mean")
+    mass_min = _of_params("heavy_mass_min")
 
     def as_dict(self) -> dict:
         """Scalars of the set (its ``Parameters`` flattened); the parts left out."""
         out = {k: v for k, v in asdict(self).items() if k not in ("params", "parts")}
         out.update(self.params.as_dict())
         return out
-
-
-def _far_keys(rows: np.ndarray, nkeys: int, geom: Geometry, sinks: int, width: int) -> np.ndarray:
-    """Visible keys ``j >= s`` outside the window ``w`` (docs/mathematics.md §3b "far").
-
-    Same definition as ``hyperref.exact_set._far_from_covered`` (kept here so the
-    theory does not depend on a private helper).
-    """
-    j = np.arange(nkeys)[None, :]
-    far = geom.visible(rows, nkeys) & (j >= sinks)
-    if width:
-        c = rows[:, None] + geom.offset
-        far &= (j <= c - width) if geom.causal else (np.abs(c - j) >= width)
-    return far
 
 
 def _top_mass(sorted_cum: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -337,8 +315,6 @@ def exact_set_parameters(q, k, v, exact_set, scale=None, *, causal=True, draws=N
         raise InputError(f"exact_set must be a non-empty ExactSet (e.g. sinks(4) | window(256)), got {exact_set!r}")
     geom = Geometry(nq, nk, causal)
     if draws is None:
-        from hyperref.draws import as_generator
-
         gen = as_generator(rng)
         draws = exact_set.draw(geom, d, (), gen)
         rng = gen
@@ -387,7 +363,7 @@ def _mass_pass(q, k, scale, geom: Geometry, mask: ExactSetMask, exact_set: Exact
         P = a / np.where(seen, a.sum(axis=1), 1.0)[:, None]
         member = mask.part_rows(start, stop)
         union = member.any(axis=0)
-        far = _far_keys(rows, geom.nk, geom, sinks, width)
+        far = _far_from_covered(rows, geom.nk, geom, (sinks, width))  # docs/mathematics.md §3b "far"
         top = np.cumsum(-np.sort(-P, axis=1), axis=1)
         top_far = np.cumsum(-np.sort(-np.where(far, P, 0.0), axis=1), axis=1)
         h = np.where(union, P, 0.0).sum(axis=1)

@@ -16,12 +16,23 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 import math
+import sys
 
 import numpy as np
 
 from hyperref._validation import InputError, check_bool, check_qkv, check_scale
-from hyperref.exact import logit_blocks
+from hyperref.draws import as_generator
+from hyperref.exact import causal_logit_mask, logit_blocks
 from hyperref.mask import HeavyMask
+
+#: what a mask must have (:class:`~hyperref.mask.HeavyMask`, ``ExactSetMask``)
+_MASK_INTERFACE = ("nq", "nk", "rows", "nnz")
+
+
+def _widened(lse: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """``lse`` in a dtype that holds the row log-sums of ``logits`` (longdouble beyond float64)."""
+    wide = np.result_type(lse.dtype, logits.dtype)
+    return lse if wide == lse.dtype else lse.astype(wide)
 
 
 class SoftmaxOperator:
@@ -37,7 +48,8 @@ class SoftmaxOperator:
     residual : bool
         Apply ``P∘(1−M)`` instead of ``P``.
     lse : ndarray, optional
-        Row log-sums of ``A`` (computed by one pass if not given).
+        Row log-sums of ``A`` (computed by one pass if not given), float64 or, for
+        logits beyond float64's range, longdouble.
     cache_entries : int
         Keep the blocks in memory when ``nq·nk`` is at most this.
     """
@@ -54,6 +66,7 @@ class SoftmaxOperator:
         if lse is None:
             lse = np.empty(len(q))
             for start, stop, logits in logit_blocks(q, k, scale, causal=causal):
+                lse = _widened(lse, logits)
                 peak = logits.max(axis=1)
                 peak = np.where(np.isfinite(peak), peak, 0.0)
                 with np.errstate(divide="ignore"):
@@ -209,7 +222,7 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
         mask-dependent parameters are ``nan``.
     residual_norm : bool
         Also compute ``‖P∘(1−M)‖_op`` (one more iterative solve).
-    rng : int
+    rng : None, int or numpy.random.Generator
         Seed of the subspace iteration's start block.
     norm_p : tuple of float, optional
         ``(‖P‖_op, relative residual)`` from an earlier call on the same ``q``, ``k``,
@@ -218,6 +231,13 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
     Returns
     -------
     Parameters
+
+    Raises
+    ------
+    InputError
+        Bad inputs; a mask without ``nq``, ``nk``, ``rows`` and ``nnz`` or of another
+        shape; an ``rng`` that :func:`numpy.random.default_rng` refuses; a logit
+        beyond the range of the widest float (``np.longdouble``).
 
     Notes
     -----
@@ -238,8 +258,12 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
     if norm_p is not None and not (isinstance(norm_p, tuple) and len(norm_p) == 2
                                    and all(isinstance(x, (int, float)) and x >= 0 for x in norm_p)):
         raise InputError(f"norm_p must be a pair (op_p, op_p_residual) of numbers >= 0, got {norm_p!r}")
+    if mask is not None and not all(hasattr(mask, name) for name in _MASK_INTERFACE):
+        raise InputError(f"mask must be a HeavyMask or an ExactSetMask (nq, nk, rows, nnz), "
+                         f"got {type(mask).__name__}")
     if mask is not None and (mask.nq, mask.nk) != (len(q), len(k)):
         raise InputError(f"mask is for a {mask.nq} x {mask.nk} matrix, not {len(q)} x {len(k)}")
+    as_generator(rng)  # refused here, not deep in the solve; each solve starts from rng itself
     dtype = q.dtype  # check_qkv's common dtype, float32 or wider
     v = v.astype(np.float64)
     nq, nk = len(q), len(k)
@@ -251,10 +275,17 @@ def attention_parameters(q, k, v, scale=None, *, causal=False, mask: HeavyMask |
     fro_sq = fro_sq_res = 0.0
     max_logit = 0.0
     for start, stop, logits in logit_blocks(q, k, scale, causal=causal):
-        if causal:
-            max_logit = max(max_logit, float(np.abs(logits[np.isfinite(logits)]).max(initial=0.0)))
+        finite = np.isfinite(logits)
+        if causal:  # hidden entries are -inf
+            in_range = (finite | causal_logit_mask(np.arange(start, stop), nk, nk - nq)).all()
+            max_logit = max(max_logit, float(np.abs(logits[finite]).max(initial=0.0)))
         else:
+            in_range = finite.all()
             max_logit = max(max_logit, float(np.abs(logits).max()))
+        if not in_range:
+            raise InputError(f"the logits scale·q·kᵀ must be finite; they are beyond the range of "
+                             f"{logits.dtype} (up to {np.format_float_scientific(np.finfo(logits.dtype).max, 2)})")
+        lse, log_r = _widened(lse, logits), _widened(log_r, logits)
         peak = logits.max(axis=1)
         peak = np.where(np.isfinite(peak), peak, 0.0)
         logits -= peak[:, None].astype(logits.dtype)
@@ -323,12 +354,42 @@ def spectral_error(approx, exact, op_p: float, op_v: float) -> float:
     The numerator is the exact largest singular value of the ``nq × dv``
     difference (LAPACK SVD), the denominator uses the norms of
     :func:`attention_parameters`.
+
+    Parameters
+    ----------
+    approx, exact : array_like, shape (nq, dv)
+        Finite outputs.
+    op_p, op_v : float
+        ``‖P‖_op`` and ``‖V‖_op``, finite and ``>= 0``.
+
+    Returns
+    -------
+    float
+        ``0`` when ``approx = exact``; ``inf`` when only ``‖P‖_op ‖V‖_op`` is 0.
+
+    Raises
+    ------
+    InputError
+        Arrays of other shapes or not finite; norms that are not finite numbers ``>= 0``.
+
+    Examples
+    --------
+    >>> round(spectral_error(np.ones((2, 1)), np.zeros((2, 1)), 1.0, 2.0), 6)  # sqrt(2) / 2
+    0.707107
     """
-    approx, exact = np.asarray(approx, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    try:
+        approx, exact = np.asarray(approx, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"approx and exact must be real arrays: {err}") from None
     if approx.shape != exact.shape or approx.ndim != 2:
         raise InputError(f"approx and exact must be (nq, dv) arrays of one shape, got {approx.shape}, {exact.shape}")
-    if not (op_p >= 0 and op_v >= 0):
-        raise InputError(f"op_p and op_v must be >= 0, got {op_p}, {op_v}")
+    if not (np.isfinite(approx).all() and np.isfinite(exact).all()):
+        raise InputError("approx and exact must be finite, got NaN or inf")
+    for name, x in (("op_p", op_p), ("op_v", op_v)):
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+            raise InputError(f"{name} must be a real number >= 0, got {x!r}")
+    if not (0 <= op_p <= sys.float_info.max and 0 <= op_v <= sys.float_info.max):
+        raise InputError(f"op_p and op_v must be finite and >= 0, got {op_p}, {op_v}")
     err = float(np.linalg.norm(approx - exact, 2)) if approx.size else 0.0
     denom = op_p * op_v
     if denom > 0:
