@@ -1,26 +1,28 @@
-"""The direct mode (SPEC §6b) as one block-sparse FlexAttention call, forward and backward.
+"""The direct mode (SPEC §6b) as two block-sparse FlexAttention calls, forward and backward.
 
 The reference (:func:`hyperref.direct.direct_head`) defines the function; this
-module evaluates it with work proportional to the attended keys. The key axis
-the kernel sees is the head's own keys followed by a *gathered* segment:
+module evaluates it with work proportional to the attended keys, in two calls
+over disjoint key sets whose partials are merged by their log normalizers:
 
-* **tiles of the own keys** — per query tile of ``QB = 128`` rows, the key
-  tiles of ``KB = 128`` positions that hold a key of the exact set for some
-  row of the tile: the sink tiles, the tiles the causal window crosses, the key
-  blocks a ``blocktop`` part picked. Token-level membership inside a tile is
-  the mask ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked block of i)``;
-  window tiles that every row of the tile sees whole are *full* (no mask work);
-* **gathered keys** — per query tile, ``L`` slots holding copies of single
+* **the own keys** — per query tile of ``QB = 128`` rows, the key tiles of
+  ``KB = 128`` positions that hold a key of the exact set for some row of the
+  tile: the sink tiles, the tiles the causal window crosses, the key blocks a
+  ``blocktop`` part picked. Token-level membership inside a tile is the mask
+  ``j visible ∧ (j < s ∨ j in the window of i)``, index arithmetic only; window
+  tiles that every row of the tile sees whole and picked tiles are *full* (no
+  mask work);
+* **the gathered keys** — per query tile, ``L`` slots holding copies of single
   keys: the ``heavykeys`` keys of the head (weight 1), then, for every query
   block of ``bq`` rows inside the tile, its ``m`` sampled keys, each with the
-  bias ``log(1 / (m p_j))`` (SPEC §6b). A slot counts for row ``i`` only when
-  it belongs to the row's query block, its key is visible and not in the
-  exact set ``E_i`` (so a sampled key is a residual key, as in the reference);
-  duplicates of one sampled key add their weights, which is the reference's
-  summed weight ``W_ij``.
+  bias ``log(1 / (m p_j))`` (SPEC §6b). Each query tile is a head of its own
+  over its ``L`` slots (no block list to build or search). A slot counts for
+  row ``i`` only when it belongs to the row's query block, its key is visible
+  and not in the exact set ``E_i`` (so a sampled key is a residual key, as in
+  the reference); duplicates of one sampled key add their weights, which is the
+  reference's summed weight ``W_ij``.
 
-One online softmax over both segments gives ``õ_i`` and ``lse_i``. Gradients
-come from FlexAttention's backward and the gather's adjoint (an index add into
+Merged, the two give ``õ_i`` and ``lse_i``. Gradients come from FlexAttention's
+backward (through its ``lse`` too) and the gather's adjoint (an index add into
 ``k`` and ``v``); the selections and the sampling weights are constants of the
 draws, as in every engine of this package.
 
@@ -47,9 +49,10 @@ from hyperref.config import HyperConfig
 from hyperref.direct import paper_exact_set
 from hyperref.exact_set import BlockTop, ExactSet, HeavyKeys, Sinks, Window
 
-#: query rows per kernel tile and key positions per key tile
+#: query rows per kernel tile, key positions per own-key tile, slots per gathered tile
 QB = 128
 KB = 128
+GB = 128
 SUPPORTED = (Sinks, Window, BlockTop, HeavyKeys)
 
 
@@ -206,15 +209,18 @@ NONE = 2 ** 30
 
 @dataclass(frozen=True)
 class DirectPlan:
-    """Everything the kernel call needs besides q, k, v (all tensors on the device).
+    """Everything the two kernel calls need besides q, k, v (all tensors on the device).
 
-    ``kv_num``/``kv_idx``: partial key tiles per query tile (sink and window edges, then the
-    tile's gathered tiles); ``full_num``/``full_idx``: full tiles (window interior, ``blocktop``
-    picks). ``gpos``/``owner``/``logw`` (B, H, NT·L): the gathered slots — the key position
-    (:data:`NONE` where the slot counts for no row: empty, a sink, a picked block's key, a
-    sampled key of the heavy set), the query block a sample belongs to (−1: every row of the
-    tile), and the log weight (0 for heavy keys). The padding keys ``nk … nk_pad − 1`` of a
-    short last tile get −inf from the score function, so a full tile may hold them.
+    The **own-key call** reads ``kv_num``/``kv_idx`` (partial key tiles per query tile: the sink
+    tiles, the window's edge tiles) and ``full_num``/``full_idx``
+    (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
+    ``(1, 1, NT, ·)`` when no part picks tiles head by head. Its mask is index arithmetic.
+
+    The **gathered call** reads ``gpos``/``owner``/``logw`` (B, H, NT, L): per query tile ``L``
+    slots, the key position (:data:`NONE` where the slot counts for no row: empty, a sink, a
+    picked tile's key, a sampled key of the heavy set), the query block a sample belongs to
+    (−1: every row of the tile; ``None`` when every slot belongs to the whole tile), and the
+    log weight (0 for heavy keys).
     """
 
     nq: int
@@ -226,18 +232,66 @@ class DirectPlan:
     full_num: torch.Tensor
     full_idx: torch.Tensor
     gpos: torch.Tensor
-    owner: torch.Tensor
+    owner: torch.Tensor | None
     logw: torch.Tensor
+
+    @property
+    def n_qt(self) -> int:
+        return self.gpos.shape[2]
 
 
 def _round_up(x: int, r: int) -> int:
     return -(-x // r) * r
 
 
-def _listing(marks, n_total):
-    """``(num, idx)`` of boolean tile marks (B, H, NT, n): the marked tiles first, ascending."""
+def _listing(marks):
+    """``(num, idx)`` of boolean tile marks (·, ·, NT, n): the marked tiles first, ascending."""
     order = torch.sort(marks.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    return marks.sum(-1), torch.nn.functional.pad(order, (0, n_total - marks.shape[-1]))
+    return marks.sum(-1).to(torch.int32), order.to(torch.int32)
+
+
+def own_tiles(nq, nk, causal, covered, picks, pick_block, device):
+    """Tile marks ``(partial, full)`` of the own-key call, (1, 1, NT, NKT) or (B, H, NT, NKT).
+
+    Sinks and window come from index arithmetic (the same for every head); ``picks``
+    (B, H, row blocks, count) of ``blocktop`` add full tiles head by head. A short last
+    tile may be full: FlexAttention cuts the positions beyond the sequence.
+    """
+    s, w = covered
+    offset = nk - nq
+    n_qt, n_kt = -(-nq // QB), -(-max(nk, 1) // KB)
+    tq = torch.arange(n_qt, device=device)
+    g = torch.arange(n_kt, device=device)
+    c_first = tq * QB + offset
+    c_last = torch.clamp((tq + 1) * QB, max=nq) - 1 + offset
+    g_lo, g_hi = g * KB, torch.clamp((g + 1) * KB, max=nk) - 1
+    seen = (g_lo[None, :] <= c_last[:, None]) if causal else torch.ones(n_qt, n_kt, dtype=torch.bool, device=device)
+    partial = (g_lo < s)[None, :] & seen
+    full = torch.zeros(n_qt, n_kt, dtype=torch.bool, device=device)
+    if w:
+        if causal:
+            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & seen)
+            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] <= c_first[:, None])
+        else:
+            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & (g_lo[None, :] < (c_last + w)[:, None]))
+            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] < (c_first + w)[:, None])
+    partial, full = (partial & ~full)[None, None], full[None, None]
+    picked = None
+    if picks is not None:
+        # picked blocks are whole key tiles wholly visible to every row of the row block
+        # (they end before the window of its first row)
+        bsz, h = picks.shape[:2]
+        per = pick_block // KB
+        row_block = (tq * QB) // pick_block
+        pk = picks[:, :, row_block]  # (B, H, NT, count), block index or −1
+        tiles = (torch.clamp(pk, min=0)[..., None] * per + torch.arange(per, device=device)).flatten(3)
+        tiles = torch.where((pk >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
+        picked = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=device)
+        picked.scatter_(-1, tiles, True)
+        picked = picked[..., :n_kt]
+        full = full | picked
+        partial = partial & ~full
+    return partial, full, picked
 
 
 def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:
@@ -251,7 +305,6 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     bsz, h, nq, _ = q.shape
     nk = k.shape[2]
     dev = q.device
-    offset = nk - nq
     s, w = exact_set.sink_count, exact_set.window_width
     half = q.dtype in (torch.float16, torch.bfloat16)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -264,46 +317,14 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
         elif isinstance(part, BlockTop):
             qs, ks = (q, k) if half else (q.to(work), k.to(work))
             picks, pick_block = block_picks(part, qs, ks, causal, covered), part.block
-    n_qt = -(-nq // QB)
-    nk_pad = _round_up(max(nk, 1), KB)
-    n_kt = nk_pad // KB
+    partial, full, picked = own_tiles(nq, nk, causal, covered, picks, pick_block, dev)
+    n_qt = partial.shape[2]
     tq = torch.arange(n_qt, device=dev)
-    g = torch.arange(n_kt, device=dev)
-    c_first = tq * QB + offset
-    c_last = torch.clamp((tq + 1) * QB, max=nq) - 1 + offset
-    g_lo, g_hi = g * KB, torch.clamp((g + 1) * KB, max=nk) - 1
-    # ---- own-key tiles: sinks and window (partial at their edges), picks (full)
-    seen = (g_lo[None, :] <= c_last[:, None]) if causal else torch.ones(n_qt, n_kt, dtype=torch.bool, device=dev)
-    partial = (g_lo < s)[None, :] & seen
-    full = torch.zeros(n_qt, n_kt, dtype=torch.bool, device=dev)
-    if w:
-        if causal:
-            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & seen)
-            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] <= c_first[:, None])
-        else:
-            partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & (g_lo[None, :] < (c_last + w)[:, None]))
-            full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] < (c_first + w)[:, None])
-    partial = (partial & ~full).expand(bsz, h, n_qt, n_kt)
-    full = full.expand(bsz, h, n_qt, n_kt)
-    picked = None
-    if picks is not None:
-        # picked blocks are whole key tiles wholly visible to every row of the row block
-        # (they end before the window of its first row): full tiles
-        per = pick_block // KB
-        row_block = (tq * QB) // pick_block
-        pk = picks[:, :, row_block]  # (B, H, NT, count), block index or −1
-        tiles = (torch.clamp(pk, min=0)[..., None] * per + torch.arange(per, device=dev)).flatten(3)
-        tiles = torch.where((pk >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
-        picked = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=dev)
-        picked.scatter_(-1, tiles, True)
-        picked = picked[..., :n_kt]
-        full = full | picked
-        partial = partial & ~full
     # ---- gathered slots: heavy keys, then m samples per query block inside the tile
     m = sample_u.shape[-1]
     subs = max(1, QB // bq)
     n_heavy = 0 if heavy is None else heavy.shape[-1]
-    slots = _round_up(max(n_heavy + subs * m, 1), KB)
+    slots = _round_up(max(n_heavy + subs * m, 1), GB)
     pos_parts, owner_parts, logw_parts = [], [], []
     if n_heavy:
         hk = heavy[:, :, None, :].expand(bsz, h, n_qt, n_heavy)
@@ -336,27 +357,21 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
         torch.cat(parts, -1).to(dtype) if parts else torch.zeros(bsz, h, n_qt, 0, dtype=dtype, device=dev),
         (0, slots - used), value=value)
     gpos = pad_slots(pos_parts, -1, torch.int64)
-    owner = pad_slots(owner_parts, -1, torch.int32)
     logw = pad_slots(logw_parts, 0.0, work)
+    owner = pad_slots(owner_parts, -1, torch.int32) if bq < QB else None
     if picked is not None:  # keys of the tile's picked blocks are exact: not a gathered term
+        n_kt = picked.shape[-1]
         tile_of_key = torch.clamp(gpos, min=0) // KB
         in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
         gpos = torch.where(in_pick, -1, gpos)
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
-    # ---- key-tile lists: partial own tiles, then the tile's gathered tiles; full tiles apart
-    n_g = slots // KB
-    n_total = n_kt + n_qt * n_g
-    gathered = torch.zeros(n_qt, n_qt * n_g, dtype=torch.bool, device=dev)
-    gathered.view(n_qt, n_qt, n_g)[tq, tq] = True
-    kv_num, kv_idx = _listing(torch.cat([partial, gathered.expand(bsz, h, n_qt, n_qt * n_g)], -1), n_total)
-    full_num, full_idx = _listing(full, n_total)
-    return DirectPlan(nq=nq, nk=nk, nk_pad=nk_pad, slots=slots,
-                      kv_num=kv_num.to(torch.int32), kv_idx=kv_idx.to(torch.int32),
-                      full_num=full_num.to(torch.int32), full_idx=full_idx.to(torch.int32),
-                      gpos=gpos.flatten(2), owner=owner.flatten(2), logw=logw.flatten(2))
+    kv_num, kv_idx = _listing(partial)
+    full_num, full_idx = _listing(full)
+    return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
+                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw)
 
 
-# ---------------------------------------------------------------- the kernel call
+# ---------------------------------------------------------------- the kernel calls
 
 _COMPILED = {}
 
@@ -372,105 +387,161 @@ def _flex_fn(device_type: str):
     return _COMPILED["cuda"]
 
 
-def _mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool, listed_only: bool = False):
-    """The mask and score functions: index arithmetic on the own keys, loads on a gathered slot.
-
-    ``listed_only``: the function is evaluated only on the tiles the plan lists (the compiled
-    kernel), so a gathered slot needs no check that it belongs to the row's tile.
-    """
+def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
+    """Mask function of the own-key call: a visible key that is a sink or in the window."""
     s, w = exact_set.sink_count, exact_set.window_width
-    offset, nk, nk_pad = plan.nk - plan.nq, plan.nk, plan.nk_pad
-    n_slots, per_tile = plan.gpos.shape[-1], plan.slots
-    gpos, owner, logw = plan.gpos, plan.owner, plan.logw
-    check_owner = bq < QB
+    offset, nk = plan.nk - plan.nq, plan.nk
 
     def mask_mod(b, h, i, kv):
         c = i + offset
-        # own keys (the listed tiles): visible, and a sink or in the window
-        seen = (kv < nk) & (kv <= c) if causal else kv < nk
-        own = seen & ((kv < s) | (kv > c - w)) if causal else seen & ((kv < s) | ((c - kv).abs() < w))
-        # a gathered slot: its tile, its query block, visible and outside the window
-        slot = torch.clamp(kv - nk_pad, 0, n_slots - 1)
-        pos = gpos[b, h, slot]
-        mine = True if listed_only else slot // per_tile == i // QB
-        if check_owner:
-            who = owner[b, h, slot]
-            mine = mine & ((who < 0) | (who == i // bq))
         if causal:
-            far = pos <= c - w
-        else:
-            far = ((c - pos).abs() >= w) & (pos < NONE) if w else pos < NONE
-        return torch.where(kv < nk_pad, own, mine & far)
+            return (kv < nk) & (kv <= c) & ((kv < s) | (kv > c - w))
+        return (kv < nk) & ((kv < s) | ((c - kv).abs() < w))
 
-    def score_mod(score, b, h, i, kv):
-        # the padding keys nk … nk_pad − 1 of a short last tile count for no row, also in a full tile
-        slot = torch.clamp(kv - nk_pad, 0, n_slots - 1)
-        own = torch.where(kv < nk, score, -math.inf)
-        return torch.where(kv >= nk_pad, score + logw[b, h, slot], own)
+    return mask_mod
+
+
+def _gathered_mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
+    """Mask and score functions of the gathered call, whose head axis is (head, query tile).
+
+    Slot ``kv`` of head ``hh = head · NT + t`` counts for row ``i`` of tile ``t`` when it
+    belongs to the row's query block and its key is visible and outside the row's window;
+    its score gets the slot's log weight.
+    """
+    w, offset, n_qt = exact_set.window_width, plan.nk - plan.nq, plan.n_qt
+    bsz, h = plan.gpos.shape[:2]
+    gpos = plan.gpos.reshape(bsz, h * n_qt, plan.slots)
+    logw = plan.logw.reshape(bsz, h * n_qt, plan.slots)
+    owner = None if plan.owner is None else plan.owner.reshape(bsz, h * n_qt, plan.slots)
+
+    def mask_mod(b, hh, i, kv):
+        row = (hh % n_qt) * QB + i
+        c = row + offset
+        pos = gpos[b, hh, kv]
+        if causal:
+            keep = pos <= c - w
+        else:
+            keep = ((c - pos).abs() >= w) & (pos < NONE) if w else pos < NONE
+        if owner is not None:
+            who = owner[b, hh, kv]
+            keep = keep & ((who < 0) | (who == row // bq))
+        return keep
+
+    def score_mod(score, b, hh, i, kv):
+        return score + logw[b, hh, kv]
 
     return mask_mod, score_mod
 
 
+def _by_tile(x, n_qt: int, rows: int):
+    """(B, H, N, ·) → (B, H·NT, rows, ·): query tiles as heads (the rows padded to NT·rows)."""
+    bsz, h, n, d = x.shape
+    x = torch.nn.functional.pad(x, (0, 0, 0, n_qt * rows - n))
+    return x.reshape(bsz, h * n_qt, rows, d)
+
+
+def _gather_slots(x, plan: DirectPlan):
+    """The gathered keys or values (B, H·NT, L, ·) of the plan's slots (differentiable)."""
+    bsz, h, _, d = x.shape
+    idx = torch.clamp(plan.gpos, max=plan.nk - 1).long().reshape(bsz, h, -1)
+    return torch.gather(x, 2, idx[..., None].expand(bsz, h, idx.shape[-1], d)).reshape(
+        bsz, h * plan.n_qt, plan.slots, d)
+
+
+def merge_lse(o1, l1, o2, l2):
+    """``(o, lse)`` of two partials over disjoint key sets (rows empty in both: ``(0, −∞)``).
+
+    .. math:: l = \\log(e^{l_1} + e^{l_2}),\\quad o = e^{l_1 - l} o_1 + e^{l_2 - l} o_2
+    """
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isfinite(lse), lse, 0.0)
+    w1, w2 = torch.exp(l1 - safe), torch.exp(l2 - safe)
+    return (w1[..., None] * o1.to(w1.dtype) + w2[..., None] * o2.to(w2.dtype)).to(o1.dtype), lse
+
+
 def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig, causal: bool,
-                kernel_options=None, use_flex: bool = False):
+                kernel_options=None, dense: bool | None = None):
     """``(out, lse)`` of the direct mode from a plan; differentiable in ``q``, ``k``, ``v``.
 
-    ``k``, ``v`` (B, H, nk, ·) have the query heads' count (expanded for GQA). On CUDA the
-    compiled FlexAttention kernel runs; elsewhere the same mask and score functions on
-    dense scores (:func:`_math`), or FlexAttention's eager path with ``use_flex`` (no backward).
+    Two block-sparse attention calls merged by their log normalizers (:func:`merge_lse`):
+    the own keys (sinks, window, picked tiles; a mask of index arithmetic) and the gathered
+    slots (heavy keys and samples; each query tile a head of its own over its ``L`` slots).
+    ``k``, ``v`` (B, H, nk, ·) have the query heads' count (expanded for GQA). ``dense``:
+    the same mask and score functions on dense scores (:func:`_math`; the default off CUDA,
+    FlexAttention having no CPU backward); ``False``: FlexAttention, compiled on CUDA, its
+    eager path elsewhere.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     bsz, h, nq, d = q.shape
     exact_set = paper_exact_set(config)
-    pad = plan.nk_pad - plan.nk
-    idx = torch.clamp(plan.gpos, max=plan.nk - 1).long()
-    kg = torch.gather(k, 2, idx[..., None].expand(bsz, h, idx.shape[-1], k.shape[-1]))
-    vg = torch.gather(v, 2, idx[..., None].expand(bsz, h, idx.shape[-1], v.shape[-1]))
-    k_all = torch.cat([torch.nn.functional.pad(k, (0, 0, 0, pad)), kg], dim=2)
-    v_all = torch.cat([torch.nn.functional.pad(v, (0, 0, 0, pad)), vg], dim=2)
-    kv_len = k_all.shape[2]
-    if q.device.type != "cuda" and not use_flex:
-        mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal)
-        return _math(q, k_all, v_all, mask_mod, score_mod, scale, plan)
-    mask_mod, score_mod = _mods(plan, exact_set, config.query_block, causal, listed_only=q.device.type == "cuda")
-    block_mask = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
-                                          BLOCK_SIZE=(QB, KB), mask_mod=mask_mod,
-                                          seq_lengths=(nq, kv_len))
+    q_t = _by_tile(q, plan.n_qt, QB)
+    k_g, v_g = _gather_slots(k, plan), _gather_slots(v, plan)
+    own_mask = _own_mask(plan, exact_set, causal)
+    g_mask, g_score = _gathered_mods(plan, exact_set, config.query_block, causal)
+    if dense or (dense is None and q.device.type != "cuda"):
+        o1, l1 = _math(q, k, v, own_mask, None, scale, full=_dense_full(plan, nq)[..., :plan.nk])
+        o2, l2 = _math(q_t, k_g, v_g, g_mask, g_score, scale)
+    else:
+        n_g = plan.slots // GB
+        own_bm = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
+                                          BLOCK_SIZE=(QB, KB), mask_mod=own_mask, seq_lengths=(nq, plan.nk))
+        g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device=q.device)
+        g_idx = torch.arange(n_g, dtype=torch.int32, device=q.device)[None, None, None]
+        g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(QB, GB), mask_mod=g_mask,
+                                        seq_lengths=(QB, plan.slots))
+        o1, l1 = _flex_call(q.device.type, q, k, v, None, own_bm, scale=scale, kernel_options=kernel_options)
+        o2, l2 = _flex_call(q.device.type, q_t, k_g, v_g, g_score, g_bm, scale=scale,
+                            kernel_options=kernel_options)
+    o2 = o2.reshape(bsz, h, plan.n_qt * QB, -1)[:, :, :nq]
+    l2 = l2.reshape(bsz, h, plan.n_qt * QB)[:, :, :nq]
+    return merge_lse(o1, l1, o2, l2.to(l1.dtype))
+
+
+def _flex_call(device_type, q, k, v, score_mod, block_mask, *, scale, kernel_options):
+    """One FlexAttention call: ``(out, lse)``."""
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch before AuxRequest
-        return _flex_fn(q.device.type)(q, k_all, v_all, score_mod=score_mod, block_mask=block_mask,
-                                       scale=scale, return_lse=True, kernel_options=kernel_options)
-    out, aux = _flex_fn(q.device.type)(q, k_all, v_all, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                       kernel_options=kernel_options, return_aux=AuxRequest(lse=True))
+        return _flex_fn(device_type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                     return_lse=True, kernel_options=kernel_options)
+    out, aux = _flex_fn(device_type)(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                     kernel_options=kernel_options, return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 
-def _math(q, k_all, v_all, mask_mod, score_mod, scale, plan: DirectPlan):
-    """The kernel's function on dense scores (differentiable on any device; small sizes).
+def _dense_full(plan: DirectPlan, nq: int):
+    """The own-key call's full tiles as a dense (·, ·, nq, nk_pad) mask."""
+    n_kt = plan.nk_pad // KB
+    listed = torch.arange(plan.full_idx.shape[-1], device=plan.full_idx.device) < plan.full_num[..., None].long()
+    full = torch.zeros(*plan.full_idx.shape[:3], n_kt + 1, dtype=torch.bool, device=plan.full_idx.device)
+    full.scatter_(-1, torch.where(listed, plan.full_idx.long(), n_kt), True)
+    return full[..., :n_kt].repeat_interleave(QB, dim=2)[:, :, :nq].repeat_interleave(KB, dim=3)
 
-    An entry counts when the mask function keeps it or it lies in a full tile (the kernel
-    applies no mask there), with the score function's bias.
+
+def _math(q, k, v, mask_mod, score_mod, scale, full=None):
+    """A kernel call's function on dense scores (differentiable on any device; small sizes).
+
+    An entry counts when the mask function keeps it or it lies in a ``full`` tile (the
+    kernel applies no mask there), with the score function's bias.
     """
     bsz, h, nq, _ = q.shape
-    kv_len = k_all.shape[2]
+    kv_len = k.shape[2]
     b = torch.arange(bsz, device=q.device)[:, None, None, None]
     hh = torch.arange(h, device=q.device)[None, :, None, None]
     i = torch.arange(nq, device=q.device)[None, None, :, None]
     kv = torch.arange(kv_len, device=q.device)[None, None, None, :]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    n_qt, n_tiles = plan.kv_idx.shape[2], kv_len // KB
-    listed = torch.arange(plan.full_idx.shape[-1], device=q.device) < plan.full_num[..., None].long()
-    full = torch.zeros(bsz, h, n_qt, n_tiles + 1, dtype=torch.bool, device=q.device)
-    full.scatter_(-1, torch.where(listed, plan.full_idx.long(), n_tiles), True)
-    full = full[..., :n_tiles].repeat_interleave(QB, dim=2)[:, :, :nq].repeat_interleave(KB, dim=3)
-    keep = mask_mod(b, hh, i, kv) | full
-    scores = score_mod((q.to(work) @ k_all.to(work).transpose(-1, -2)) * scale, b, hh, i, kv)
+    keep = mask_mod(b, hh, i, kv)
+    if full is not None:
+        keep = keep | full
+    scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
+    if score_mod is not None:
+        scores = score_mod(scores, b, hh, i, kv)
     scores = scores.masked_fill(~keep, -math.inf)
     lse = torch.logsumexp(scores, dim=-1)
     p = torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
-    return (p @ v_all.to(work)).to(q.dtype), lse
+    return (p @ v.to(work)).to(q.dtype), lse
 
 
 def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: HyperConfig, draws=None,

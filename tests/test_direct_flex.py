@@ -107,31 +107,34 @@ def _plan(name, bq, m, nq, nk, causal, seed=5):
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_tile_lists_cover_the_mask(name, bq, causal):
-    """Every entry the mask keeps lies in a listed tile; a full tile is kept whole."""
+    """The own-key call computes exactly the exact set's sinks, window and picked blocks.
+
+    Its entries (the mask function on the listed tiles, full tiles whole) against the
+    reference's membership of those parts (:meth:`hyperref.exact_set.ExactSet.member_rows`),
+    row by row, head by head; heavy keys go to the gathered call.
+    """
+    from hyperref.exact_set import ExactSet, Geometry, HeavyKeys
+
     nq, nk = 520, 700
     plan, cfg = _plan(name, bq, 16, nq, nk, causal)
-    mask_mod, _ = F._mods(plan, cfg.exact_set, bq, causal)
-    kv_len = plan.nk_pad + plan.gpos.shape[-1]
-    i = torch.arange(nq)[:, None]
-    j = torch.arange(kv_len)[None, :]
+    q, k, _ = _qkv(1, 2, 2, nq, nk, 16, seed=5)
+    own_parts = ExactSet(tuple(p for p in cfg.exact_set.parts if not isinstance(p, HeavyKeys)))
+    n_qt, n_kt = -(-nq // F.QB), plan.nk_pad // F.KB
+    mask_mod = F._own_mask(plan, cfg.exact_set, causal)
+    full_all = F._dense_full(plan, nq)
     for hh in range(2):
-        dense = mask_mod(torch.tensor(0), torch.tensor(hh), i, j)
-        n_qt, n_tiles = -(-nq // F.QB), kv_len // F.KB
-        listed = torch.zeros(n_qt, n_tiles, dtype=torch.bool)
-        full = torch.zeros(n_qt, n_tiles, dtype=torch.bool)
+        want = own_parts.member_rows(q[0, hh], k[0, hh], 0.25, Geometry(nq, nk, causal), np.arange(nq), nk)
+        at = lambda x: x[0, min(hh, x.shape[1] - 1)]
+        listed = torch.zeros(n_qt, n_kt, dtype=torch.bool)
         for t in range(n_qt):
-            listed[t, plan.kv_idx[0, hh, t, :plan.kv_num[0, hh, t]].long()] = True
-            full[t, plan.full_idx[0, hh, t, :plan.full_num[0, hh, t]].long()] = True
-        assert not (listed & full).any()
-        pad_rows = n_qt * F.QB - nq
-        tiles = torch.nn.functional.pad(dense, (0, 0, 0, pad_rows)).view(n_qt, F.QB, n_tiles, F.KB)
-        kept = tiles.any(dim=(1, 3))
-        assert not (kept & ~(listed | full)).any()
-        if "top" not in name:  # without picks a full tile is a window interior: kept whole
-            for t, g in full.nonzero().tolist():
-                rows = min(F.QB, nq - t * F.QB)
-                keys = min(F.KB, nk - g * F.KB)  # padding keys: −inf from the score function
-                assert tiles[t, :rows, g, :keys].all()
+            listed[t, at(plan.kv_idx)[t, :at(plan.kv_num)[t]].long()] = True
+        in_listed = listed.repeat_interleave(F.QB, 0)[:nq].repeat_interleave(F.KB, 1)
+        kept = mask_mod(torch.tensor(0), torch.tensor(hh), torch.arange(nq)[:, None],
+                        torch.arange(plan.nk_pad)[None, :]) & in_listed
+        full = at(full_all)
+        assert not (kept & full).any(), "a tile is both partial and full"
+        got = (kept | full)[:, :nk].numpy()  # FlexAttention cuts positions beyond the sequence
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256)])
@@ -144,7 +147,7 @@ def test_flex_eager_reads_the_mods_the_same_way(name, bq):
     q, k, v = (torch.tensor(x) for x in _qkv(1, 2, 2, nq, nk, 16, seed=5))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FlexAttention warns that eager is unfused
-        got = F.flex_direct(q, k, v, plan, scale=0.25, config=cfg, causal=True, use_flex=True)
+        got = F.flex_direct(q, k, v, plan, scale=0.25, config=cfg, causal=True, dense=False)
     want = F.flex_direct(q, k, v, plan, scale=0.25, config=cfg, causal=True)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=TOL, rtol=0)
@@ -232,11 +235,7 @@ def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol)
     rows, u = F._draws(cfg, CUDA_SET, 2048, 2048, 64, True, 1, 4, q.device, None, gen)
     plan = F.make_plan(q, k, v, causal=True, scale=0.125, config=cfg, heavy_rows=rows, sample_u=u)
     out, lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True)
-    idx = torch.clamp(plan.gpos, max=2047).long()
-    k_all = torch.cat([k, torch.gather(k, 2, idx[..., None].expand(1, 4, idx.shape[-1], 64))], 2)
-    v_all = torch.cat([v, torch.gather(v, 2, idx[..., None].expand(1, 4, idx.shape[-1], 64))], 2)
-    mm, sm = F._mods(plan, CUDA_SET, 64, True)
-    ref, ref_lse = F._math(q, k_all, v_all, mm, sm, 0.125, plan)
+    ref, ref_lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True, dense=True)
     np.testing.assert_allclose(out.float().cpu().numpy(), ref.float().cpu().numpy(), atol=tol, rtol=0)
     np.testing.assert_allclose(lse.float().cpu().numpy(), ref_lse.float().cpu().numpy(), atol=tol, rtol=0)
 
