@@ -84,6 +84,7 @@ def main():
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # one compiled kernel per shape and mask
     cfg = HyperConfig(mode="direct", exact_set=parse_exact_set(args.exact_set), samples=args.samples,
                       query_block=args.query_block, min_seq_len=1024)
     props = torch.cuda.get_device_properties(0)

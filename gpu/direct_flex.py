@@ -73,8 +73,18 @@ def check_supported(exact_set: ExactSet, bq: int) -> None:
 
 # ---------------------------------------------------------------- selections (index planning, no grad)
 
-def heavy_keys(part: HeavyKeys, q, k, rows, scale, causal, covered, work=torch.float32):
-    """:meth:`hyperref.exact_set.HeavyKeys.prepare` for all heads: (B, H, count) keys, ascending, −1 padded.
+def fused_plan(q) -> bool:
+    """Whether the plan's selections run as the Triton kernels of :mod:`hyperref.gpu.direct_kernels`.
+
+    On CUDA for float16/bfloat16 inputs with a power-of-two head dimension ≥ 16; float32 and
+    float64 keep the dense torch forms (the kernels' products would be TF32).
+    """
+    d = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d >= 16 and not d & (d - 1)
+
+
+def heavy_scores(q, k, rows, scale, causal, covered, work=torch.float32):
+    """Sampled column mass of every key outside ``covered``: (B, H, nk), dense torch form.
 
     ``q`` (B, H, nq, d), ``k`` (B, H, nk, d); ``rows`` (B, H, |T|). Logits in ``work``
     (half-precision inputs: their own matrix product, accumulated in float32).
@@ -96,7 +106,22 @@ def heavy_keys(part: HeavyKeys, q, k, rows, scale, causal, covered, work=torch.f
     far = j >= s
     if w:
         far = far & ((j <= c - w) if causal else ((c - j).abs() >= w))
-    score = torch.where(far, p, 0.0).sum(dim=2)  # (B, H, nk)
+    return torch.where(far, p, 0.0).sum(dim=2)
+
+
+def heavy_keys(part: HeavyKeys, q, k, rows, scale, causal, covered, work=torch.float32):
+    """:meth:`hyperref.exact_set.HeavyKeys.prepare` for all heads: (B, H, count) keys, ascending, −1 padded.
+
+    Scores from :func:`hyperref.gpu.direct_kernels.heavy_mass` where :func:`fused_plan`,
+    else :func:`heavy_scores`.
+    """
+    nk = k.shape[2]
+    if fused_plan(q):
+        from .direct_kernels import heavy_mass
+
+        score = heavy_mass(q, k, rows, scale, causal, covered)
+    else:
+        score = heavy_scores(q, k, rows, scale, causal, covered, work)
     order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :part.count]
     keep = torch.gather(score, -1, order) > 0
     keys = torch.where(keep, order, nk)  # sort the kept ones, −1 for the rest
@@ -108,35 +133,63 @@ def block_picks(part: BlockTop, q, k, causal, covered, chunk_blocks: int = 64):
     """:meth:`hyperref.exact_set.BlockTop.prepare` for all heads: (B, H, row blocks, count), −1 for none.
 
     Scores ``max_{i in t} q_i · k̄_g`` in the dtype of ``q`` (float32 accumulation), row blocks
-    in chunks of ``chunk_blocks``.
+    in chunks of ``chunk_blocks``; where :func:`fused_plan`, in fp32 by
+    :func:`hyperref.gpu.direct_kernels.pick_scores`.
     """
     bsz, h, nq, d = q.shape
     nk, blk = k.shape[2], part.block
     n_kb = -(-nk // blk)
-    kpad = torch.nn.functional.pad(k.float(), (0, 0, 0, n_kb * blk - nk))
+    kpad = torch.nn.functional.pad(k, (0, 0, 0, n_kb * blk - nk)) if nk % blk else k
     sizes = torch.clamp(nk - torch.arange(n_kb, device=k.device) * blk, max=blk).float()
-    means = (kpad.unflatten(2, (n_kb, blk)).sum(3) / sizes[:, None]).to(q.dtype)
+    sums = kpad.unflatten(2, (n_kb, blk)).sum(3, dtype=torch.float64 if k.dtype == torch.float64 else torch.float32)
+    means = (sums / sizes[:, None].to(sums.dtype)).to(q.dtype)
     n_rb = -(-nq // blk)
     g_end = torch.clamp((torch.arange(n_kb, device=k.device) + 1) * blk, max=nk) - 1
+    fused = None
+    if fused_plan(q):  # the scores of all row blocks at once, maxima in registers
+        from .direct_kernels import pick_scores
+
+        fused, chunk_blocks = pick_scores(q, means, blk), n_rb
     picks = []
     for r0 in range(0, n_rb, chunk_blocks):
         r1 = min(n_rb, r0 + chunk_blocks)
-        rows = q[:, :, r0 * blk:min(nq, r1 * blk)]
-        per_row = rows @ means.transpose(-1, -2)  # (B, H, rows, n_kb), the dtype of q
-        short = (r1 - r0) * blk - per_row.shape[2]
-        if short:  # the last row block is short: its missing rows never win the max
-            per_row = torch.nn.functional.pad(per_row, (0, 0, 0, short), value=-math.inf)
-        score = per_row.unflatten(2, (r1 - r0, blk)).amax(3).float()  # a max is exact in any dtype
+        if fused is not None:
+            score = fused[:, :, r0:r1]
+        else:
+            rows = q[:, :, r0 * blk:min(nq, r1 * blk)]
+            per_row = rows @ means.transpose(-1, -2)  # (B, H, rows, n_kb), the dtype of q
+            short = (r1 - r0) * blk - per_row.shape[2]
+            if short:  # the last row block is short: its missing rows never win the max
+                per_row = torch.nn.functional.pad(per_row, (0, 0, 0, short), value=-math.inf)
+            score = per_row.unflatten(2, (r1 - r0, blk)).amax(3).float()  # a max is exact in any dtype
         if causal:
             first = torch.arange(r0, r1, device=k.device) * blk + (nk - nq)
             score = score.masked_fill(g_end[None, :] > (first - covered[1])[:, None], -math.inf)
-        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :part.count]
-        best = torch.gather(score, -1, order)
+        order, best = _top(score, part.count)
         picks.append(torch.where(torch.isfinite(best), order, -1))
     out = torch.cat(picks, dim=2)
     if out.shape[-1] < part.count:
         out = torch.nn.functional.pad(out, (0, part.count - out.shape[-1]), value=-1)
     return out
+
+
+def _top(score, count: int):
+    """Indices and values of the ``count`` largest entries of the last axis, ties by smaller index.
+
+    A few rounds of ``argmax`` (which returns the first maximum) for small counts, a
+    stable sort otherwise.
+    """
+    if count > 8 or count >= score.shape[-1]:
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :count]
+        return order, torch.gather(score, -1, order)
+    score = score.clone()
+    order, best = [], []
+    for _ in range(count):
+        i = score.argmax(dim=-1, keepdim=True)
+        order.append(i)
+        best.append(torch.gather(score, -1, i))
+        score.scatter_(-1, i, -math.inf)
+    return torch.cat(order, -1), torch.cat(best, -1)
 
 
 def sample_slots(v, u, exact_set: ExactSet, bq: int, sampler: str, causal: bool, nq: int):
@@ -151,9 +204,12 @@ def sample_slots(v, u, exact_set: ExactSet, bq: int, sampler: str, causal: bool,
     bsz, h, nk, _ = v.shape
     n_t, m = u.shape[2], u.shape[3]
     dev = v.device
-    v64 = v.double()
-    peak = v64.abs().amax(dim=(-1, -2), keepdim=True)
-    sq = ((v64 / torch.where(peak > 0, peak, 1.0)) ** 2).sum(-1)  # (B, H, nk)
+    peak = v.abs().amax(dim=(-1, -2), keepdim=True).double()
+    unit = torch.where(peak > 0, peak, 1.0)
+    if v.dtype == torch.float64:  # scaled before squaring: no overflow near the dtype's maximum
+        sq = ((v / unit) ** 2).sum(-1)  # (B, H, nk)
+    else:  # squares of narrower floats fit in float64; no float64 copy of v
+        sq = torch.linalg.vector_norm(v, dim=-1, dtype=torch.float64).square() / unit[..., 0] ** 2
     pre = torch.nn.functional.pad(torch.cumsum(sq, -1), (1, 0))  # pre[j] = Σ_{l<j} sq_l
     t = torch.arange(n_t, device=dev)
     lo = torch.full_like(t, min(exact_set.sink_count, nk))
@@ -178,6 +234,27 @@ def sample_slots(v, u, exact_set: ExactSet, bq: int, sampler: str, causal: bool,
         un = (j + 1 - lo[:, None]).to(torch.float64) / torch.clamp(size, min=1.0)[:, None]
         return a[..., None] * rn + (1 - a[..., None]) * un
 
+    last_pos = None
+    if sampler == "rownorm":  # never a key with p_j = 0: the last positive key of the support
+        pos = torch.where(sq > 0, torch.arange(nk, device=dev), -1)
+        lastp = torch.gather(torch.cummax(pos, dim=-1).values, -1, torch.clamp(hi_b - 1, min=0))
+        last_pos = torch.where(total > 0, lastp, hi_b - 1)
+    if v.is_cuda:
+        from .direct_kernels import sample_search
+
+        idx = sample_search(pre, u, lo, hi, a.to(torch.float64), total, last_pos)
+    else:
+        idx = _search(cdf, u, lo, hi, hi_b, nk, last_pos)
+    p = a[..., None] * torch.gather(sq, -1, idx.flatten(2)).view_as(idx) / safe_total[..., None] \
+        + (1 - a[..., None]) / torch.clamp(size, min=1.0)[:, None]
+    logw = -torch.log(m * p)
+    empty = (hi <= lo)[:, None].expand(bsz, h, n_t, m)
+    return torch.where(empty, -1, idx), torch.where(empty, 0.0, logw)
+
+
+def _search(cdf, u, lo, hi, hi_b, nk, last_pos):
+    """The inverse-CDF binary search of :func:`sample_slots` in torch: (B, H, T, m) int64."""
+    bsz, h, n_t, m = u.shape
     # smallest j in [lo, hi) with F(j) > u · F(hi − 1): a binary search of ⌈log2 nk⌉ steps
     target = u * cdf(torch.clamp(hi_b - 1, min=0)[..., None].expand(bsz, h, n_t, m))
     left = lo[:, None].expand(bsz, h, n_t, m).clone()
@@ -188,17 +265,7 @@ def sample_slots(v, u, exact_set: ExactSet, bq: int, sampler: str, causal: bool,
         left = torch.where(go_right, mid + 1, left)
         right = torch.where(go_right, right, mid)
     idx = torch.minimum(left, torch.clamp(hi - 1, min=0)[:, None])
-    if sampler == "rownorm":  # never a key with p_j = 0: the last positive key of the support
-        pos = torch.where(sq > 0, torch.arange(nk, device=dev), -1)
-        last_pos = torch.cummax(pos, dim=-1).values
-        lastp = torch.gather(last_pos, -1, torch.clamp(hi_b - 1, min=0))
-        lastp = torch.where(total > 0, lastp, hi_b - 1)
-        idx = torch.minimum(idx, lastp[..., None])
-    p = a[..., None] * torch.gather(sq, -1, idx.flatten(2)).view_as(idx) / safe_total[..., None] \
-        + (1 - a[..., None]) / torch.clamp(size, min=1.0)[:, None]
-    logw = -torch.log(m * p)
-    empty = (hi <= lo)[:, None].expand(bsz, h, n_t, m)
-    return torch.where(empty, -1, idx), torch.where(empty, 0.0, logw)
+    return idx if last_pos is None else torch.minimum(idx, last_pos[..., None])
 
 
 # ---------------------------------------------------------------- the plan of one call
@@ -376,15 +443,18 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
 _COMPILED = {}
 
 
+def _compiled(name: str, fn):
+    """``fn`` compiled once (CUDA)."""
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(fn, dynamic=False)
+    return _COMPILED[name]
+
+
 def _flex_fn(device_type: str):
-    """FlexAttention, compiled once per device type (eager on the CPU: the readable math path)."""
+    """FlexAttention, compiled on CUDA (eager elsewhere: FlexAttention's reference path)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device_type != "cuda":
-        return flex_attention
-    if "cuda" not in _COMPILED:
-        _COMPILED["cuda"] = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED["cuda"]
+    return _compiled("flex", flex_attention) if device_type == "cuda" else flex_attention
 
 
 def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
@@ -441,9 +511,10 @@ def _by_tile(x, n_qt: int, rows: int):
 
 
 def _gather_slots(x, plan: DirectPlan):
-    """The gathered keys or values (B, H·NT, L, ·) of the plan's slots (differentiable)."""
-    bsz, h, _, d = x.shape
-    idx = torch.clamp(plan.gpos, max=plan.nk - 1).long().reshape(bsz, h, -1)
+    """The gathered keys or values (B, H·NT, L, ·) of the plan's slots (differentiable: the
+    adjoint is an index add)."""
+    bsz, h, nk, d = x.shape
+    idx = torch.clamp(plan.gpos, max=nk - 1).long().reshape(bsz, h, -1)
     return torch.gather(x, 2, idx[..., None].expand(bsz, h, idx.shape[-1], d)).reshape(
         bsz, h * plan.n_qt, plan.slots, d)
 
@@ -484,18 +555,22 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
         o2, l2 = _math(q_t, k_g, v_g, g_mask, g_score, scale)
     else:
         n_g = plan.slots // GB
+        # the key-to-query lists only serve the backward (a transposition of the tile lists)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         own_bm = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
-                                          BLOCK_SIZE=(QB, KB), mask_mod=own_mask, seq_lengths=(nq, plan.nk))
+                                          BLOCK_SIZE=(QB, KB), mask_mod=own_mask, seq_lengths=(nq, plan.nk),
+                                          compute_q_blocks=grad)
         g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device=q.device)
         g_idx = torch.arange(n_g, dtype=torch.int32, device=q.device)[None, None, None]
         g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(QB, GB), mask_mod=g_mask,
-                                        seq_lengths=(QB, plan.slots))
+                                        seq_lengths=(QB, plan.slots), compute_q_blocks=grad)
         o1, l1 = _flex_call(q.device.type, q, k, v, None, own_bm, scale=scale, kernel_options=kernel_options)
         o2, l2 = _flex_call(q.device.type, q_t, k_g, v_g, g_score, g_bm, scale=scale,
                             kernel_options=kernel_options)
     o2 = o2.reshape(bsz, h, plan.n_qt * QB, -1)[:, :, :nq]
     l2 = l2.reshape(bsz, h, plan.n_qt * QB)[:, :, :nq]
-    return merge_lse(o1, l1, o2, l2.to(l1.dtype))
+    merge = _compiled("merge", merge_lse) if q.device.type == "cuda" else merge_lse
+    return merge(o1, l1, o2, l2.to(l1.dtype))
 
 
 def _flex_call(device_type, q, k, v, score_mod, block_mask, *, scale, kernel_options):

@@ -258,3 +258,12 @@ def test_compiled_gradients_match_the_dense_twin():
         grads.append([t.grad.double().cpu().numpy() for t in (qt, kt, vt)])
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 9])
+def test_top_breaks_ties_by_the_smaller_index(count):
+    score = torch.tensor([[0.0, 2.0, 2.0, -float("inf"), 1.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    order, best = F._top(score, count)
+    want = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :count]
+    np.testing.assert_array_equal(order.numpy(), want.numpy())
+    np.testing.assert_array_equal(best.numpy(), torch.gather(score, -1, want).numpy())

@@ -79,15 +79,16 @@ def main():
                 g_mask, g_score = F._gathered_mods(plan, E, cfg.query_block, causal)
                 n_g = plan.slots // F.GB
 
-                def masks():
+                def masks(grad=False):
                     own = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
                                                    BLOCK_SIZE=(F.QB, F.KB), mask_mod=own_mask,
-                                                   seq_lengths=(n, n))
+                                                   seq_lengths=(n, n), compute_q_blocks=grad)
                     g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device="cuda")
                     g_idx = torch.arange(n_g, dtype=torch.int32, device="cuda")[None, None, None]
                     return own, BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(F.QB, F.GB), mask_mod=g_mask,
-                                                         seq_lengths=(F.QB, plan.slots))
+                                                         seq_lengths=(F.QB, plan.slots), compute_q_blocks=grad)
                 r["block_masks_ms"] = bench(masks)
+                r["block_masks_bwd_ms"] = bench(lambda: masks(True))
                 own_bm, g_bm = masks()
                 q_t = F._by_tile(q, plan.n_qt, F.QB)
                 k_g, v_g = F._gather_slots(k, plan), F._gather_slots(v, plan)
@@ -99,7 +100,8 @@ def main():
                 o2, l2 = call(q_t, k_g, v_g, g_score, g_bm)
                 o2 = o2.reshape(1, h, -1, d)[:, :, :n]
                 l2 = l2.reshape(1, h, -1)[:, :, :n]
-                r["merge_ms"] = bench(lambda: F.merge_lse(o1, l1, o2, l2))
+                merge = F._compiled("merge", F.merge_lse)
+                r["merge_ms"] = bench(lambda: merge(o1, l1, o2, l2))
                 r["kernels_ms"] = bench(lambda: F.flex_direct(q, k, v, plan, scale=scale, config=cfg,
                                                               causal=causal))
             direct = lambda q_, k_, v_: F.direct_flex_attention(q_, k_, v_, causal=causal, config=cfg,

@@ -1,0 +1,225 @@
+"""Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, sample search.
+
+Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_flex`
+computes with dense intermediates, without them:
+
+* ``heavykeys`` (:func:`heavy_mass`): for the sampled rows ``T`` of a head, the
+  column mass ``Σ_{i∈T} P_ij`` over the keys outside the sinks and window, ``P``
+  the exact softmax rows. Two passes over the keys: the rows' ``lse`` (online, base
+  2), then per key tile the masked sum of ``exp(s_ij − lse_i)``. Work
+  ``2·|T|·nk·d`` multiply-adds, memory ``O(nk)`` (the dense form holds ``|T|·nk``
+  probabilities);
+* ``blocktop`` (:func:`pick_scores`): ``σ_tg = max_{i∈t} q_i · k̄_g`` per row block
+  ``t`` and key block ``g``, the maximum taken in registers (the dense form writes
+  every ``q_i · k̄_g``);
+* samples (:func:`sample_search`): the inverse-CDF binary search of each uniform
+  on the head's prefix sums, one program per query block, the searches of its
+  ``m`` samples side by side (the torch form runs ``⌈log2 nk⌉`` passes over all of
+  them, each a gather).
+
+Logits in fp32 from the inputs' dtype (tensor-core products, fp32 accumulation).
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, float32 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_NEG = tl.constexpr(-1.0e30)  # a finite "masked" logit: fully masked tiles give no NaN
+
+
+@triton.jit
+def _heavy_lse_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, nk, R, offset, scale_log2, H, chunk,
+                      sqb, sqh, sqn, skb, skh, skn,
+                      CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    split = tl.program_id(2)  # keys [split·chunk, (split + 1)·chunk): a partial lse per split
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    live = r < R
+    rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
+    dd = tl.arange(0, D)
+    qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+    c = rows + offset
+    m = tl.full((BR,), _NEG, tl.float32)
+    acc = tl.zeros((BR,), tl.float32)
+    end = tl.minimum(nk, (split + 1) * chunk)
+    for j0 in range(split * chunk, end, BN):
+        j = j0 + tl.arange(0, BN)
+        kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < end)[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        seen = (j < end)[None, :]
+        if CAUSAL:
+            seen = seen & (j[None, :] <= c[:, None])
+        s = tl.where(seen, s, _NEG)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.where(seen, tl.exp2(s - m_new[:, None]), 0.0)
+        acc = acc * tl.exp2(m - m_new) + tl.sum(p, 1)
+        m = m_new
+    n_split = tl.num_programs(2)
+    tl.store(lse_ptr + (bh * n_split + split) * R + r, m + tl.log2(acc), mask=live)  # base 2; −inf: no key
+
+
+@triton.jit
+def _heavy_mass_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, score_ptr, nk, R, offset, scale_log2, H, sinks, window,
+                       sqb, sqh, sqn, skb, skh, skn,
+                       CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    j = tl.program_id(1) * BN + tl.arange(0, BN)
+    dd = tl.arange(0, D)
+    kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < nk)[:, None], other=0.0)
+    mass = tl.zeros((BN,), tl.float32)
+    for r0 in range(0, R, BR):
+        r = r0 + tl.arange(0, BR)
+        live = r < R
+        rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
+        lse = tl.load(lse_ptr + bh * R + r, mask=live, other=0.0)
+        qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        c = (rows + offset)[:, None]
+        jj = j[None, :]
+        far = live[:, None] & (jj < nk) & (jj >= sinks)
+        if CAUSAL:
+            far = far & (jj <= c - window) & (jj <= c)
+        else:
+            far = far & (tl.abs(c - jj) >= window)
+        mass += tl.sum(tl.where(far, tl.exp2(s - lse[:, None]), 0.0), 0)
+    tl.store(score_ptr + bh * nk + j, mass, mask=j < nk)
+
+
+def _dot_dtype_ok(x):
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def heavy_mass(q, k, rows, scale, causal, covered):
+    """Column mass ``Σ_{i∈T} P_ij`` of the keys outside ``covered = (sinks, window)``: (B, H, nk) fp32.
+
+    ``q`` (B, H, nq, d), ``k`` (B, H, nk, d), ``rows`` (B, H, |T|) int64, ``d`` a power of two ≥ 16.
+    """
+    bsz, h, nq, d = q.shape
+    nk, n_rows = k.shape[2], rows.shape[-1]
+    if not _dot_dtype_ok(q) or d < 16 or d & (d - 1):
+        raise ValueError("heavy_mass takes float16/bfloat16/float32 inputs with a power-of-two d >= 16")
+    rows = rows.contiguous()
+    score = torch.empty(bsz, h, nk, dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3])
+    if q.stride(3) != 1 or k.stride(3) != 1:
+        raise ValueError("heavy_mass needs unit-stride head dimensions")
+    br, bn = 64, 64
+    # the rows' lse in splits of the key axis (enough programs to fill the device), then combined
+    n_split = max(1, min(64, triton.cdiv(nk, 4096)))
+    chunk = triton.cdiv(triton.cdiv(nk, n_split), bn) * bn
+    n_split = triton.cdiv(nk, chunk)
+    parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
+    _heavy_lse_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
+        q, k, rows, parts, nk, n_rows, nk - nq, scale * LOG2E, h, chunk, *strides,
+        CAUSAL=bool(causal), D=d, BR=br, BN=bn)
+    lse = torch.logsumexp(parts * LN2, dim=2) * LOG2E  # base 2 again
+    _heavy_mass_kernel[(bsz * h, triton.cdiv(nk, bn))](
+        q, k, rows, lse, score, nk, n_rows, nk - nq, scale * LOG2E, h, int(covered[0]), int(covered[1]), *strides,
+        CAUSAL=bool(causal), D=d, BR=br, BN=bn)
+    return score
+
+
+@triton.jit
+def _pick_score_kernel(q_ptr, means_ptr, score_ptr, nq, n_kb, n_rb, H, sqb, sqh, sqn,
+                       BLK: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr):
+    bh = tl.program_id(2)
+    b, h = bh // H, bh % H
+    t = tl.program_id(1)
+    g = tl.program_id(0) * BG + tl.arange(0, BG)
+    dd = tl.arange(0, D)
+    km = tl.load(means_ptr + bh * n_kb * D + g[:, None] * D + dd[None, :], mask=(g < n_kb)[:, None], other=0.0)
+    best = tl.full((BG,), float("-inf"), tl.float32)
+    for r0 in range(0, BLK, BR):
+        i = t * BLK + r0 + tl.arange(0, BR)
+        live = (i < nq) & (r0 + tl.arange(0, BR) < BLK)
+        qt = tl.load(q_ptr + b * sqb + h * sqh + i[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(km))
+        best = tl.maximum(best, tl.max(tl.where(live[:, None], s, float("-inf")), 0))
+    tl.store(score_ptr + (bh * n_rb + t) * n_kb + g, best, mask=g < n_kb)
+
+
+def pick_scores(q, means, block):
+    """``σ_tg = max_{i∈t} q_i · k̄_g``: (B, H, row blocks, key blocks) fp32.
+
+    ``q`` (B, H, nq, d), ``means`` (B, H, key blocks, d) in the dtype of ``q``; row blocks of
+    ``block`` rows.
+    """
+    bsz, h, nq, d = q.shape
+    n_kb = means.shape[2]
+    n_rb = -(-nq // block)
+    if not _dot_dtype_ok(q) or d < 16 or d & (d - 1) or q.stride(3) != 1:
+        raise ValueError("pick_scores takes float16/bfloat16/float32 inputs with a power-of-two d >= 16")
+    means = means.to(q.dtype).contiguous()
+    score = torch.empty(bsz, h, n_rb, n_kb, dtype=torch.float32, device=q.device)
+    br = min(64, triton.next_power_of_2(block))
+    bg = 64
+    # key-block chunks on the fastest axis: the programs of one row block run together and
+    # read its rows once from memory
+    _pick_score_kernel[(triton.cdiv(n_kb, bg), n_rb, bsz * h)](
+        q, means, score, nq, n_kb, n_rb, h, *q.stride()[:3], BLK=block, D=d, BR=br, BG=bg)
+    return score
+
+
+@triton.jit
+def _sample_search_kernel(pre_ptr, u_ptr, lo_ptr, hi_ptr, a_ptr, total_ptr, lastp_ptr, idx_ptr, nk, T, M,
+                          STEPS: tl.constexpr, ROWNORM: tl.constexpr, BM: tl.constexpr):
+    pid = tl.program_id(0)  # one (head, query block)
+    bh = pid // T
+    t = pid % T
+    lo = tl.load(lo_ptr + t)
+    hi = tl.load(hi_ptr + t)
+    pre = pre_ptr + bh * (nk + 1)
+    base = tl.load(pre + lo)
+    total = tl.load(total_ptr + pid)
+    a = tl.load(a_ptr + pid)
+    safe_total = tl.where(total > 0, total, 1.0)
+    size = tl.maximum(hi - lo, 1).to(tl.float64)
+    last = tl.maximum(hi - 1, 0)
+    f_last = a * ((tl.load(pre + last + 1) - base) / safe_total) + (1 - a) * ((last + 1 - lo).to(tl.float64) / size)
+    for m0 in range(0, M, BM):
+        mm = m0 + tl.arange(0, BM)
+        live = mm < M
+        u = tl.load(u_ptr + pid * M + mm, mask=live, other=0.0)
+        target = u * f_last
+        left = tl.zeros((BM,), tl.int64) + lo
+        right = tl.zeros((BM,), tl.int64) + last
+        for _ in range(STEPS):
+            mid = (left + right) // 2
+            cdf = a * ((tl.load(pre + mid + 1) - base) / safe_total) + (1 - a) * ((mid + 1 - lo).to(tl.float64) / size)
+            go = cdf <= target
+            left = tl.where(go, mid + 1, left)
+            right = tl.where(go, right, mid)
+        idx = tl.minimum(left, last)
+        if ROWNORM:
+            idx = tl.minimum(idx, tl.load(lastp_ptr + pid))
+        tl.store(idx_ptr + pid * M + mm, idx, mask=live)
+
+
+def sample_search(pre, u, lo, hi, a, total, last_positive=None):
+    """Sampled key per uniform: the smallest ``j`` in ``[lo_t, hi_t)`` with ``F_t(j) > u·F_t(hi_t − 1)``.
+
+    ``pre`` (B, H, nk + 1) float64 prefix sums of the head's squared row norms; ``u``
+    (B, H, T, m) float64; ``lo``, ``hi`` (T,) int64 support bounds of each query block;
+    ``a`` (B, H, T) the row-norm share of the mixture and ``total`` (B, H, T) the support's
+    mass, float64; ``last_positive`` (B, H, T) int64: the ``rownorm`` sampler's last key of
+    positive norm in the support (``None`` otherwise). ``F_t`` as
+    :func:`hyperref.gpu.direct_flex.sample_slots`. Returns (B, H, T, m) int64.
+    """
+    bsz, h, n_t, m = u.shape
+    nk = pre.shape[-1] - 1
+    idx = torch.empty(bsz, h, n_t, m, dtype=torch.int64, device=u.device)
+    if idx.numel() == 0:
+        return idx
+    lastp = last_positive.contiguous() if last_positive is not None else a  # unread without ROWNORM
+    _sample_search_kernel[(bsz * h * n_t,)](
+        pre.contiguous(), u.contiguous(), lo.contiguous(), hi.contiguous(), a.contiguous(), total.contiguous(),
+        lastp, idx, nk, n_t, m, STEPS=max(1, int(nk).bit_length()), ROWNORM=last_positive is not None,
+        BM=min(128, triton.next_power_of_2(max(m, 16))))
+    return idx

@@ -1,0 +1,111 @@
+"""The Triton kernels of the direct mode's plan against the dense torch forms they replace.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1`` (set by ``conftest.py``) in float32;
+on CUDA in float32 with TF32-free products they would differ by TF32 rounding, so these
+tests run the kernels on the CPU or not at all (the compiled engine's tests in
+``test_direct_flex.py`` cover the CUDA path end to end).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the kernels are compared in float32 under the Triton interpreter", allow_module_level=True)
+
+from hyperref.exact_set import sinks, window  # noqa: E402
+from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu import direct_kernels as K  # noqa: E402
+
+
+def _qk(b, h, nq, nk, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, h, nq, d, generator=g), torch.randn(b, h, nk, d, generator=g) * 1.5
+
+
+# float32 sums of up to |T| = 40 probabilities, each with a few ulps from exp2 vs exp
+MASS_TOL = 2e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk,covered", [(150, 150, (4, 32)), (70, 200, (0, 0)), (200, 90, (3, 1)),
+                                           (129, 129, (1, 0)), (300, 9000, (4, 32))])
+def test_heavy_mass_is_the_sampled_column_mass(causal, nq, nk, covered):
+    q, k = _qk(1, 2, nq, nk, 16, seed=nq + nk)
+    rows = torch.sort(torch.stack([torch.randperm(nq)[:40] for _ in range(2)])[None], dim=-1).values
+    got = K.heavy_mass(q, k, rows, 0.3, causal, covered)
+    want = F.heavy_scores(q, k, rows, 0.3, causal, covered)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("nq,block", [(300, 64), (257, 128), (100, 16)])
+def test_pick_scores_are_row_block_maxima(nq, block):
+    q, k = _qk(2, 1, nq, 333, 32, seed=nq)
+    n_kb = -(-333 // block)
+    means = torch.randn(2, 1, n_kb, 32, generator=torch.Generator().manual_seed(1))
+    got = K.pick_scores(q, means, block)
+    per_row = torch.nn.functional.pad(q @ means.transpose(-1, -2), (0, 0, 0, -nq % block), value=-float("inf"))
+    want = per_row.unflatten(2, (-1, block)).amax(3)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["mixed", "rownorm", "uniform"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sample_search_is_the_torch_search(sampler, causal):
+    """The same keys bit for bit: the same float64 arithmetic in the same order."""
+    g = torch.Generator().manual_seed(3)
+    nq = nk = 700
+    v = torch.randn(1, 2, nk, 8, generator=g, dtype=torch.float64)
+    v[..., ::5, :] = 0.0  # keys of zero norm: the rownorm sampler must never pick one
+    u = torch.rand(1, 2, -(-nq // 64), 48, generator=g, dtype=torch.float64)
+    E = sinks(4) | window(100)
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args):
+            seen[name] = fn(*args)
+            return seen[name]
+        return wrapped
+
+    # the torch search, then the kernel on the same prefix sums and bounds
+    real_search = F._search
+    F._search = spy("torch", real_search)
+    try:
+        keys, logw = F.sample_slots(v, u, E, 64, sampler, causal, nq)
+    finally:
+        F._search = real_search
+    sq = (v / v.abs().amax(dim=(-1, -2), keepdim=True)).square().sum(-1)
+    pre = torch.nn.functional.pad(torch.cumsum(sq, -1), (1, 0))
+    t = torch.arange(u.shape[2])
+    lo = torch.full_like(t, 4)
+    hi = torch.clamp((torch.clamp((t + 1) * 64, max=nq) - 1 - 100 + 1) if causal else torch.full_like(t, nk), 0, nk)
+    hi = torch.maximum(hi, lo)
+    total = pre[..., hi] - pre[..., lo]
+    a = torch.where((total > 0) & (sampler != "uniform"), 0.5 if sampler == "mixed" else 1.0, 0.0).double()
+    last_pos = None
+    if sampler == "rownorm":
+        pos = torch.where(sq > 0, torch.arange(nk), -1)
+        last_pos = torch.gather(torch.cummax(pos, dim=-1).values, -1, torch.clamp(hi - 1, min=0).expand(1, 2, -1))
+        last_pos = torch.where(total > 0, last_pos, (hi - 1).expand(1, 2, -1))
+    got = K.sample_search(pre, u, lo, hi, a, total, last_pos)
+    np.testing.assert_array_equal(got.numpy(), seen["torch"].numpy())
+    if sampler == "rownorm":
+        norms = torch.gather(sq, -1, torch.clamp(keys, min=0).flatten(2)).view_as(keys)
+        assert (norms[keys >= 0] > 0).all(), "the rownorm sampler picked a key of zero norm"
+
+
+def test_fused_plan_only_for_half_precision_on_cuda():
+    q = torch.zeros(1, 1, 4, 64)
+    assert not F.fused_plan(q)
+    assert not F.fused_plan(q.half())  # not on CUDA here
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="power-of-two"):
+        K.heavy_mass(torch.zeros(1, 1, 4, 12), torch.zeros(1, 1, 4, 12), torch.zeros(1, 1, 2, dtype=torch.long),
+                     1.0, True, (0, 0))
+    with pytest.raises(ValueError, match="power-of-two"):
+        K.pick_scores(torch.zeros(1, 1, 4, 16, dtype=torch.float64), torch.zeros(1, 1, 1, 16), 4)
