@@ -84,21 +84,23 @@ def _wide_enough(q: np.ndarray, k: np.ndarray, v: np.ndarray,
                  scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``q, k, v`` in a dtype where every logit ``scale · q_i·k_j`` is finite.
 
-    ``|scale · q_i·k_j| ≤ |scale| · d · max|q| · max|k|`` (two reductions, no copy);
+    The engines form ``q_i·k_j`` before scaling it, so both must be finite:
+    ``max(|scale|, 1) · d · max|q| · max|k|`` bounds them (two reductions, no copy);
     when that exceeds a quarter of the dtype's range, float32 inputs are computed
     in float64 (the caller casts the answer back). Beyond float64's range: :class:`InputError`.
     """
     if q.size == 0 or k.size == 0:
         return q, k, v
     with np.errstate(over="ignore"):
-        bound = abs(scale) * q.shape[-1] * float(np.abs(q).max()) * float(np.abs(k).max())
+        bound = max(abs(scale), 1.0) * q.shape[-1] * float(np.abs(q).max()) * float(np.abs(k).max())
     if math.isnan(bound):  # 0 · inf: a zero factor (scale 0, or q or k all 0) next to longdouble
         bound = 0.0        # entries beyond float64's range; every logit is 0
     if bound <= float(np.finfo(q.dtype).max) / 4:
         return q, k, v
     if bound <= float(np.finfo(np.float64).max) / 4:
         return q.astype(np.float64), k.astype(np.float64), v.astype(np.float64)
-    raise InputError(f"logits up to {bound:.3g} may exceed float64's range; rescale q or k (or the scale)")
+    raise InputError(f"logits or the unscaled products q·k up to {bound:.3g} may exceed float64's range; "
+                     "rescale q or k (or the scale)")
 
 
 def check_draws(draws: Draws, config: HyperConfig, q: np.ndarray, k: np.ndarray, causal: bool,
@@ -204,6 +206,8 @@ def hyper_attention(q: npt.ArrayLike, k: npt.ArrayLike, v: npt.ArrayLike, *, cau
     s = check_scale(scale, q.shape[3])
     out_dtype = v.dtype
     q, k, v = _wide_enough(q, k, v, s)
+    # one memory layout: BLAS rounds a product of strided operands differently
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
     if q.dtype != out_dtype:
         unb = (lambda x: x[0, 0]) if single else (lambda x: x)
         out, lse = hyper_attention(unb(q), unb(k), unb(v), causal=causal, scale=s, config=config,

@@ -59,6 +59,7 @@ from ._validation import InputError
 from .config import HyperConfig
 from .direct import paper_exact_set
 from .exact_set import BlockTop, ExactSet, Geometry, HeavyKeys, Quest, Sinks, SortLSH, Window
+from .numba_kernels import row_chunk_task
 from .sampling import squared_row_norms
 
 #: the exact-set parts this engine computes (the oracle ``topk`` is reference-only)
@@ -272,10 +273,7 @@ def quest_keys(q64, k64, kv_of, kmin, kmax, block, n_cand, keep, scale, offset, 
     n_kb = kmin.shape[1]
     n_t = (nq + bq - 1) // bq
     for task in prange(n_heads * n_t):
-        h = task // n_t
-        t = task - h * n_t
-        r0 = t * bq
-        r1 = min(nq, r0 + bq)
+        h, r0, r1 = row_chunk_task(task, n_t, bq, nq)
         rows = r1 - r0
         hk = kv_of[h]
         g_max = _far_blocks(r1 - 1 + offset, w, block, nk, n_kb) if causal else n_kb
@@ -573,6 +571,23 @@ def _per_head(arr, batch_shape, n_heads):
     return arr.reshape((n_heads,) + arr.shape[len(batch_shape):])
 
 
+def _float64_below(u):
+    """``u`` as C-contiguous float64, each entry the largest float64 ``<= u``.
+
+    Hand-built draws may hold uniforms of any float dtype. The kernels compare them with
+    float64 CDF values ``c`` (:func:`block_samples`: ``c > u``), and ``c > u`` exactly when
+    ``c`` exceeds the float64 below ``u``, so the sampled keys are those of ``u`` itself;
+    float16, float32 and float64 uniforms (and longdouble ones that float64 holds) are
+    unchanged.
+    """
+    below = np.ascontiguousarray(u, dtype=np.float64)
+    if u.dtype.itemsize > below.dtype.itemsize:
+        with np.errstate(invalid="ignore"):
+            above = below > u
+        below[above] = np.nextafter(below[above], -np.inf)
+    return below
+
+
 def _stack(rows, fill, dtype=np.int64):
     """Equal-length 2-d stack of 1-d arrays, padded with ``fill``."""
     width = max((len(r) for r in rows), default=0)
@@ -618,13 +633,14 @@ def direct_heads(q, k, v, scale, config: HyperConfig, draws, causal: bool):
                          f"float32/float64; got {exact_set.describe()} on {q.dtype} "
                          "(engine='numpy' computes every part)")
     geom = Geometry(nq, nk, causal)
+    exact_set = exact_set.within(geom)  # sizes beyond the sequence act as the whole sequence
     n_heads, group = b * h, h // hk
     qs = np.ascontiguousarray(q.reshape(n_heads, nq, d))
     ks = np.ascontiguousarray(k.reshape(b * hk, nk, d))
     vs = np.ascontiguousarray(v.reshape(b * hk, nk, dv))
     kv_of = np.array([bi * hk + hi // group for bi in range(b) for hi in range(h)], dtype=np.int64)
     direct, batch = draws.direct, tuple(draws.batch_shape)
-    u = np.ascontiguousarray(_per_head(direct.sample_u, batch, n_heads))
+    u = _float64_below(_per_head(direct.sample_u, batch, n_heads))
     part_draws = [None if a is None else _per_head(a, batch, n_heads) for a in direct.exact]
     states = [exact_set.prepare(qs[x], ks[kv_of[x]], scale, geom,
                                 tuple(None if a is None else a[x] for a in part_draws))

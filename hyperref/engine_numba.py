@@ -30,8 +30,13 @@ def _stacked(draws: BlockDraws, n_heads: int) -> BlockDraws:
     )
 
 
-def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraws):
-    """Non-causal HyperAttention of stacked heads.
+def noncausal_partial_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraws):
+    """Non-causal HyperAttention of stacked heads as ``(o, lse, shift)``: the answer is ``o · e^shift``.
+
+    The stacked-head twin of :func:`hyperref.estimators.noncausal_partial`: ``o`` is the
+    self-normalized estimator's convex combination of values; with ``approxd``, ``lse``
+    becomes ``log d̃`` and ``shift = lse_self − log d̃`` (else 0), kept apart so that the
+    causal merge combines exponents before ``e^shift``, which may overflow, is formed.
 
     Parameters
     ----------
@@ -43,7 +48,7 @@ def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraw
 
     Returns
     -------
-    out : ndarray (H, nq, dv); lse : ndarray (H, nq)
+    out : ndarray (H, nq, dv); lse, shift : ndarray (H, nq)
     """
     n_heads, nq, _ = q.shape
     dv = v.shape[2]
@@ -66,12 +71,32 @@ def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraw
         "paper": lambda: nk_.paper_partial(q, k, v, kv_of, s, idx, log_w, out, lse),
     }
     kernels[config.estimator]()
+    shift = np.zeros((n_heads, nq), dtype=lse.dtype)
     if config.normalizer == "approxd":
         log_d = _approx_d(q, k, kv_of, scale, config, draws, perm_q, q_starts, perm_k,
                           q_block, k_block).astype(v.dtype)
         with np.errstate(invalid="ignore"):
-            factor = np.where(np.isfinite(lse), np.exp(lse - log_d), 0.0).astype(v.dtype)
-        out, lse = out * factor[..., None], log_d
+            shift = np.where(np.isfinite(lse), lse - log_d, 0.0).astype(lse.dtype)
+        lse = log_d
+    return out, lse, shift
+
+
+def _shifted(out, shift):
+    """The answer ``out · e^shift`` (ApproxD); a zero ``out`` stays 0 where ``e^shift`` overflows."""
+    with np.errstate(over="ignore", invalid="ignore"):  # beyond the range: inf, honestly
+        scaled = out * np.exp(shift)[..., None].astype(out.dtype)
+    return np.where(out == 0, out, scaled)
+
+
+def noncausal_heads(q, k, v, kv_of, scale, config: HyperConfig, draws: BlockDraws):
+    """Non-causal HyperAttention of stacked heads; returns ``(out, lse)``.
+
+    :func:`noncausal_partial_heads` with the answer formed, as
+    :func:`hyperref.estimators.noncausal_head`.
+    """
+    out, lse, shift = noncausal_partial_heads(q, k, v, kv_of, scale, config, draws)
+    if config.normalizer == "approxd":
+        out = _shifted(out, shift)
     return out, lse
 
 
@@ -96,18 +121,26 @@ def _approx_d(q, k, kv_of, scale, config, draws, perm_q, q_starts, perm_k, q_blo
 
 
 def causal_heads(q, k, v, kv_of, scale, config: HyperConfig, blocks: dict):
-    """Causal HyperAttention of stacked heads (SPEC §6): exact leaves, merged off-diagonals."""
+    """Causal HyperAttention of stacked heads (SPEC §6): exact leaves, merged off-diagonals.
+
+    As :func:`hyperref.causal.causal_head`: the off-diagonal partials carry their shift
+    (ApproxD) through the merges, and the answer ``o · e^shift`` is formed once at the end.
+    """
     n_heads, nq, _ = q.shape
     out = np.zeros((n_heads, nq, v.shape[2]), dtype=v.dtype)
     lse = np.full((n_heads, nq), -np.inf, dtype=v.dtype)
+    shift = np.zeros((n_heads, nq), dtype=v.dtype)
+    approxd = config.normalizer == "approxd"
     offdiag, leaves = causal_nodes(nq, k.shape[1], config.min_seq_len)
     ranges = np.array([[lf.q0, lf.q1, lf.k0, lf.k1] for lf in leaves], dtype=np.int64)
     nk_.exact_causal_ranges(q, k, v, kv_of, q.dtype.type(scale), ranges, out, lse)
     for node in offdiag:
-        o2, l2 = noncausal_heads(
+        o2, l2, s2 = noncausal_partial_heads(
             np.ascontiguousarray(q[:, node.q0:node.q1]), np.ascontiguousarray(k[:, node.k0:node.k1]),
             np.ascontiguousarray(v[:, node.k0:node.k1]), kv_of, scale, config, blocks[node.path])
-        nk_.merge_into(out, lse, node.q0, o2, l2)
+        nk_.merge_into(out, lse, shift, node.q0, o2, l2, s2, approxd)
+    if approxd:
+        out = _shifted(out, shift)
     return out, lse
 
 

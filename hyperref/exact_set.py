@@ -29,7 +29,7 @@ engine sees the same exact set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 import re
 from typing import ClassVar
 
@@ -87,6 +87,15 @@ class ExactPart:
         """
         return None
 
+    def within(self, geom: Geometry) -> "ExactPart":
+        """This part with its sizes clamped to the sequence of ``geom``: the same members.
+
+        A block, width, count or number of candidates larger than the sequence (beyond
+        int64 too) acts as the whole sequence; arrays are sized and products formed from
+        the clamped values. Default: the part itself.
+        """
+        return self
+
     def member(self, state, q, k, scale, geom: Geometry, rows: np.ndarray, nkeys: int) -> np.ndarray:
         """Boolean ``(len(rows), nkeys)``: key ``j < nkeys`` is in this part for row ``i``.
 
@@ -102,6 +111,29 @@ class ExactPart:
         return ExactSet((self,)) | other
 
 
+def _at_most(part: ExactPart, **limits) -> ExactPart:
+    """``part`` with each named size at most its limit (the part itself when none is above)."""
+    over = {name: limit for name, limit in limits.items() if getattr(part, name) > limit}
+    return replace(part, **over) if over else part
+
+
+def _whole(geom: Geometry) -> int:
+    """``max(nq, nk, 1)``: a row block or window this wide holds the whole sequence."""
+    return max(geom.nq, geom.nk, 1)
+
+
+def _scores(x: np.ndarray) -> np.ndarray:
+    """``x`` in float64, or longdouble for longdouble inputs (their logits may lie beyond
+    float64's range): the dtype the selections score in."""
+    return x.astype(np.result_type(x.dtype, np.float64))
+
+
+def _covered_within(covered: tuple, geom: Geometry) -> tuple:
+    """The sink count and window width ``covered``, clamped as :meth:`Sinks.within`, :meth:`Window.within`."""
+    s, w = covered
+    return min(s, max(geom.nk, 1)), min(w, _whole(geom))
+
+
 @dataclass(frozen=True)
 class Sinks(ExactPart):
     """Keys ``j < count`` (attention sinks)."""
@@ -111,6 +143,9 @@ class Sinks(ExactPart):
 
     def __post_init__(self):
         check_count(self.count, "sinks count", least=1)
+
+    def within(self, geom):
+        return _at_most(self, count=max(geom.nk, 1))
 
     def member(self, state, q, k, scale, geom, rows, nkeys):
         return np.broadcast_to(np.arange(nkeys)[None, :] < self.count, (len(rows), nkeys))
@@ -129,12 +164,16 @@ class Window(ExactPart):
     def __post_init__(self):
         check_count(self.width, "window width", least=1)
 
+    def within(self, geom):
+        return _at_most(self, width=_whole(geom))
+
     def member(self, state, q, k, scale, geom, rows, nkeys):
+        width = self.within(geom).width
         c = rows[:, None] + geom.offset
         j = np.arange(nkeys)[None, :]
         if geom.causal:
-            return (j > c - self.width) & (j <= c)
-        return np.abs(c - j) < self.width
+            return (j > c - width) & (j <= c)
+        return np.abs(c - j) < width
 
     def describe(self) -> str:
         return f"window({self.width})"
@@ -171,7 +210,11 @@ class SortLSH(ExactPart):
     def draw(self, geom, d, batch_shape, rng):
         return rng.standard_normal(batch_shape + self.draw_shape(geom, d)[0])
 
+    def within(self, geom):
+        return _at_most(self, block=max(geom.nk, 1))
+
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
+        block = self.within(geom).block
         keys = k - k.mean(axis=0, keepdims=True) if self.centred else k
         q_block = np.empty((self.rounds, len(q)), dtype=np.int64)
         k_block = np.empty((self.rounds, len(k)), dtype=np.int64)
@@ -179,8 +222,8 @@ class SortLSH(ExactPart):
             planes = draws[r]
             perm_q = np.argsort(buckets(q, planes), kind="stable")
             perm_k = np.argsort(buckets(keys, planes), kind="stable")
-            q_block[r, perm_q] = query_blocks(len(q), len(k), self.block)
-            k_block[r, perm_k] = np.arange(len(k), dtype=np.int64) // self.block
+            q_block[r, perm_q] = query_blocks(len(q), len(k), block)
+            k_block[r, perm_k] = np.arange(len(k), dtype=np.int64) // block
         return q_block, k_block
 
     def member(self, state, q, k, scale, geom, rows, nkeys):
@@ -209,6 +252,9 @@ class TopK(ExactPart):
     def __post_init__(self):
         check_count(self.k, "topk k", least=1)
 
+    def within(self, geom):
+        return _at_most(self, k=max(geom.nk, 1))
+
     def member(self, state, q, k, scale, geom, rows, nkeys):
         logits = (q[rows] @ k[:nkeys].T) * scale
         logits = np.where(geom.visible(rows, nkeys), logits, -np.inf)
@@ -225,7 +271,7 @@ class TopK(ExactPart):
 
 def _far_from_covered(rows: np.ndarray, nkeys: int, geom: Geometry, covered: tuple) -> np.ndarray:
     """Boolean (len(rows), nkeys): visible keys outside the sinks and window ``covered``."""
-    s, w = covered
+    s, w = _covered_within(covered, geom)
     j = np.arange(nkeys)[None, :]
     far = geom.visible(rows, nkeys) & (j >= s)
     if w:
@@ -260,30 +306,36 @@ class BlockTop(ExactPart):
         check_count(self.block, "blocktop block", least=1)
         check_count(self.count, "blocktop count", least=1)
 
+    def within(self, geom):
+        block = min(self.block, _whole(geom))
+        return _at_most(self, block=block, count=max(1, -(-geom.nk // block)))
+
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
-        b, nq, nk = self.block, len(q), len(k)
+        part, (_, w) = self.within(geom), _covered_within(covered, geom)
+        b, nq, nk = part.block, len(q), len(k)
         starts = np.arange(0, nk, b)
-        means = np.add.reduceat(k.astype(np.float64), starts, axis=0) / np.diff(np.append(starts, nk))[:, None]
+        means = np.add.reduceat(_scores(k), starts, axis=0) / np.diff(np.append(starts, nk))[:, None]
         n_rb = -(-nq // b)
         g_end = np.minimum(starts + b, nk) - 1
-        picked = np.empty((n_rb, min(self.count, len(starts))), dtype=np.int64)
+        picked = np.empty((n_rb, min(part.count, len(starts))), dtype=np.int64)
         step = max(1, 2**22 // (b * len(starts)))  # row blocks per chunk: scores of ≤ 4M entries
         for t0 in range(0, n_rb, step):
             t1 = min(n_rb, t0 + step)
-            per_row = q[t0 * b:t1 * b].astype(np.float64) @ means.T  # (rows, key blocks)
+            per_row = _scores(q[t0 * b:t1 * b]) @ means.T  # (rows, key blocks)
             pad = np.full(((t1 - t0) * b - len(per_row), len(starts)), -np.inf)
             score = np.concatenate([per_row, pad]).reshape(t1 - t0, b, len(starts)).max(axis=1)
             if geom.causal:  # key blocks wholly before every row's window
                 first = np.arange(t0, t1) * b + geom.offset
-                score = np.where(g_end[None, :] <= (first - covered[1])[:, None], score, -np.inf)
-            order = np.argsort(-score, axis=1, kind="stable")[:, :self.count]
+                score = np.where(g_end[None, :] <= (first - w)[:, None], score, -np.inf)
+            order = np.argsort(-score, axis=1, kind="stable")[:, :part.count]
             best = np.take_along_axis(score, order, axis=1)
             picked[t0:t1] = np.where(np.isfinite(best), order, -1)
         return picked
 
     def member(self, state, q, k, scale, geom, rows, nkeys):
-        key_block = np.arange(nkeys) // self.block
-        picked = state[rows // self.block]  # (rows, count), −1 for none
+        b = self.within(geom).block
+        key_block = np.arange(nkeys) // b
+        picked = state[rows // b]  # (rows, count), −1 for none
         return (picked[:, :, None] == key_block[None, None, :]).any(axis=1)
 
     def describe(self) -> str:
@@ -311,6 +363,9 @@ class HeavyKeys(ExactPart):
         check_count(self.count, "heavykeys count", least=1)
         check_count(self.rows, "heavykeys rows", least=1)
 
+    def within(self, geom):
+        return _at_most(self, count=max(geom.nk, 1), rows=max(geom.nq, 1))
+
     def draw_shape(self, geom, d):
         return (min(self.rows, geom.nq),), "i"
 
@@ -324,16 +379,16 @@ class HeavyKeys(ExactPart):
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
         rows = np.asarray(draws, dtype=np.int64)
         nk = len(k)
-        kt = k.T.astype(np.float64)
+        kt = _scores(k.T)
         score = np.zeros(nk)
         step = max(1, 2**20 // max(nk, 1))  # sampled rows per chunk: ≤ 1M scores at once
         for r0 in range(0, len(rows), step):
             part = rows[r0:r0 + step]
-            logits = (q[part].astype(np.float64) @ kt) * scale
+            logits = (_scores(q[part]) @ kt) * scale
             logits[~geom.visible(part, nk)] = -np.inf
             peak = logits.max(axis=1, keepdims=True)
             p = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0), out=logits)
-            p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+            p /= np.maximum(p.sum(axis=1, keepdims=True), np.finfo(p.dtype).tiny)
             p[~_far_from_covered(part, nk, geom, covered)] = 0.0
             score += p.sum(axis=0)
         keep = np.argsort(-score, kind="stable")[:self.count]
@@ -381,26 +436,32 @@ class Quest(ExactPart):
             raise InputError(f"quest candidates ({self.candidates}) must hold at least one block "
                              f"({self.block} keys)")
 
+    def within(self, geom):
+        block = min(self.block, max(geom.nk, 1))
+        return _at_most(self, block=block, candidates=max(1, -(-geom.nk // block)) * block,
+                        keep=max(geom.nk, 1))
+
     def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
-        starts = np.arange(0, len(k), self.block)
-        kk = k.astype(np.float64)
+        starts = np.arange(0, len(k), self.within(geom).block)
+        kk = _scores(k)
         return (np.minimum.reduceat(kk, starts, axis=0), np.maximum.reduceat(kk, starts, axis=0),
-                covered[1])
+                _covered_within(covered, geom)[1])
 
     def member(self, state, q, k, scale, geom, rows, nkeys):
         kmin, kmax, w = state
-        b = self.block
-        qr = q[rows].astype(np.float64)
+        part = self.within(geom)
+        b = part.block
+        qr = _scores(q[rows])
         bound = np.maximum(qr, 0) @ kmax.T + np.minimum(qr, 0) @ kmin.T  # (rows, key blocks)
         if geom.causal:
             g_end = np.minimum(np.arange(1, len(kmin) + 1) * b, len(k)) - 1
             bound = np.where(g_end[None, :] <= (rows + geom.offset - w)[:, None], bound, -np.inf)
-        top = np.argsort(-bound, axis=1, kind="stable")[:, :self.candidates // b]
+        top = np.argsort(-bound, axis=1, kind="stable")[:, :part.candidates // b]
         picked = np.zeros(bound.shape, dtype=bool)
         np.put_along_axis(picked, top, np.isfinite(np.take_along_axis(bound, top, axis=1)), axis=1)
         cand = np.repeat(picked, b, axis=1)[:, :nkeys]
-        logits = np.where(cand, (qr @ k[:nkeys].T.astype(np.float64)) * scale, -np.inf)
-        best = np.argsort(-logits, axis=1, kind="stable")[:, :self.keep]
+        logits = np.where(cand, (qr @ _scores(k[:nkeys].T)) * scale, -np.inf)
+        best = np.argsort(-logits, axis=1, kind="stable")[:, :part.keep]
         out = np.zeros((len(rows), nkeys), dtype=bool)
         np.put_along_axis(out, best, np.isfinite(np.take_along_axis(logits, best, axis=1)), axis=1)
         return out
@@ -461,6 +522,10 @@ class ExactSet:
     def window_width(self) -> int:
         """Largest ``w`` of the ``window`` parts (0 if none)."""
         return max((p.width for p in self.parts if isinstance(p, Window)), default=0)
+
+    def within(self, geom: Geometry) -> "ExactSet":
+        """Every part clamped to the sequence (:meth:`ExactPart.within`): the same members."""
+        return ExactSet(tuple(p.within(geom) for p in self.parts))
 
     def draw_shapes(self, geom: Geometry, d: int) -> tuple:
         """:meth:`ExactPart.draw_shape` of every part, in order."""

@@ -22,7 +22,12 @@ ROW_CHUNK = 256
 
 @njit(cache=True, fastmath={"nsz", "arcp", "contract", "reassoc"})
 def _softmax_rows(logits, values, out_o, out_l):
-    """Partial softmax of each row of ``logits`` (``-inf`` = excluded) into ``out_o, out_l``."""
+    """Partial softmax of each row of ``logits`` (``-inf`` = excluded) into ``out_o, out_l``.
+
+    The weights are normalized before the product with ``values`` (as
+    :func:`hyperref.merge.partial_softmax`): they are at most 1 and sum to 1, so a
+    convex combination of finite values stays finite near the dtype's maximum.
+    """
     rows, keys = logits.shape
     for r in range(rows):
         peak = logits[r, 0]  # the row's dtype, so float32 rows use expf
@@ -31,8 +36,8 @@ def _softmax_rows(logits, values, out_o, out_l):
                 peak = logits[r, t]
         if peak == -np.inf:
             out_l[r] = -np.inf
-            for c in range(values.shape[1]):
-                out_o[r, c] = 0.0
+            for t in range(keys):
+                logits[r, t] = 0.0
             continue
         total = 0.0
         for t in range(keys):
@@ -40,15 +45,12 @@ def _softmax_rows(logits, values, out_o, out_l):
             logits[r, t] = w
             total += w
         out_l[r] = peak + np.log(total)
+        for t in range(keys):
+            logits[r, t] = logits[r, t] / total
     acc = np.dot(logits, values)
     for r in range(rows):
-        if out_l[r] == -np.inf:
-            continue
-        denom = 0.0
-        for t in range(keys):
-            denom += logits[r, t]
         for c in range(values.shape[1]):
-            out_o[r, c] = acc[r, c] / denom
+            out_o[r, c] = acc[r, c] if out_l[r] != -np.inf else 0.0
 
 
 @njit(cache=True)
@@ -73,6 +75,15 @@ def _block_task(task, n_blocks, q_starts, block, nk):
     g = task - h * n_blocks
     ks = g * block
     return h, g, q_starts[h, g], q_starts[h, g + 1], ks, min(ks + block, nk)
+
+
+@njit(cache=True)
+def row_chunk_task(task, n_chunks, chunk, nq):
+    """Task ``task`` of a (head, row chunk) loop of ``n_chunks`` chunks of ``chunk`` rows a head:
+    head ``h`` and the chunk's rows ``[r0, r1)``."""
+    h = task // n_chunks
+    r0 = (task - h * n_chunks) * chunk
+    return h, r0, min(nq, r0 + chunk)
 
 
 @njit(cache=True)
@@ -141,10 +152,7 @@ def paper_partial(q, k, v, kv_of, scale, samp_idx, samp_logw, out, lse):
     m = samp_idx.shape[1]
     n_chunks = (nq + ROW_CHUNK - 1) // ROW_CHUNK
     for task in prange(n_heads * n_chunks):
-        h = task // n_chunks
-        c = task - h * n_chunks
-        r0 = c * ROW_CHUNK
-        r1 = min(nq, r0 + ROW_CHUNK)
+        h, r0, r1 = row_chunk_task(task, n_chunks, ROW_CHUNK, nq)
         hk = kv_of[h]
         keys = np.empty((m, d), dtype=q.dtype)
         vals = np.empty((m, dv), dtype=v.dtype)
@@ -207,10 +215,7 @@ def residual_estimates(q, k, kv_of, scale, q_block, k_block, cols, log_rhat):
     md = cols.shape[1]
     n_chunks = (nq + ROW_CHUNK - 1) // ROW_CHUNK
     for task in prange(n_heads * n_chunks):
-        h = task // n_chunks
-        c = task - h * n_chunks
-        r0 = c * ROW_CHUNK
-        r1 = min(nq, r0 + ROW_CHUNK)
+        h, r0, r1 = row_chunk_task(task, n_chunks, ROW_CHUNK, nq)
         keys = np.empty((md, d), dtype=q.dtype)
         for t in range(md):
             keys[t] = k[kv_of[h], cols[h, t]]
@@ -269,8 +274,21 @@ def exact_causal_ranges(q, k, v, kv_of, scale, ranges, out, lse):
 
 
 @njit(parallel=True, cache=True)
-def merge_into(out, lse, q0, o2, l2):
-    """LSE merge of the partial ``(o2, l2)`` into rows ``q0:`` of ``(out, lse)`` (SPEC §1)."""
+def merge_into(out, lse, shift, q0, o2, l2, s2, carry_shift):
+    """LSE merge of the partial ``(o2, l2, s2)`` into rows ``q0:`` of ``(out, lse, shift)`` (SPEC §1).
+
+    A partial ``(o, l, s)`` stands for the answer ``o·e^s`` (ApproxD: ``s = lse − log d̃``;
+    ``self``: 0), merged as :func:`hyperref.merge.merge_shifted`:
+
+    .. math::
+        l = \\log(e^{l_1} + e^{l_2}),\\quad
+        s = \\log(e^{l_1 + s_1} + e^{l_2 + s_2}) - l,\\quad
+        o = \\frac{e^{l_1 + s_1} o_1 + e^{l_2 + s_2} o_2}{e^{l_1 + s_1} + e^{l_2 + s_2}}
+
+    with the weights taken relative to the larger exponent and normalized before they meet
+    the values, so that nothing overflows before the answer is formed. ``shift`` is
+    written only when ``carry_shift`` (ApproxD); with ``self`` it stays 0, as in the reference.
+    """
     n_heads, rows = l2.shape
     for task in prange(n_heads * rows):
         h = task // rows
@@ -283,11 +301,24 @@ def merge_into(out, lse, q0, o2, l2):
         if l1 == -np.inf:
             out[h, i] = o2[h, r]
             lse[h, i] = lb
+            if carry_shift:
+                shift[h, i] = s2[h, r]
             continue
         top = max(l1, lb)
-        w1 = np.exp(l1 - top)
-        w2 = np.exp(lb - top)
-        s = w1 + w2
+        merged = top + np.log(np.exp(l1 - top) + np.exp(lb - top))
+        lse[h, i] = merged
+        a1 = l1 + shift[h, i]
+        a2 = lb + s2[h, r]
+        peak = max(a1, a2)
+        if not np.isfinite(peak):  # as the reference: no weight, no shift
+            out[h, i] = 0.0
+            if carry_shift:
+                shift[h, i] = 0.0
+            continue
+        w1 = np.exp(a1 - peak)
+        w2 = np.exp(a2 - peak)
+        total = w1 + w2
         for c in range(out.shape[2]):
-            out[h, i, c] = (w1 * out[h, i, c] + w2 * o2[h, r, c]) / s
-        lse[h, i] = top + np.log(s)
+            out[h, i, c] = (w1 / total) * out[h, i, c] + (w2 / total) * o2[h, r, c]
+        if carry_shift:
+            shift[h, i] = peak + np.log(total) - merged if np.isfinite(merged) else 0.0

@@ -101,6 +101,12 @@ def eps(dtype) -> float:
     return float(np.finfo(dtype).eps)
 
 
+def standard_qkv(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """``q, k, v`` of the regression tests: three ``(n, d)`` standard normal arrays, one draw
+    ``(3, n, d)`` of ``np.random.default_rng(seed)``."""
+    return np.random.default_rng(seed).standard_normal((3, n, d))
+
+
 def longdouble_or_float64():
     return np.longdouble if np.longdouble in FLOAT_DTYPES else np.float64
 
@@ -334,7 +340,7 @@ def check_exact(case, out, lse=None, what="exact attention", merges=0):
 
     Output tolerance: :func:`softmax_tolerance` with the logit bound of the dtype the call
     computes in (0 for exact logits), plus the oracle's own rounding. ``lse``: off by at most
-    ``δ + (terms + 4)·u`` plus one rounding of its size; ``+inf`` where the true value is beyond
+    ``δ + (terms + 4)·u`` plus one rounding of its size; ``±inf`` where the true value is beyond
     the dtype's range. ``merges``: how many log-sum-exp merges a row went through (the causal
     recursion); each weighs its partials by ``e^(l − lse)`` with ``lse`` rounded to the dtype,
     which moves the weights by up to ``e^(2u|lse|)`` and the answer by that times ``2 max|v|``.
@@ -361,8 +367,8 @@ def check_exact(case, out, lse=None, what="exact attention", merges=0):
             continue
         lh = np.asarray(lh[..., 0], dtype=wide)
         u = eps(dtype) / 2
-        big = want_lse > np.finfo(dtype).max
-        ok_inf = np.isposinf(lh) & big
+        big = np.abs(want_lse) > np.finfo(dtype).max
+        ok_inf = np.isinf(lh) & big & (np.sign(lh) == np.sign(want_lse))
         same_inf = np.isneginf(lh) & np.isneginf(want_lse)
         finite = np.isfinite(want_lse) & ~big
         with np.errstate(invalid="ignore"):

@@ -9,6 +9,8 @@ from hyperref.direct import block_rows, block_support, n_query_blocks
 from hyperref.exact_set import (ExactSet, Geometry, blocktop, heavykeys, quest, sinks, sortlsh, topk,
                                 window)
 
+from .test_numba_engine import run_without_jit
+
 
 def _qkv(n, d=16, nk=None, seed=0, zero_every=0):
     rng = np.random.default_rng(seed)
@@ -51,6 +53,35 @@ def test_exact_set_membership_by_brute_force():
     assert (top.sum(axis=1) == np.minimum(4, rows + 1)).all()
     kth = np.sort(logits, axis=1)[:, ::-1][rows, np.minimum(3, rows)]
     assert (logits[top] >= np.repeat(kth, top.sum(axis=1))).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("big", [40, 2**62, 2**63 - 1, 10**30])
+def test_parts_beyond_the_sequence_act_as_the_whole_sequence(big, causal):
+    nq, nk, d = 12, 9, 4
+    q, k, _ = _qkv(nq, d=d, nk=nk, seed=5)
+    geom = Geometry(nq, nk, causal)
+    rows = np.arange(nq)
+    visible = geom.visible(rows, nk)
+    planes = np.random.default_rng(0).standard_normal((2, d, 3))
+
+    def member(E, draws=(None,)):
+        return E.member_rows(q, k, 0.5, geom, rows, nk, draws)
+    for E, draws in ((sinks(big), (None,)), (window(big), (None,)), (sortlsh(3, big, 2), (planes,))):
+        np.testing.assert_array_equal(member(E, draws), visible, err_msg=E.describe())
+    # one key block, ending after the first row's position (causal): picked for every row or none
+    np.testing.assert_array_equal(member(blocktop(big, 3)), visible & (not causal))
+    if not causal:  # every key block a candidate: the keep best logits
+        np.testing.assert_array_equal(member(quest(2, big, 3)), member(topk(3)))
+    # just beyond the sequence and far beyond: the same members, the same clamped part
+    for make in (lambda b: quest(2, 4, b), lambda b: quest(2, b, 3), lambda b: blocktop(5, b),
+                 lambda b: blocktop(b, 2), lambda b: topk(b), lambda b: window(b)):
+        near, far = make(max(nq, nk) + 1), make(big)
+        np.testing.assert_array_equal(member(far), member(near), err_msg=far.describe())
+        assert far.within(geom) == near.within(geom)
+    rows_drawn = (np.arange(nq),)
+    np.testing.assert_array_equal(member(heavykeys(big, big), rows_drawn),
+                                  member(heavykeys(nk, nq), rows_drawn))
 
 
 def test_sortlsh_part_is_the_paper_mask_in_one_round():
@@ -373,10 +404,6 @@ def test_numba_direct_in_the_public_api_and_the_oracle_stays_reference():
 
 def test_numba_direct_kernels_without_jit():
     """A small subset with NUMBA_DISABLE_JIT=1: the kernels' Python bodies give the reference's answer."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import numpy as np\n"
         "from hyperref import HyperConfig, make_draws\n"
@@ -397,7 +424,4 @@ def test_numba_direct_kernels_without_jit():
         "    assert np.abs(o - fo).max() <= 1e-12 and np.abs(l[f] - fl[f]).max() <= 1e-12, causal\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    run_without_jit(code)

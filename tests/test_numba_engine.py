@@ -33,6 +33,15 @@ def _both(q, k, v, cfg, causal, seed=3):
     return ref, fast
 
 
+def run_without_jit(code: str) -> None:
+    """Run ``code`` in a fresh interpreter with ``NUMBA_DISABLE_JIT=1`` (the kernels' Python
+    bodies, also for :mod:`hyperref.direct_numba`); it must exit 0 and print ``ok``."""
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
 def _rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-300)
 
@@ -100,7 +109,4 @@ def test_kernels_without_jit():
         "        assert np.abs(a - b).max() <= 1e-10 * np.abs(a).max(), (causal, est)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "ok"
+    run_without_jit(code)
