@@ -28,9 +28,10 @@ F64_MAX = float(np.finfo(np.float64).max)
 
 
 def _logit_bound(case) -> float:
-    """``|s|·d·max|q|·max|k|``: where the public functions widen float32 or refuse (float64)."""
+    """``max(|s|, 1)·d·max|q|·max|k|``: where ``hyper_attention`` widens float32 or refuses (float64);
+    the engines form ``q·k`` before scaling it, so the unscaled products count too."""
     with np.errstate(over="ignore"):
-        return abs(effective_scale(case)) * case["q"].shape[-1] * max_abs(case["q"]) * max_abs(case["k"])
+        return max(abs(effective_scale(case)), 1.0) * case["q"].shape[-1] * max_abs(case["q"]) * max_abs(case["k"])
 
 
 def _beyond_float64(case):
