@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -14,6 +15,7 @@ from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
 
 from .function import Plan, pieces_attention, pieces_attention_dense
+from .options import KernelOptions, as_kernel_options
 from .structure import (Layout, kv_heads, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes,
                         sample_nodes_triton, sorted_order)
 
@@ -36,7 +38,7 @@ def _check(q, k, v, config, backend):
     if backend == "triton":
         from . import function as F
 
-        if F.K is None:
+        if F.triton is None:
             raise ImportError("the Triton kernels need triton: pip install 'hyperref[gpu]' "
                               "(backend='dense' runs without it)")
         if q.device.type != "cuda" and not F._interpret():
@@ -159,11 +161,13 @@ def _from_reference_draws(draws: Draws, config, nq, nk, d, causal, b, h, device)
 
 
 @torch.compiler.disable  # integer index plumbing: kept out of compiled graphs
-def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton, flags=None):
+def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_hash, use_triton,
+                options: KernelOptions, flags=None):
     """Index tensors of one sortLSH piece (SPEC §3, §5): all nodes of ``layout`` at once.
 
     ``planes`` (BH, T, d, r) and ``u`` (BH, T, m) are the nodes' draws, ``sq``
     the squared row norms of ``v`` (float64, or ``None`` for the uniform sampler);
+    ``options``: the hash and sort settings of the Triton path;
     ``flags`` (int32, 3): the hash kernel flags non-finite rows of q and k there.
     """
     bh = qf.shape[0]
@@ -173,9 +177,10 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
     q_starts = [n[0] for n in layout.nodes]
     k_starts = [n[2] for n in layout.nodes]
     flag_q, flag_k = (None, None) if flags is None else (flags[0:1], flags[1:2])
-    perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q)
+    perm_q = sorted_order(qf, planes, rb, q_starts, arrays, "q", kv_of, h, hk, exact_hash, use_triton, flag_q,
+                          options=options)
     perm_k, position = sorted_order(kf, planes, cb, k_starts, arrays, "k", kv_of, h, hk, exact_hash,
-                                    use_triton, flag_k, positions=True)
+                                    use_triton, flag_k, positions=True, options=options)
     if use_triton:
         idx, bias, stag = sample_nodes_triton(sq, u, config.sampler, layout, arrays, position)
     else:
@@ -187,18 +192,19 @@ def _piece_plan(qf, kf, vf, layout: Layout, planes, u, sq, config, h, hk, exact_
 
 
 @torch.compiler.disable
-def _level_plan(draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash, use_triton, flags):
+def _level_plan(draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash, use_triton, options, flags):
     """Draws and index tensors of the sortLSH piece of ``nodes`` (see :func:`_piece_plan`)."""
     layout = Layout(tuple((n.q0, n.q1, n.k0, n.k1) for n in nodes))
     planes, u = draw(nodes)
-    return _piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash, use_triton, flags)
+    return _piece_plan(qf, kf, vf, layout, planes, u, sq, config, h, hk, exact_hash, use_triton, options, flags)
 
 
 def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, config: HyperConfig | None = None,
                     draws: Draws | None = None, generator: torch.Generator | None = None,
-                    return_lse: bool = False, exact_hash: bool = False,
-                    backend: str = "triton") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                    return_lse: bool = False, exact_hash: bool = False, backend: str = "triton",
+                    kernel_options: KernelOptions | Mapping | None = None,
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """HyperAttention on the GPU (``masked`` estimator, ``self`` normalizer).
 
     Parameters
@@ -224,6 +230,10 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     backend : {"triton", "dense"}
         ``triton``: the fused kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``);
         ``dense``: the same function by dense torch operations (small N only).
+    kernel_options : hyperref.gpu.KernelOptions or dict, optional
+        Tuning switches of the Triton kernels (tiles, loops, who computes the causal
+        leaves, the sort); the same function whatever they are. Default: the tuned
+        choices. Ignored by ``backend="dense"`` (but still checked).
 
     Returns
     -------
@@ -241,6 +251,7 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise InputError(f"config must be a hyperref.HyperConfig, got {type(config).__name__}")
     if backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    options = as_kernel_options(kernel_options)
     _check(q, k, v, config, backend)
     for name, flag in (("causal", causal), ("return_lse", return_lse), ("exact_hash", exact_hash)):
         if not isinstance(flag, (bool, np.bool_)):
@@ -270,7 +281,6 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             tie = sum(t.reshape(-1)[:0].sum() for t in (q, k, v))
             out, lse = out + tie, lse + tie.float()
         return (out, lse) if return_lse else out
-    fn = pieces_attention if backend == "triton" else pieces_attention_dense
     # contiguous here (the kernels read rows with unit column stride; the hash and row-norm
     # kernels run before the attention kernels' own .contiguous())
     qf, kf, vf = (t.reshape(-1, *t.shape[2:]).contiguous() for t in (q, k, v))
@@ -296,9 +306,12 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             # Triton: built when the kernels reach the piece (the host prepares a level while the
             # GPU computes the leaves and the previous levels); the draws keep their order
             build = functools.partial(_level_plan, draw, nodes, qf, kf, vf, sq, config, h, hk, exact_hash,
-                                      backend == "triton", flags)
+                                      backend == "triton", options, flags)
             pieces.append(build if backend == "triton" else build())
-    out, lse = fn(qf, kf, vf, pieces, scale)
+    if backend == "triton":
+        out, lse = pieces_attention(qf, kf, vf, pieces, scale, options)
+    else:
+        out, lse = pieces_attention_dense(qf, kf, vf, pieces, scale)
     _raise_if_nonfinite(_with_overflow_flag(pending, out, lse, nq, nk, causal))
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
@@ -327,13 +340,16 @@ class HyperAttention(torch.nn.Module):
     """
 
     def __init__(self, config: HyperConfig | None = None, *, causal: bool = False,
-                 scale: float | None = None, backend: str = "triton") -> None:
+                 scale: float | None = None, backend: str = "triton",
+                 kernel_options: KernelOptions | Mapping | None = None) -> None:
         super().__init__()
         self.config = HyperConfig() if config is None else config
         self.causal, self.scale, self.backend = causal, scale, backend
+        self.kernel_options = as_kernel_options(kernel_options)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                 generator: torch.Generator | None = None,
                 return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return hyper_attention(q, k, v, causal=self.causal, scale=self.scale, config=self.config,
-                               generator=generator, return_lse=return_lse, backend=self.backend)
+                               generator=generator, return_lse=return_lse, backend=self.backend,
+                               kernel_options=self.kernel_options)

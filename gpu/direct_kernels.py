@@ -99,7 +99,7 @@ def _dot_dtype_ok(x):
 def heavy_mass(q, k, rows, scale, causal, covered):
     """Column mass ``Σ_{i∈T} P_ij`` of the keys outside ``covered = (sinks, window)``: (B, H, nk) fp32.
 
-    ``q`` (B, H, nq, d), ``k`` (B, H, nk, d), ``rows`` (B, H, |T|) int64, ``d`` a power of two ≥ 16.
+    ``q`` (B, H, nq, d), ``k`` (B, H, nk, d), ``rows`` (B, H, ``|T|``) int64, ``d`` a power of two ≥ 16.
     """
     bsz, h, nq, d = q.shape
     nk, n_rows = k.shape[2], rows.shape[-1]

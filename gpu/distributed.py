@@ -21,6 +21,7 @@ from hyperref._validation import InputError
 from hyperref.draws import BlockDraws, Draws
 
 from .attention import hyper_attention
+from .options import as_kernel_options
 
 
 def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
@@ -77,7 +78,7 @@ def _head_slice(draws: Draws, h0: int, h1: int) -> Draws:
 
 def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None, config=None,
                                 draws=None, generator=None, return_lse=False, exact_hash=False,
-                                backend="triton"):
+                                backend="triton", kernel_options=None):
     """HyperAttention of a sequence sharded over the ranks of ``group``.
 
     Parameters
@@ -91,7 +92,8 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
         Draws for the *whole* problem, batch shape (B, H), identical on every
         rank; each rank uses its heads' part. Without it each rank draws on
         its device from ``generator``.
-    Other arguments as :func:`hyperref.gpu.hyper_attention`.
+    Other arguments as :func:`hyperref.gpu.hyper_attention` (``kernel_options`` is checked
+    before any exchange and applies on every rank).
 
     Returns
     -------
@@ -99,9 +101,10 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
 
     Raises
     ------
-    ValueError
-        Heads not divisible by the world size, or shards of different lengths.
+    hyperref.InputError
+        Heads not divisible by the world size, shards of different lengths, bad ``kernel_options``.
     """
+    options = as_kernel_options(kernel_options)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized")
     world = dist.get_world_size(group)
@@ -121,7 +124,8 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
     per = h // world
     local_draws = _head_slice(draws, rank * per, (rank + 1) * per) if draws is not None else None
     out, lse = hyper_attention(qh, kh, vh, causal=causal, scale=scale, config=config, draws=local_draws,
-                               generator=generator, return_lse=True, exact_hash=exact_hash, backend=backend)
+                               generator=generator, return_lse=True, exact_hash=exact_hash, backend=backend,
+                               kernel_options=options)
     out = _Exchange.apply(out, world, group, False)
     if not return_lse:
         return out
@@ -131,11 +135,14 @@ def hyper_attention_distributed(q, k, v, *, group=None, causal=False, scale=None
 class DistributedHyperAttention(torch.nn.Module):
     """``nn.Module`` wrapper of :func:`hyper_attention_distributed`."""
 
-    def __init__(self, config=None, *, group=None, causal=False, scale=None, backend="triton"):
+    def __init__(self, config=None, *, group=None, causal=False, scale=None, backend="triton",
+                 kernel_options=None):
         super().__init__()
         self.config, self.group, self.causal, self.scale, self.backend = config, group, causal, scale, backend
+        self.kernel_options = as_kernel_options(kernel_options)
 
     def forward(self, q, k, v, *, draws=None, generator=None, return_lse=False):
         return hyper_attention_distributed(q, k, v, group=self.group, causal=self.causal, scale=self.scale,
                                            config=self.config, draws=draws, generator=generator,
-                                           return_lse=return_lse, backend=self.backend)
+                                           return_lse=return_lse, backend=self.backend,
+                                           kernel_options=self.kernel_options)

@@ -1,11 +1,11 @@
 """The autograd Function around the Triton kernels, and its dense torch twin.
 
-``pieces_attention(q, k, v, pieces, scale)`` returns ``(out, lse)`` of a list of
+``pieces_attention(q, k, v, pieces, scale, kernel_options)`` returns ``(out, lse)`` of a list of
 pieces of HyperAttention (each a :class:`Plan` or a callable building it) merged
 into one softmax: the sortLSH blocks with their samples (one piece; or one per
-level of the causal recursion) and the causal leaves (see :mod:`hyperref.gpu.kernels`,
-:mod:`hyperref.gpu.structure`). Heads are flattened: ``q`` is (B·H, nq, D), ``k, v`` are
-(B·Hk, nk, ·). Each :class:`Plan` holds a piece's index tensors.
+level of the causal recursion) and the causal leaves (see :mod:`hyperref.gpu.kernels_forward`,
+:mod:`hyperref.gpu.kernels_backward`, :mod:`hyperref.gpu.structure`). Heads are flattened:
+``q`` is (B·H, nq, D), ``k, v`` are (B·Hk, nk, ·). Each :class:`Plan` holds a piece's index tensors.
 
 :func:`pieces_attention_dense` computes the same function with dense torch
 operations (``O(nq·nk)`` memory: small sizes only) and is differentiable by
@@ -14,6 +14,7 @@ autograd: the backward kernels are tested against it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 import functools
 import os
@@ -22,14 +23,16 @@ import torch
 
 from . import leaves as L
 from . import structure as S
+from .options import DEFAULTS, KernelOptions, as_kernel_options
 
 try:
     import triton
 
-    from . import kernels as K
+    from . import kernels_backward as KB
+    from . import kernels_forward as KF
+    from .kernels_common import LOG2E
 except ImportError:  # pragma: no cover - triton is an optional extra
-    triton = None
-    K = None
+    triton = KB = KF = None
 
 
 @dataclass
@@ -83,25 +86,14 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# the single-loop forward for row tiles inside one sortLSH block (False: the general loops)
-ONE_BLOCK = True
-
-# exact causal leaves by a vendor kernel when hyperref.gpu.leaves.supported ("cudnn", "flash"), or by
-# the Triton kernel ("triton")
-LEAVES = "cudnn"
-
-# (pass, d, dtype) -> (BM, BN, num_warps, num_stages), pass in "fwd", "dq", "dkdv", "smp" or
-# "bwd" (all three backward kernels): set by the benchmarks to sweep configurations; empty in
-# normal use.
-TILE_OVERRIDES: dict = {}
-
-
-def _tiles(d: int, dtype: torch.dtype, device, plan: Plan | None = None) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for the forward kernel on ``plan``'s piece."""
+def _tiles(d: int, dtype: torch.dtype, device, plan: Plan | None = None,
+           options: KernelOptions = DEFAULTS) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for the forward kernel on ``plan``'s piece: those of
+    ``options.fwd_tiles`` if set, else the tuned choice."""
+    if options.fwd_tiles is not None:
+        return options.fwd_tiles
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
-    if ("fwd", d, dtype) in TILE_OVERRIDES:
-        return TILE_OVERRIDES[("fwd", d, dtype)]
     if dtype == torch.float32:
         return 64, 32, 4, 2
     if d <= 64:  # benchmarks/results/gpu_tiles_*.md (H200, n = 131072)
@@ -111,13 +103,15 @@ def _tiles(d: int, dtype: torch.dtype, device, plan: Plan | None = None) -> tupl
     return 64, 64, 4, 3
 
 
-def _bwd_tiles(kernel: str, d: int, dtype: torch.dtype, device) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a backward kernel: ``dq``, ``dkdv`` or ``smp``."""
+def _bwd_tiles(kernel: str, d: int, dtype: torch.dtype, device,
+               options: KernelOptions = DEFAULTS) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for a backward kernel, ``dq``, ``dkdv`` or ``smp``: those
+    set by ``options`` (:meth:`KernelOptions.tiles`), else the tuned choice."""
+    chosen = options.tiles(kernel)
+    if chosen is not None:
+        return chosen
     if _interpret() or device.type != "cuda":
         return 16, 16, 4, 1
-    for key in ((kernel, d, dtype), ("bwd", d, dtype)):
-        if key in TILE_OVERRIDES:
-            return TILE_OVERRIDES[key]
     if kernel == "dq" and d <= 64 and dtype != torch.float32:  # benchmarks/results/gpu_ab_bwd_v4.md
         return 64, 32, 4, 2
     if d > 128 and dtype == torch.float32:  # 64 × 64 tiles need more shared memory than sm_90
@@ -162,7 +156,7 @@ def _add_into(g: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     Triton pass over contiguous tensors; torch's mixed-dtype add otherwise)."""
     if g.is_contiguous() and acc.is_contiguous() and g.shape == acc.shape and acc.dtype == torch.float32:
         n = g.numel()
-        K._add_into_kernel[(triton.cdiv(n, 4096),)](g, acc, n, BLOCK=4096, num_warps=8)
+        KB._add_into_kernel[(triton.cdiv(n, 4096),)](g, acc, n, BLOCK=4096, num_warps=8)
         return g
     return torch.add(g, acc, out=g)
 
@@ -183,23 +177,23 @@ class _PiecesAttention(torch.autograd.Function):
     already queued (the leaves, the previous levels). Only ``q, k,
     v, out, lse`` and the index tensors are kept for backward: memory ``O(n·d)``.
     Equal square causal leaves may be computed by cuDNN (:mod:`hyperref.gpu.leaves`,
-    switch ``LEAVES``); their backward then runs there too unless a gradient
-    flows into ``lse``.
+    ``options.leaves``); their backward then runs there too unless a gradient
+    flows into ``lse``. ``options`` (:class:`~hyperref.gpu.KernelOptions`) picks tiles,
+    loops and leaves.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, pieces, scale: float):
+    def forward(ctx, q, k, v, pieces, scale: float, options: KernelOptions):
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
         ctx.set_materialize_grads(False)
         ctx.leaves = None
         pieces = list(pieces)
         first = pieces[0] = _built(pieces[0])
-        if LEAVES not in L.BACKENDS + ("triton",):
-            raise ValueError(f"hyperref.gpu.function.LEAVES must be one of {L.BACKENDS + ('triton',)}, got {LEAVES!r}")
-        if LEAVES != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk, LEAVES):
-            out, lse, state = L.forward(q, k, v, first.leaf_len, scale, LEAVES)
-            ctx.leaves = (LEAVES, state)
+        leaves = options.leaves
+        if leaves != "triton" and L.supported(q, k, v, first.leaf_len, first.H != first.Hk, leaves):
+            out, lse, state = L.forward(q, k, v, first.leaf_len, scale, leaves)
+            ctx.leaves = (leaves, state)
         else:
             out = torch.empty((bh, nq, dv), device=q.device, dtype=q.dtype)
             lse = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
@@ -207,20 +201,20 @@ class _PiecesAttention(torch.autograd.Function):
             if i == 0 and ctx.leaves is not None:
                 continue
             plan = pieces[i] = _built(pieces[i])
-            BM, BN, warps, stages = _tiles(d, q.dtype, q.device, plan)
+            BM, BN, warps, stages = _tiles(d, q.dtype, q.device, plan, options)
             pointers, index_strides = _index_args(plan, q.device)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
-            K._fwd_kernel[(t_r0.shape[0], bh)](
+            KF._fwd_kernel[(t_r0.shape[0], bh)](
                 q, k, v, *pointers, t_r0, t_r1, t_node, out, lse,
-                plan.n_keys(nk), _samples(plan), plan.H, plan.Hk, plan.H // plan.Hk, scale * K.LOG2E,
+                plan.n_keys(nk), _samples(plan), plan.H, plan.Hk, plan.H // plan.Hk, scale * LOG2E,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 out.stride(0), out.stride(1), lse.stride(0), *index_strides,
                 D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=plan.idx is not None,
-                HAS_PERM=plan.perm_q is not None, MERGE=i > 0, ONE_BLOCK=ONE_BLOCK and plan.one_block(BM),
-                PREC=_prec(q.dtype),
+                HAS_PERM=plan.perm_q is not None, MERGE=i > 0,
+                ONE_BLOCK=options.one_block and plan.one_block(BM), PREC=_prec(q.dtype),
                 num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pieces, ctx.scale = pieces, scale
+        ctx.pieces, ctx.scale, ctx.options = pieces, scale, options
         return out, lse
 
     @staticmethod
@@ -229,15 +223,15 @@ class _PiecesAttention(torch.autograd.Function):
             raise RuntimeError("hyperref.gpu.hyper_attention (Triton) has no double backward; use backend='dense' "
                                "for gradients of gradients (small N)")
         q, k, v, out, lse = ctx.saved_tensors
-        scale = ctx.scale
+        scale, options = ctx.scale, ctx.options
         bh, nq, d = q.shape
         nk, dv = k.shape[1], v.shape[2]
         dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
         delta = torch.empty((bh, nq), device=q.device, dtype=torch.float32)
         dlse_arg = dlse.float().contiguous() if dlse is not None else delta
-        K._delta_kernel[(triton.cdiv(bh * nq, 64),)](dout, out, lse, dlse_arg, delta, bh * nq,
-                                                     dout.stride(1), out.stride(1), DV=dv, BM=64,
-                                                     HAS_DLSE=dlse is not None, num_warps=4)
+        KB._delta_kernel[(triton.cdiv(bh * nq, 64),)](dout, out, lse, dlse_arg, delta, bh * nq,
+                                                      dout.stride(1), out.stride(1), DV=dv, BM=64,
+                                                      HAS_DLSE=dlse is not None, num_warps=4)
         prec = _prec(q.dtype)
         # dq accumulates over pieces in fp32 (one piece: written once, in q's dtype);
         # dk, dv in fp32: the first piece writes every key (atomically if heads share it)
@@ -247,7 +241,7 @@ class _PiecesAttention(torch.autograd.Function):
             backend, state = ctx.leaves
             leaf_grads = L.backward(dout, q, k, v, out, lse, ctx.pieces[0].leaf_len, scale, backend, state)
             if len(ctx.pieces) == 1:
-                return (*leaf_grads, None, None)
+                return (*leaf_grads, None, None, None)
             # the levels add into zeroed fp32 buffers; the leaves' gradients are added at the end
             # in one pass that also converts (not copied to fp32 first and back at the end)
             dq = torch.zeros((bh, nq, d), device=q.device, dtype=torch.float32)
@@ -266,56 +260,62 @@ class _PiecesAttention(torch.autograd.Function):
             has_perm = plan.perm_q is not None
             m = _samples(plan)
             pointers, index_strides = _index_args(plan, q.device)
-            BM, BN, warps, stages = _bwd_tiles("dq", d, q.dtype, q.device)
+            BM, BN, warps, stages = _bwd_tiles("dq", d, q.dtype, q.device, options)
             t_r0, t_r1, t_node = S.tile_map(plan.row_bounds, BM, q.device)
-            K._bwd_dq_kernel[(t_r0.shape[0], bh)](
+            KB._bwd_dq_kernel[(t_r0.shape[0], bh)](
                 q, k, v, *pointers, t_r0, t_r1, t_node, dout, lse, delta, dq,
-                plan.n_keys(nk), m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
+                plan.n_keys(nk), m, plan.H, plan.Hk, group, scale * LOG2E, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), lse.stride(0), *index_strides,
                 D=d, DV=dv, BM=BM, BN=BN, HAS_SAMPLES=m > 0, HAS_PERM=has_perm, ACCUM=i > 0,
-                ONE_BLOCK=ONE_BLOCK and plan.one_block(BM), PREC=prec, num_warps=warps, num_stages=stages)
+                ONE_BLOCK=options.one_block and plan.one_block(BM), PREC=prec, num_warps=warps,
+                num_stages=stages)
             # interval keys: rows [rstart, rend) of each key tile (intervals are monotone)
-            BM, BN, warps, stages = _bwd_tiles("dkdv", d, q.dtype, q.device)
+            BM, BN, warps, stages = _bwd_tiles("dkdv", d, q.dtype, q.device, options)
             n_keys = plan.n_keys(nk)
             tiles = torch.arange(0, n_keys, BN, device=q.device, dtype=torch.int32)
             rstart = torch.searchsorted(plan.hi, tiles, right=True).int()
             rend = torch.searchsorted(plan.lo, torch.clamp(tiles + BN, max=n_keys), right=False).int()
-            K._bwd_dkdv_kernel[(tiles.shape[0], bh)](
+            KB._bwd_dkdv_kernel[(tiles.shape[0], bh)](
                 q, k, v, plan.perm_q if has_perm else dummy, plan.perm_k if has_perm else dummy,
                 plan.lo, plan.hi, rstart, rend, dout, lse, delta, dk, dvv,
-                n_keys, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
+                n_keys, plan.H, plan.Hk, group, scale * LOG2E, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                 dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[1],
                 dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
                 D=d, DV=dv, BM=BM, BN=BN, HAS_PERM=has_perm,
                 MODE=2 if group > 1 else (0 if i == 0 else 1),
-                ONE_BLOCK=ONE_BLOCK and plan.keys_one_block(BN), PREC=prec,
+                ONE_BLOCK=options.one_block and plan.keys_one_block(BN), PREC=prec,
                 num_warps=warps, num_stages=stages)
             if m > 0:
-                BM, BN, warps, stages = _bwd_tiles("smp", d, q.dtype, q.device)
+                BM, BN, warps, stages = _bwd_tiles("smp", d, q.dtype, q.device, options)
                 c_r0, c_r1, c_node = _sample_chunks(plan, BM, q.device)
-                K._bwd_samples_kernel[(triton.cdiv(m, BN), c_r0.shape[0], bh)](
+                KB._bwd_samples_kernel[(triton.cdiv(m, BN), c_r0.shape[0], bh)](
                     q, k, v, plan.perm_q, plan.idx, plan.bias, plan.stag, plan.rtag,
                     c_r0, c_r1, c_node, dout, lse, delta, dk, dvv,
-                    m, plan.H, plan.Hk, group, scale * K.LOG2E, scale,
+                    m, plan.H, plan.Hk, group, scale * LOG2E, scale,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     dout.stride(0), dout.stride(1), lse.stride(0), index_strides[0], index_strides[2],
                     dk.stride(0), dk.stride(1), dvv.stride(0), dvv.stride(1),
                     D=d, DV=dv, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=stages)
         if vendor:  # the sum in fp32, rounded once to the inputs' dtype
-            return (*(_add_into(g, acc) for g, acc in zip(leaf_grads, (dq, dk, dvv))), None, None)
-        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None
+            return (*(_add_into(g, acc) for g, acc in zip(leaf_grads, (dq, dk, dvv))), None, None, None)
+        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
 
 
 @torch.compiler.disable  # under torch.compile the kernels run eagerly (one graph break)
-def pieces_attention(q, k, v, pieces, scale: float):
-    """``(out, lse)`` of the merged pieces through the Triton kernels (differentiable)."""
-    if K is None:
+def pieces_attention(q, k, v, pieces, scale: float, kernel_options: KernelOptions | Mapping | None = None):
+    """``(out, lse)`` of the merged pieces through the Triton kernels (differentiable).
+
+    ``kernel_options``: a :class:`~hyperref.gpu.KernelOptions`, a dict of its fields, or None
+    (the defaults); bad ones raise :class:`hyperref.InputError`.
+    """
+    options = as_kernel_options(kernel_options)
+    if triton is None:
         raise RuntimeError("the Triton kernels need the 'triton' package (pip install triton)")
     if q.device.type != "cuda" and not _interpret():
         raise RuntimeError("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-    return _PiecesAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), list(pieces), scale)
+    return _PiecesAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), list(pieces), scale, options)
 
 
 def merge(o1, l1, o2, l2):

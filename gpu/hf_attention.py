@@ -56,11 +56,13 @@ ignored, as ``sdpa`` ignores them.
 The configuration can be given at registration, or per call as the keyword
 argument ``hyper_config`` that models forward to their attention functions.
 ``layers`` restricts HyperAttention to some layers (``module.layer_idx``);
-the others use exact SDPA.
+the others use exact SDPA. ``kernel_options`` (:class:`hyperref.gpu.KernelOptions`),
+given at registration, tunes the Triton kernels of CUDA calls.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +72,7 @@ from hyperref import HyperConfig, make_draws
 from hyperref import hyper_attention as reference_attention
 
 from .attention import hyper_attention as gpu_attention
+from .options import DEFAULTS, KernelOptions, as_kernel_options
 
 NAME = "hyper"
 
@@ -338,11 +341,13 @@ class _ReferenceWithDenseBackward(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _attend(q, k, v, causal, scale, config, rng):
-    """HyperAttention of q (B, H, Nq, D) on k, v (B, Hk, Nk, ·), in the dtype of ``q``."""
+def _attend(q, k, v, causal, scale, config, rng, options: KernelOptions = DEFAULTS):
+    """HyperAttention of q (B, H, Nq, D) on k, v (B, Hk, Nk, ·), in the dtype of ``q``; CUDA
+    tensors by the Triton path with ``options``, CPU tensors by the reference."""
     if q.is_cuda:
         return gpu_attention(q, k, v, causal=causal, scale=scale, config=config,
-                             generator=torch.Generator(q.device).manual_seed(int(rng.integers(2**62))))
+                             generator=torch.Generator(q.device).manual_seed(int(rng.integers(2**62))),
+                             kernel_options=options)
     draws = make_draws(config, q.shape[2], k.shape[2], q.shape[3], causal=causal,
                        batch_shape=tuple(q.shape[:2]), rng=rng)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
@@ -399,7 +404,8 @@ def _hyper_forward(query, key, value, attention_mask, causal, attend):
                       for i in range(b)])
 
 
-def make_attention_function(config: HyperConfig | None = None, *, layers=None, seed=0):
+def make_attention_function(config: HyperConfig | None = None, *, layers=None, seed=0,
+                            kernel_options: KernelOptions | Mapping | None = None):
     """The function to register: HyperAttention with ``config`` (default ``HyperConfig()``).
 
     Parameters
@@ -410,6 +416,8 @@ def make_attention_function(config: HyperConfig | None = None, *, layers=None, s
         Approximate only these layers (``module.layer_idx``); the others run exact SDPA.
     seed : int
         Seed of the draws (one stream per function).
+    kernel_options : hyperref.gpu.KernelOptions or dict, optional
+        Tuning switches of the Triton kernels, for CUDA tensors (the CPU reference has none).
 
     Returns
     -------
@@ -418,6 +426,7 @@ def make_attention_function(config: HyperConfig | None = None, *, layers=None, s
         is_causal=None, **kwargs) -> (out, None)``, ``out`` of shape (B, Nq, H, Dv).
         ``is_causal`` defaults to ``module.is_causal`` (False when the module has none).
     """
+    options = as_kernel_options(kernel_options)
     state = {"rng": np.random.default_rng(seed)}
 
     def hyper_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
@@ -433,7 +442,7 @@ def make_attention_function(config: HyperConfig | None = None, *, layers=None, s
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", False))
 
         def attend(q, k, v, piece_causal):
-            return _attend(q, k, v, piece_causal, scaling, cfg, state["rng"])
+            return _attend(q, k, v, piece_causal, scaling, cfg, state["rng"], options)
 
         out = _hyper_forward(query, key, value, attention_mask, causal, attend)
         return out.transpose(1, 2).contiguous(), None
@@ -441,7 +450,8 @@ def make_attention_function(config: HyperConfig | None = None, *, layers=None, s
     return hyper_attention_forward
 
 
-def register(config: HyperConfig | None = None, *, name: str = NAME, layers=None, seed=0) -> str:
+def register(config: HyperConfig | None = None, *, name: str = NAME, layers=None, seed=0,
+             kernel_options: KernelOptions | Mapping | None = None) -> str:
     """Register HyperAttention as ``attn_implementation=name`` (default ``"hyper"``).
 
     Parameters
@@ -454,6 +464,8 @@ def register(config: HyperConfig | None = None, *, name: str = NAME, layers=None
         Approximate only these layers (``module.layer_idx``); the others run exact SDPA.
     seed : int
         Seed of the draws (one stream per registration).
+    kernel_options : hyperref.gpu.KernelOptions or dict, optional
+        Tuning switches of the Triton kernels, for CUDA tensors (checked here).
 
     Returns
     -------
@@ -463,6 +475,7 @@ def register(config: HyperConfig | None = None, *, name: str = NAME, layers=None
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(name, make_attention_function(config, layers=layers, seed=seed))
+    function = make_attention_function(config, layers=layers, seed=seed, kernel_options=kernel_options)
+    AttentionInterface.register(name, function)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     return name

@@ -19,6 +19,8 @@ reads masks the same way).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 
@@ -26,13 +28,15 @@ from hyperref import HyperConfig
 from hyperref._validation import InputError, check_scale
 
 from .hf_attention import _attend, _hyper_forward
+from .options import KernelOptions, as_kernel_options
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                                  scale: float | None = None, enable_gqa: bool = False, *,
                                  config: HyperConfig | None = None,
-                                 generator: torch.Generator | None = None) -> torch.Tensor:
+                                 generator: torch.Generator | None = None,
+                                 kernel_options: KernelOptions | Mapping | None = None) -> torch.Tensor:
     """HyperAttention in SDPA's convention.
 
     Parameters
@@ -51,6 +55,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         Default ``HyperConfig()``.
     generator : torch.Generator, optional
         Seeds the draws (CPU: the reference; CUDA: the Triton path).
+    kernel_options : hyperref.gpu.KernelOptions or dict, optional
+        Tuning switches of the Triton kernels (CUDA tensors); checked, and unused, on the CPU.
 
     Returns
     -------
@@ -60,7 +66,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     ------
     hyperref.InputError
         Non-tensors, non-floating dtypes, wrong shapes, a mask that does not broadcast to
-        (B, H, L, S), a bad scale or generator, NaN/Inf inputs.
+        (B, H, L, S), a bad scale, generator or kernel_options, NaN/Inf inputs.
     NotImplementedError
         Masks that are not a full or causal pattern after dropping unseen keys, masks that
         differ between heads, additive biases.
@@ -90,6 +96,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         raise InputError("is_causal and enable_gqa must be bools")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    options = as_kernel_options(kernel_options)
     (b, h, nq, e), nk = query.shape, key.shape[2]
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
@@ -112,6 +119,6 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     s = check_scale(scale, e) if e else scale
 
     def attend(q, k, v, causal):
-        return _attend(q, k, v, causal, s, config, rng)
+        return _attend(q, k, v, causal, s, config, rng, options)
 
     return _hyper_forward(query, key, value, attn_mask, is_causal, attend)

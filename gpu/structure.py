@@ -18,6 +18,8 @@ import itertools
 
 import torch
 
+from .options import DEFAULTS, KernelOptions
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -167,17 +169,6 @@ def _sort_keys_torch(x, planes, bounds, starts, kv_of, exact):
     return torch.cat(keys, dim=1)
 
 
-# counting sort for the Triton path: buckets of at most COUNTING_BITS bits, chunks of
-# SORT_CHUNK rows (one program each), SORT_TILE rows at a time; on CUDA, and under the
-# Triton interpreter only with COUNTING_ON_CPU (there its tile sorts are slow: the CPU tests
-# check it against the torch sort directly, tests/test_gpu.py::test_hash_kernel_matches_torch_hash)
-COUNTING_BITS = 8
-COUNTING_ON_CPU = False
-HASH_ROWS = 64  # rows per program of the hash kernel
-SORT_CHUNK = 2048
-SORT_TILE = 256
-
-
 @lru_cache(maxsize=256)
 def _node_chunks(bounds: tuple, chunk: int, device):
     """For the chunks of :func:`tile_map` ``(bounds, chunk)``: each node's first chunk and one
@@ -189,35 +180,36 @@ def _node_chunks(bounds: tuple, chunk: int, device):
     return c0.int().to(device), c1.int().to(device)
 
 
-def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions):
+def _counting_sort(codes, bounds, arrays, pre, n_orig, n_buckets, positions, chunk, tile):
     """Stable sort of each node's rows by bucket (Triton, two passes over ``codes``).
 
-    ``codes`` (BH, R) int32 buckets in ``[0, n_buckets)``. Returns the original index
+    ``codes`` (BH, R) int32 buckets in ``[0, n_buckets)``; chunks of ``chunk`` rows (one
+    program each, never crossing a node), ``tile`` rows at a time. Returns the original index
     of each virtual row (BH, R) int32 and, with ``positions``, the virtual row of each
     original index (BH, ``n_orig``) int32 (entries outside the piece's nodes unset).
     """
-    from . import kernels as K
+    from . import kernels_sort as K
 
     bh, total = codes.shape
     device = codes.device
-    c_r0, c_r1, c_node = tile_map(bounds, SORT_CHUNK, device)
+    c_r0, c_r1, c_node = tile_map(bounds, chunk, device)
     n_chunks = c_r0.shape[0]
     nb = max(16, n_buckets)  # a power of two
     counts = torch.empty((bh, n_chunks, nb), dtype=torch.int32, device=device)
     K._bucket_count_kernel[(n_chunks, bh)](codes, counts, c_r0, c_r1, n_chunks, codes.stride(0),
-                                          NB=nb, BM=SORT_TILE, num_warps=4)
-    node_c0, node_c1 = _node_chunks(bounds, SORT_CHUNK, device)
+                                          NB=nb, BM=tile, num_warps=4)
+    node_c0, node_c1 = _node_chunks(bounds, chunk, device)
     perm = torch.empty((bh, total), dtype=torch.int32, device=device)
     pos = torch.empty((bh, n_orig), dtype=torch.int32, device=device) if positions else perm
     K._bucket_scatter_kernel[(n_chunks, bh)](
         codes, counts, c_r0, c_r1, c_node, node_c0, node_c1, arrays[f"{pre}_starts"], arrays[f"{pre}_orig0"],
         perm, pos, n_chunks, codes.stride(0), perm.stride(0), pos.stride(0),
-        NB=nb, BM=SORT_TILE, HAS_POS=positions, num_warps=4)
+        NB=nb, BM=tile, HAS_POS=positions, num_warps=4)
     return perm, (pos if positions else None)
 
 
 def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, use_triton, flag=None,
-                 positions=False):
+                 positions=False, options: KernelOptions = DEFAULTS):
     """Original indices of each head's rows of ``x`` in virtual (sorted) order, int32 (BH, R).
 
     ``x`` (BHx, n, d) with ``BHx`` = BH (queries) or B·Hk (keys, read through
@@ -226,18 +218,24 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
     ``flag`` (int32, Triton hash only): set to 1 if a hashed row holds NaN/Inf.
     With ``positions``, returns ``(perm, pos)``: ``pos`` (BH, n) int32 the virtual
     row of each original row of the piece's nodes (the inverse permutation).
+
+    With ``use_triton``, ``options`` sets the hash kernel's rows per program and when and
+    how the counting sort orders few buckets (on CUDA, and under the Triton interpreter only
+    with ``options.counting_on_cpu``: its tile sorts are slow there; the CPU tests check it
+    against the torch sort directly, tests/test_gpu.py::test_hash_kernel_matches_torch_hash).
     """
     bh = planes.shape[0]
     r = planes.shape[-1]
     total = bounds[-1]
     pre = "row" if side == "q" else "col"
-    counting = use_triton and not exact and r <= COUNTING_BITS and (x.is_cuda or COUNTING_ON_CPU)
+    counting = (use_triton and not exact and r <= options.counting_bits
+                and (x.is_cuda or options.counting_on_cpu))
     wide = (total << r) >= 2 ** 31 and not counting
     if use_triton and not exact:
-        from . import kernels as K
+        from . import kernels_sort as K
         from .function import _prec
 
-        BM = HASH_ROWS
+        BM = options.hash_rows
         t_r0, t_r1, t_node = tile_map(bounds, BM, x.device)
         keys = torch.empty((bh, total), dtype=torch.int64 if wide else torch.int32, device=x.device)
         planes = planes.contiguous()
@@ -250,7 +248,8 @@ def sorted_order(x, planes, bounds, starts, arrays, side, kv_of, H, Hk, exact, u
             D=x.shape[2], RP=max(16, _next_pow2(r)), BM=BM, PREC=_prec(x.dtype),
             CHECK=flag is not None, CODES=counting, num_warps=4)
         if counting:
-            perm, pos = _counting_sort(keys, bounds, arrays, pre, x.shape[1], 1 << r, positions)
+            perm, pos = _counting_sort(keys, bounds, arrays, pre, x.shape[1], 1 << r, positions,
+                                       options.sort_chunk, options.sort_tile)
             return (perm, pos) if positions else perm
     else:
         if flag is not None:
@@ -288,7 +287,7 @@ def row_sq_norms(v: torch.Tensor, exact: bool, use_triton: bool = False, flag=No
     if exact:
         return (vd.double() ** 2).sum(-1)
     if use_triton and vd.dtype != torch.float64:
-        from . import kernels as K
+        from . import kernels_sample as K
 
         rows = vd.shape[0] * vd.shape[1]
         out = torch.empty(vd.shape[:2], dtype=torch.float32, device=vd.device)
@@ -395,7 +394,7 @@ def sample_nodes_triton(sq, u, sampler, layout: Layout, arrays, position):
     int32, log-weights float32 and ``stag`` int32 = ``ktag[position[bh, idx]]``, where
     ``position`` (BH, Nk) int32 is the virtual key of each original key (the key sort's
     inverse permutation)."""
-    from . import kernels as K
+    from . import kernels_sample as K
 
     bh, n_nodes, m = u.shape
     w, ratio = _sampling_weights(sq, sampler, arrays)

@@ -104,3 +104,14 @@ def test_heads_not_divisible_is_a_clear_error():
     results = mp.Manager().dict()
     mp.spawn(_bad_worker, args=(2, _free_port(), results), nprocs=2, join=True)
     assert all("divisible by the world size" in results[r] for r in range(2))
+
+
+def test_bad_kernel_options_are_refused_before_any_exchange():
+    from hyperref import InputError
+    from hyperref.gpu.distributed import DistributedHyperAttention, hyper_attention_distributed
+
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(InputError, match="unknown option"):
+        hyper_attention_distributed(q, q, q, kernel_options={"one_blocks": False})
+    with pytest.raises(InputError, match="sort_chunk must be >= 1"):
+        DistributedHyperAttention(kernel_options={"sort_chunk": -1})

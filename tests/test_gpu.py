@@ -236,15 +236,12 @@ def test_torch_compile_dense_matches_eager():
 
 
 @pytest.mark.parametrize("bits, chunk", [(3, 2048), (3, 32), (6, 48), (25, 2048)])
-def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
+def test_hash_kernel_matches_torch_hash(bits, chunk):
     # bits <= 8: counting sort (chunks of 32/48 rows: several per node, one crossing none);
     # 25: sort keys need int64 (torch sort)
-    import hyperref.gpu.structure
     from hyperref.gpu.structure import Layout, layout_arrays, sorted_order
 
-    monkeypatch.setattr(hyperref.gpu.structure, "SORT_CHUNK", chunk)
-    monkeypatch.setattr(hyperref.gpu.structure, "SORT_TILE", 16)
-    monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_ON_CPU", True)
+    options = gpu.KernelOptions(sort_chunk=chunk, sort_tile=16, counting_on_cpu=True)
     g = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 150, 16, generator=g).to(DEVICE)
     layout = Layout(((10, 60, 0, 40), (60, 150, 40, 150)))  # two nodes of different sizes
@@ -254,10 +251,10 @@ def test_hash_kernel_matches_torch_hash(bits, chunk, monkeypatch):
     for side, bounds, starts in (("q", layout.row_bounds, [10, 60]), ("k", layout.col_bounds, [0, 40])):
         xs = x.repeat(2, 1, 1) if side == "q" else x
         args = (xs, planes, bounds, starts, arrays, side, kv_of, 6, 3)
-        fast, pos = sorted_order(*args, exact=False, use_triton=True, positions=True)
+        fast, pos = sorted_order(*args, exact=False, use_triton=True, positions=True, options=options)
         ref, ref_pos = sorted_order(*args, exact=True, use_triton=False, positions=True)
         assert torch.equal(fast, ref)
-        assert torch.equal(sorted_order(*args, exact=False, use_triton=True), fast)
+        assert torch.equal(sorted_order(*args, exact=False, use_triton=True, options=options), fast)
         for a, b, s0 in zip(bounds[:-1], bounds[1:], starts):  # the inverse permutation
             assert torch.equal(pos[:, s0:s0 + b - a], ref_pos[:, s0:s0 + b - a])
             assert torch.equal(pos.gather(1, fast[:, a:b].long()).cpu(), torch.arange(a, b).int().expand(6, -1))
@@ -287,20 +284,17 @@ def _check_triton_sampler(sq, u, sampler, layout):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_counting_sort_pipeline_equals_radix_sort_pipeline(causal, monkeypatch):
+def test_counting_sort_pipeline_equals_radix_sort_pipeline(causal):
     # the whole forward with the counting sort (and its inverse permutation for the samples'
     # block tags) = with torch's sort of the sort keys, on the same device draws: bitwise
-    import hyperref.gpu.structure
-
     q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, 96, 96, D_LIST[0], 3, torch.float64))
     cfg = HyperConfig(bits=3, block=16, samples=8, min_seq_len=24)
     outs = []
     for counting in (True, False):
-        monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_ON_CPU", counting)
-        monkeypatch.setattr(hyperref.gpu.structure, "COUNTING_BITS", 8 if counting else 0)
-        monkeypatch.setattr(hyperref.gpu.structure, "SORT_TILE", 16)
+        options = {"counting_on_cpu": counting, "counting_bits": 8 if counting else 0, "sort_tile": 16}
         gen = torch.Generator(DEVICE).manual_seed(1)
-        outs.append(gpu.hyper_attention(q, k, v, causal=causal, config=cfg, generator=gen, return_lse=True))
+        outs.append(gpu.hyper_attention(q, k, v, causal=causal, config=cfg, generator=gen, return_lse=True,
+                                        kernel_options=options))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
@@ -364,7 +358,7 @@ def test_torch_compile_triton_matches_eager():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_one_block_loop_equals_general_loops(causal, monkeypatch):
+def test_one_block_loop_equals_general_loops(causal):
     # row tiles inside one sortLSH block take the single interval+samples loop with per-column
     # masks; the general loops (per-row intervals, 2-D masks) must give the same answer
     import hyperref.gpu.function as F
@@ -376,15 +370,14 @@ def test_one_block_loop_equals_general_loops(causal, monkeypatch):
     q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 5, torch.float64))
     g_out = torch.randn_like(q)
 
-    def run():
+    def run(options=None):
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse = gpu.hyper_attention(*xs, causal=causal, config=CFG, return_lse=True,
-                                       generator=torch.Generator(DEVICE).manual_seed(3))
+                                       generator=torch.Generator(DEVICE).manual_seed(3), kernel_options=options)
         return [out, lse] + list(torch.autograd.grad((out * g_out).sum() + lse.sum(), xs))
 
     got = run()
-    monkeypatch.setattr(F, "ONE_BLOCK", False)
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, run()):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, run({"one_block": False})):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
@@ -394,7 +387,6 @@ def test_one_block_loop_equals_general_loops(causal, monkeypatch):
 def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
     # causal leaves by cuDNN / FlashAttention (out, lse and the backward from the final out, lse)
     # against the Triton leaves, same draws; with a gradient into lse the Triton backward runs
-    import hyperref.gpu.function as F
     import hyperref.gpu.leaves as L
 
     cfg = HyperConfig(bits=5, block=64, samples=64, min_seq_len=256)
@@ -406,10 +398,10 @@ def test_vendor_leaves_match_triton_leaves(backend, d, monkeypatch):
     monkeypatch.setattr(L, "forward", lambda *a: calls.append(a[-1]) or forward(*a))
 
     def run(leaves, lse_grad):
-        monkeypatch.setattr(F, "LEAVES", leaves)
         xs = [x.clone().requires_grad_() for x in (q, k, v)]
         out, lse = gpu.hyper_attention(*xs, causal=True, config=cfg, return_lse=True,
-                                       generator=torch.Generator(DEVICE).manual_seed(0))
+                                       generator=torch.Generator(DEVICE).manual_seed(0),
+                                       kernel_options=gpu.KernelOptions(leaves=leaves))
         loss = (out.float() * g_out.float()).sum() + ((lse * g_lse).sum() if lse_grad else 0.0)
         return [out, lse] + list(torch.autograd.grad(loss, xs))
 
@@ -434,14 +426,13 @@ def test_one_program_per_block_tiles_equal_small_tiles(causal, monkeypatch):
     tiles = F._tiles
     monkeypatch.setattr(F, "_tiles", lambda *a: chosen.append(tiles(*a)) or chosen[-1])
 
-    def run():
+    def run(options=None):
         return gpu.hyper_attention(q, k, v, causal=causal, config=cfg, return_lse=True,
-                                   generator=torch.Generator(DEVICE).manual_seed(0))
+                                   generator=torch.Generator(DEVICE).manual_seed(0), kernel_options=options)
 
     out, lse = run()
     assert chosen and all(t[0] == 256 for t in chosen), chosen
-    monkeypatch.setitem(F.TILE_OVERRIDES, ("fwd", 128, torch.bfloat16), (64, 32, 4, 3))
-    small, small_lse = run()
+    small, small_lse = run({"fwd_tiles": (64, 32, 4, 3)})
     assert _rel(out, small) <= 1e-2
     assert torch.equal(torch.isfinite(lse), torch.isfinite(small_lse))
     assert _rel(lse, small_lse) <= 1e-5
@@ -551,10 +542,98 @@ def test_sample_nodes_match_reference_sampler(sampler):
     _check_triton_sampler(row_sq_norms(v, exact=True), u, sampler, layout)
 
 
-def test_unknown_leaf_backend_is_an_error(monkeypatch):
-    import hyperref.gpu.function as F
-
-    monkeypatch.setattr(F, "LEAVES", "foo")
+def test_unknown_leaf_backend_is_an_error():
     q = torch.randn(1, 1, 64, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="LEAVES"):
-        gpu.hyper_attention(q, q, q, causal=True, config=CFG)
+    with pytest.raises(ValueError, match="leaves"):
+        gpu.hyper_attention(q, q, q, causal=True, config=CFG, kernel_options={"leaves": "foo"})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"one_blok": False}, "unknown option.*'one_blok'.*one_block, leaves"),
+    ("fast", "KernelOptions or a dict"),
+    ({"one_block": 1}, "one_block must be a bool"),
+    ({"counting_on_cpu": "yes"}, "counting_on_cpu must be a bool"),
+    ({"leaves": "cudnn9"}, "leaves must be one of"),
+    ({"hash_rows": 64.0}, "hash_rows must be an int"),
+    ({"counting_bits": True}, "counting_bits must be an int"),
+    ({"hash_rows": 48}, r"hash_rows must be a power of two in \[16, 1024\], got 48"),
+    ({"sort_tile": 2048}, "sort_tile must be a power of two"),
+    ({"counting_bits": 9}, r"counting_bits must be in \[0, 8\], got 9"),
+    ({"sort_chunk": 0}, "sort_chunk must be >= 1"),
+    ({"fwd_tiles": (64, 32, 4)}, "fwd_tiles must be None or .* 4 ints"),
+    ({"fwd_tiles": (64, 32.0, 4, 3)}, "4 ints"),
+    ({"dq_tiles": (64, 8, 4, 2)}, "dq_tiles BN must be a power of two"),
+    ({"bwd_tiles": (64, 64, 3, 2)}, "bwd_tiles num_warps must be one of"),
+    ({"smp_tiles": (64, 64, 4, 0)}, r"smp_tiles num_stages must be in \[1, 8\]"),
+])
+@pytest.mark.parametrize("backend", ["triton", "dense"])
+def test_bad_kernel_options_are_refused(options, message, backend):
+    q = torch.randn(1, 1, 64, 16, device=DEVICE)
+    with pytest.raises(hyperref.InputError, match=message):
+        gpu.hyper_attention(q, q, q, config=CFG, backend=backend, kernel_options=options)
+    if isinstance(options, dict) and "one_blok" not in options:
+        with pytest.raises(hyperref.InputError, match=message):
+            gpu.KernelOptions(**options)
+
+
+def test_kernel_options_as_a_dict_equal_the_dataclass():
+    options = gpu.KernelOptions(one_block=False, dq_tiles=[64, 32, 4, 2], bwd_tiles=(32, 32, 4, 2))
+    assert options == gpu.KernelOptions(one_block=np.bool_(False), dq_tiles=(64, 32, 4, 2),
+                                        bwd_tiles=(32, 32, 4, 2))
+    assert hash(options) == hash(gpu.KernelOptions(**{f: getattr(options, f) for f in options.__dataclass_fields__}))
+    assert options.tiles("dq") == (64, 32, 4, 2) and options.tiles("smp") == (32, 32, 4, 2)
+    assert options.tiles("fwd") is None
+    with pytest.raises(AttributeError):
+        options.one_block = True  # frozen
+
+
+class _Launches:
+    """Stands for a Triton kernel: records the keyword arguments of each launch, then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def test_kernel_options_reach_the_kernels(monkeypatch):
+    # non-default tiles, loops and hash rows are what the kernels are launched with; the answer and
+    # gradients are the defaults' within the tolerance of test_one_block_loop_equals_general_loops
+    from hyperref.gpu import kernels_backward, kernels_forward, kernels_sort
+
+    q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 5, torch.float64))
+    g_out = torch.randn_like(q)
+    modules = {"_fwd_kernel": kernels_forward, "_bwd_dq_kernel": kernels_backward,
+               "_bwd_dkdv_kernel": kernels_backward, "_bwd_samples_kernel": kernels_backward,
+               "_hash_kernel": kernels_sort}
+    names = tuple(modules)
+
+    def run(options):
+        spies = {name: _Launches(getattr(module, name)) for name, module in modules.items()}
+        for name, spy in spies.items():
+            monkeypatch.setattr(modules[name], name, spy)
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = gpu.hyper_attention(*xs, config=CFG, return_lse=True, kernel_options=options,
+                                       generator=torch.Generator(DEVICE).manual_seed(3))
+        grads = torch.autograd.grad((out * g_out).sum() + lse.sum(), xs)
+        for name, spy in spies.items():
+            monkeypatch.setattr(modules[name], name, spy.kernel)
+        return [out, lse, *grads], {name: spy.calls for name, spy in spies.items()}
+
+    want, default = run(None)
+    assert any(c["ONE_BLOCK"] for c in default["_fwd_kernel"])  # the whole, non-causal: one block
+    options = gpu.KernelOptions(one_block=False, fwd_tiles=(32, 16, 4, 1), dq_tiles=(16, 32, 4, 1),
+                                bwd_tiles=(32, 32, 4, 1), hash_rows=32)
+    got, calls = run(options)
+    assert all(c["BM"] == 32 and c["BN"] == 16 and not c["ONE_BLOCK"] for c in calls["_fwd_kernel"])
+    assert all(c["BM"] == 16 and c["BN"] == 32 and not c["ONE_BLOCK"] for c in calls["_bwd_dq_kernel"])
+    assert all(c["BM"] == 32 and c["BN"] == 32 and not c["ONE_BLOCK"] for c in calls["_bwd_dkdv_kernel"])
+    assert all(c["BM"] == 32 and c["BN"] == 32 for c in calls["_bwd_samples_kernel"])
+    assert calls["_hash_kernel"] and all(c["BM"] == 32 for c in calls["_hash_kernel"])
+    assert all(calls[name] for name in names)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)

@@ -328,6 +328,19 @@ def test_harmless_keywords_are_accepted():
     _assert_close(got, want, atol=1e-6)
 
 
+def test_kernel_options_are_checked_at_registration():
+    from hyperref import InputError
+
+    with pytest.raises(InputError, match="unknown option"):
+        hf.make_attention_function(EXACT, kernel_options={"tiles": 64})
+    with pytest.raises(InputError, match="hash_rows must be a power of two"):
+        hf.register(EXACT, name="hyper_bad_options", kernel_options={"hash_rows": 3})
+    q, k, v = _qkv(1, 16, 16)
+    want, _ = hf.make_attention_function(EXACT)(_module(True), q, k, v, None)
+    got, _ = hf.make_attention_function(EXACT, kernel_options={"leaves": "triton"})(_module(True), q, k, v, None)
+    _assert_close(got, want, atol=1e-6)
+
+
 def test_a_model_with_logit_softcapping_is_refused():
     gemma2 = pytest.importorskip("transformers.models.gemma2")
     cfg = gemma2.Gemma2Config(**{**SIZES, "num_hidden_layers": 1}, num_key_value_heads=2, head_dim=16,

@@ -74,3 +74,18 @@ def test_docstring_example():
     import hyperref.gpu.sdpa as module
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_kernel_options_are_checked_and_passed():
+    # on the CPU the reference computes (no kernel options apply), but bad ones are refused there too
+    from hyperref import InputError
+    from hyperref.gpu import KernelOptions
+
+    q, k, v = _qkv()
+    with pytest.raises(InputError, match="unknown option"):
+        hyper_sdpa(q, k, v, config=EXACT, kernel_options={"tile": 64})
+    with pytest.raises(InputError, match="leaves must be one of"):
+        hyper_sdpa(q, k, v, config=EXACT, kernel_options={"leaves": "fast"})
+    torch.testing.assert_close(hyper_sdpa(q, k, v, is_causal=True, config=EXACT,
+                                          kernel_options=KernelOptions(leaves="triton")),
+                               SDPA(q, k, v, is_causal=True), atol=1e-5, rtol=1e-5)

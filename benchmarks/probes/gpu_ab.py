@@ -2,10 +2,9 @@
 
 Times ``hyperref.gpu.hyper_attention`` (B = 1, H = 32, bf16, default config), forward and
 forward+backward (backward from a fixed output gradient), causal and not, under
-each variant of the module switches ``hyperref.gpu.function.ONE_BLOCK`` (single
-interval+sample loop for row tiles inside one sortLSH block),
-``hyperref.gpu.function.LEAVES`` (who computes the exact causal leaves) and
-``hyperref.gpu.structure.COUNTING_BITS`` (0: radix sort of the LSH sort keys; 8: counting
+each variant of the kernel options (:class:`hyperref.gpu.KernelOptions`) ``one_block`` (single
+interval+sample loop for row tiles inside one sortLSH block), ``leaves`` (who computes the
+exact causal leaves) and ``counting_bits`` (0: radix sort of the LSH sort keys; 8: counting
 sort of the buckets for up to 8 bits), next to exact
 SDPA under cuDNN and FlashAttention measured in the same run. Tile sweeps:
 ``benchmarks/probes/gpu_tiles.py``.
@@ -22,15 +21,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from hyperref import gpu
-from hyperref.gpu import function, structure
 from hyperref import HyperConfig
 
-VARIANTS = {  # name: (ONE_BLOCK, LEAVES, COUNTING_BITS)
-    "general loops, triton leaves (v3)": (False, "triton", 0),
-    "one-block loop, triton leaves": (True, "triton", 8),
-    "one-block loop, cudnn leaves, radix sort (v4)": (True, "cudnn", 0),
-    "one-block loop, cudnn leaves, counting sort": (True, "cudnn", 8),
-    "one-block loop, flash leaves": (True, "flash", 8),
+VARIANTS = {  # name: kernel options
+    "general loops, triton leaves (v3)": gpu.KernelOptions(one_block=False, leaves="triton", counting_bits=0),
+    "one-block loop, triton leaves": gpu.KernelOptions(leaves="triton"),
+    "one-block loop, cudnn leaves, radix sort (v4)": gpu.KernelOptions(counting_bits=0),
+    "one-block loop, cudnn leaves, counting sort": gpu.KernelOptions(),
+    "one-block loop, flash leaves": gpu.KernelOptions(leaves="flash"),
 }
 
 
@@ -69,11 +67,12 @@ def main():
                                                            (qg, kg, vg), grad), 600)
                 print(f"| {d} | {causal} | {name} | {fmt(f)} | {fmt(fb)} |", flush=True)
             for name in args.variants:
-                function.ONE_BLOCK, function.LEAVES, structure.COUNTING_BITS = VARIANTS[name]
+                options = VARIANTS[name]
                 if not causal and "flash leaves" in name:
                     continue  # no leaves without causality (the cudnn variants differ in the sort)
-                f = bench(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 200)
-                fb = bench(lambda: torch.autograd.grad(gpu.hyper_attention(qg, kg, vg, causal=causal, config=cfg),
+                f = bench(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg, kernel_options=options), 200)
+                fb = bench(lambda: torch.autograd.grad(gpu.hyper_attention(qg, kg, vg, causal=causal, config=cfg,
+                                                                           kernel_options=options),
                                                        (qg, kg, vg), grad), 400)
                 print(f"| {d} | {causal} | {name} | {fmt(f)} | {fmt(fb)} |", flush=True)
 

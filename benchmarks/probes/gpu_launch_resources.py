@@ -4,8 +4,8 @@
 local Triton; the launched kernels are specialized by the runtime (32-bit strides where they
 fit, divisibility) and compiled by the device's Triton, so their register use may differ. This
 script runs one forward+backward per (head dim, causal) at ``n`` tokens, then lists every compiled
-kernel of :mod:`hyperref.gpu.kernels` with what the loaded binary reports: registers per thread, spill
-bytes (local memory per thread), shared memory, warps, stages.
+kernel of the ``hyperref.gpu.kernels_*`` modules with what the loaded binary reports: registers per
+thread, spill bytes (local memory per thread), shared memory, warps, stages.
 
 Usage: ``python benchmarks/probes/gpu_launch_resources.py [--n 131072] [--d 64 128]``; prints one
 markdown table. Needs a CUDA device.
@@ -18,8 +18,10 @@ import torch
 import triton
 
 from hyperref import gpu
-import hyperref.gpu.kernels as K
+from hyperref.gpu import kernels_backward, kernels_forward, kernels_sample, kernels_sort
 from hyperref import HyperConfig
+
+MODULES = (kernels_forward, kernels_backward, kernels_sort, kernels_sample)
 
 
 def compiled(fn):
@@ -31,12 +33,13 @@ def compiled(fn):
 
 
 def kernels():
-    """Every compiled kernel of :mod:`hyperref.gpu.kernels`, by id: (name, compiled kernel)."""
+    """Every compiled kernel of the kernel modules, by id: (name, compiled kernel)."""
     found = {}
-    for name in sorted(dir(K)):
-        if name.endswith("_kernel"):
-            for kernel in compiled(getattr(K, name)):
-                found[id(kernel)] = (name, kernel)
+    for module in MODULES:
+        for name in sorted(dir(module)):
+            if name.endswith("_kernel"):
+                for kernel in compiled(getattr(module, name)):
+                    found[id(kernel)] = (name, kernel)
     return found
 
 

@@ -26,7 +26,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import hyperref.gpu.function as F
-import hyperref.gpu.kernels as K
+import hyperref.gpu.kernels_backward as KB
+import hyperref.gpu.kernels_forward as KF
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMEM_MAX = 232448  # bytes of dynamic shared memory per block on sm_90
@@ -108,16 +109,16 @@ def main():
             runs = []
             for one in (False, True):
                 tiles = F._tiles(d, dtype, cuda, _Piece(one))
-                runs.append((f"fwd ({'one block' if one else 'general'})", K._fwd_kernel, tiles,
+                runs.append((f"fwd ({'one block' if one else 'general'})", KF._fwd_kernel, tiles,
                              dict(common, BM=tiles[0], BN=tiles[1], MERGE=True, ONE_BLOCK=one)))
             tiles = F._bwd_tiles("dq", d, dtype, cuda)
-            runs.append(("dq", K._bwd_dq_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1], ACCUM=True,
+            runs.append(("dq", KB._bwd_dq_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1], ACCUM=True,
                                                               ONE_BLOCK=False)))
             tiles = F._bwd_tiles("dkdv", d, dtype, cuda)
-            runs.append(("dkdv", K._bwd_dkdv_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1], MODE=1,
+            runs.append(("dkdv", KB._bwd_dkdv_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1], MODE=1,
                                                                   ONE_BLOCK=False)))
             tiles = F._bwd_tiles("smp", d, dtype, cuda)
-            runs.append(("smp", K._bwd_samples_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1])))
+            runs.append(("smp", KB._bwd_samples_kernel, tiles, dict(common, BM=tiles[0], BN=tiles[1])))
             for label, fn, tiles, constexprs in runs:
                 kernel = compile_sm90(fn, name, constexprs, tiles)
                 shared = kernel.metadata.shared

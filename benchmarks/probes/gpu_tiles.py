@@ -4,13 +4,14 @@ For each head dim, times ``hyperref.gpu.hyper_attention`` at n = 131072 (B = 1, 
 default config) with every forward configuration (non-causal and causal forward)
 and, one backward kernel at a time (dq, dk/dv of the interval keys, dk/dv of the
 sampled keys; the others at their defaults), every backward configuration
-(non-causal forward+backward), through ``hyperref.gpu.function.TILE_OVERRIDES``. The glue (hashing, sorting, sampling) is the same
+(non-causal forward+backward), through the kernel options ``fwd_tiles``, ``dq_tiles``, ``dkdv_tiles``
+and ``smp_tiles`` (:class:`hyperref.gpu.KernelOptions`). The glue (hashing, sorting, sampling) is the same
 in every row, so differences are the kernels'. Configurations that fail to
 compile (shared memory) are reported as such. Ends with the best configuration
 per (pass, d) as a Python dict, to copy into ``hyperref.gpu.function._tiles`` / ``_bwd_tiles``.
 
 ``--glue``: instead, the non-causal and causal forward under the hashing and
-sorting constants of ``hyperref.gpu.structure`` (``HASH_ROWS``, ``SORT_CHUNK``, ``SORT_TILE``).
+sorting options ``hash_rows``, ``sort_chunk``, ``sort_tile``.
 
 Usage: ``python benchmarks/probes/gpu_tiles.py [--n 131072] [--d 64 128] [--glue | --fwd]``
 """
@@ -21,7 +22,6 @@ import torch
 import triton.testing
 
 from hyperref import gpu
-from hyperref.gpu import function, structure
 from hyperref import HyperConfig
 
 # few configurations: each costs a compilation of every kernel variant (~10 s at d = 128)
@@ -32,7 +32,7 @@ BWD = {"dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3)],
        "smp": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]}
 
 
-GLUE = {"HASH_ROWS": [64, 128, 256], "SORT_CHUNK": [1024, 2048, 4096], "SORT_TILE": [128, 256, 512]}
+GLUE = {"hash_rows": [64, 128, 256], "sort_chunk": [1024, 2048, 4096], "sort_tile": [128, 256, 512]}
 
 
 def header(args, what):
@@ -84,43 +84,41 @@ def main():
         q, k, v = inputs(args.n, d, dtype)
         for causal in (False, True):
             for tiles in FWD:
-                function.TILE_OVERRIDES[("fwd", d, dtype)] = tiles
-                t = time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
+                options = gpu.KernelOptions(fwd_tiles=tiles)
+                t = time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg,
+                                                        kernel_options=options), 100)
                 report("fwd", d, causal, tiles, t)
         if args.fwd:
             continue
-        function.TILE_OVERRIDES[("fwd", d, dtype)] = best[("fwd", d, False)][0]
+        fwd_tiles = best[("fwd", d, False)][0]
         qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
         grad = torch.randn_like(q)
 
-        def fwd_bwd():
-            out = gpu.hyper_attention(qg, kg, vg, config=cfg)
+        def fwd_bwd(options):
+            out = gpu.hyper_attention(qg, kg, vg, config=cfg, kernel_options=options)
             torch.autograd.grad(out, (qg, kg, vg), grad)
 
         for kernel, configs in BWD.items():
             for tiles in configs:
-                function.TILE_OVERRIDES[(kernel, d, dtype)] = tiles
-                report(kernel, d, False, tiles, time_ms(fwd_bwd, 200))
-            function.TILE_OVERRIDES.pop((kernel, d, dtype))
-        function.TILE_OVERRIDES.clear()
+                options = gpu.KernelOptions(fwd_tiles=fwd_tiles, **{f"{kernel}_tiles": tiles})
+                report(kernel, d, False, tiles, time_ms(lambda: fwd_bwd(options), 200))
     print("best:", {f"{p}/d={d}/causal={c}": v for (p, d, c), v in best.items()})
 
 
 def glue(args, cfg, dtype):
-    """Forward times under each value of the hashing/sorting constants (one at a time)."""
+    """Forward times under each value of the hashing/sorting options (one at a time)."""
     print(header(args, "; forward ms"))
-    print("| d | constant | value | non-causal | causal |")
+    print("| d | option | value | non-causal | causal |")
     print("| ---: | --- | ---: | ---: | ---: |")
     for d in args.d:
         q, k, v = inputs(args.n, d, dtype)
         for name, values in GLUE.items():
-            default = getattr(structure, name)
             for value in values:
-                setattr(structure, name, value)
-                times = [time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg), 100)
+                options = gpu.KernelOptions(**{name: value})
+                times = [time_ms(lambda: gpu.hyper_attention(q, k, v, causal=causal, config=cfg,
+                                                             kernel_options=options), 100)
                          for causal in (False, True)]
                 print(f"| {d} | {name} | {value} | {' | '.join(map(fmt, times))} |", flush=True)
-            setattr(structure, name, default)
 
 
 if __name__ == "__main__":
