@@ -56,6 +56,12 @@ exact causal QKᵀ multiply-adds, ``n²d/2``, at ``n = 8192`` and ``n = 131072``
   candidates; ``σ_tg = Σ_{j∈g} π_tj``. Cost coarse ``+ 2C'B/n``.
 * ``2-level(coarse → C', reps)``: the same with the ``spread`` representatives
   scoring the candidates instead of every row. Cost coarse ``+ 2rC'B/(bq·n)``.
+* ``2-level(coarse → K keys in s-s)``: candidates are the ``K/s`` sub-blocks of ``s``
+  keys of highest ``Σ_{j∈u} π_tj`` under the coarse scorer (its key scores), then
+  every row scores them exactly as in ``2-level``. Cost coarse ``+ 2K/n``.
+
+Per-row Quest's cost counts its bounds and the exact scores of its candidates,
+``2/8 + 2·candidates/n``.
 
 References: per-row ``quest(8, 8·keep, keep)`` (hyperref's part), with and
 without ``base``; detectors alone are marked ``alone``.
@@ -63,7 +69,8 @@ without ``base``; detectors alone are marked ``alone``.
 Usage::
 
     python benchmarks/probes/block_detectors.py [--n 2048] [--layers 0,5,7,12,18,20,23,27]
-        [--texts plain,copy] [--cache DIR] [--bq 128] [--kb 128]
+        [--texts plain,copy] [--cache DIR] [--bq 128] [--kb 128] [--budgets C:G,...]
+        [--only PREFIX;...] [--show-heads L20H6,...] [--heads K] [--row-blocks R] [--dump FILE]
 """
 
 from __future__ import annotations
@@ -334,7 +341,7 @@ def score_oracle(h: Head, agg: str):
     pt = h.P[h.block_rows()]
     pi = pt.sum(1) if agg == "sum" else pt.max(1)
     pi = np.where(np.arange(h.n)[None, :] <= h.limit()[:, None], pi, -np.inf)
-    return h.P[h.block_rows()].sum(1).reshape(len(pi), h.n // h.kb, h.kb).sum(2), pi
+    return np.where(np.isfinite(pi), pi, 0.0).reshape(len(pi), h.n // h.kb, h.kb).sum(2), pi
 
 
 def two_level(h: Head, coarse, cprime: int, reps: int = 0):
@@ -344,7 +351,27 @@ def two_level(h: Head, coarse, cprime: int, reps: int = 0):
     top = np.argsort(-sigma0, axis=1, kind="stable")[:, :cprime]
     cand_blocks = np.zeros((T, nkb), bool)
     np.put_along_axis(cand_blocks, top, np.isfinite(np.take_along_axis(sigma0, top, 1)), 1)
-    cand = np.repeat(cand_blocks, h.kb, axis=1)  # (T, n)
+    return _rescore(h, np.repeat(cand_blocks, h.kb, axis=1), reps)
+
+
+def two_level_sub(h: Head, coarse, s: int, cand_keys: int, reps: int = 0):
+    """The ``cand_keys / s`` sub-blocks of ``s`` keys of highest ``Σ_{j∈u} π_tj`` under ``coarse``, rescored
+    exactly by every row (or ``reps`` spread rows)."""
+    _, pi0 = coarse(h)
+    T, n = pi0.shape
+    sub = pi0.reshape(T, n // s, s).sum(2)  # −inf where past c_t − w (s divides the block, so whole sub-blocks)
+    top = np.argsort(-sub, axis=1, kind="stable")[:, :cand_keys // s]
+    cand_sub = np.zeros(sub.shape, bool)
+    np.put_along_axis(cand_sub, top, np.isfinite(np.take_along_axis(sub, top, 1)), 1)
+    return _rescore(h, np.repeat(cand_sub, s, axis=1), reps)
+
+
+def _rescore(h: Head, cand: np.ndarray, reps: int = 0):
+    """``(σ, π)`` of the candidate keys ``cand`` ``(T, n)``: ``π_tj = Σ_i exp(S_ij − lse_i)`` over every row
+    (or ``reps`` spread rows), ``lse_i`` over the row's sinks, window, heavykeys and the candidates."""
+    T, n = cand.shape
+    nkb = n // h.kb
+    cand_blocks = cand.reshape(T, nkb, h.kb).any(2)
     j = np.arange(h.n)[None, None, :]
     if reps:
         vec, pos = representatives(h, "spread", reps)
@@ -411,7 +438,8 @@ def candidates(bq: int, kb: int, budgets: list, d: int = 64) -> list:
     cands = []
     for keep in (128, 192, 256):
         cands.append(Cand(f"quest(8, {8 * keep}, {keep}) per row", "per-row quest", 0, keep,
-                          lambda n: 2 / 8, (lambda kp: (lambda h: h.member(BASE | quest(8, 8 * kp, kp))))(keep),
+                          (lambda kp: (lambda n: 2 / 8 + 2 * 8 * kp / n))(keep),
+                          (lambda kp: (lambda h: h.member(BASE | quest(8, 8 * kp, kp))))(keep),
                           kind="member"))
     cands.append(Cand("base alone", "-", 0, 0, lambda n: 0.0, lambda h: np.zeros_like(h.base), kind="member"))
     cands.append(Cand("base", "-", 0, 0, lambda n: 0.0, lambda h: np.zeros_like(h.base), kind="member", gap=True))
@@ -438,7 +466,8 @@ def candidates(bq: int, kb: int, budgets: list, d: int = 64) -> list:
     add("meanq-bound-lse(8)", lambda h: score_meanq_bound(h, 8, lse=True), lambda n: 2 / (bq * 8))
     add("blocktop", score_blocktop, lambda n: 1 / kb, keys=False)
     for kind, r in [("last", 1), ("mean", 1), ("spread", 2), ("spread", 4), ("random", 4),
-                    ("kmeans", 4), ("mean+spread", 4), ("spread", 8), ("kmeans", 8)]:
+                    ("kmeans", 4), ("mean+spread", 4), ("spread", 8), ("kmeans", 8),
+                    ("spread", 16), ("spread", 32)]:
         add(f"reps({kind}, {r})", reps(kind, r), (lambda rr: (lambda n: rr / bq))(r))
     for r in (1, 3, 7):
         add(f"gauss({r})", (lambda rr: (lambda h: score_gauss(h, rr)))(r), (lambda rr: (lambda n: (1 + rr) / bq))(r))
@@ -458,6 +487,23 @@ def candidates(bq: int, kb: int, budgets: list, d: int = 64) -> list:
         cands.append(Cand(f"2-level(meanq-bound(8) → {cp}, reps 8)", "2-level(meanq-bound(8) → 2C, reps 8)", C, G,
                           (lambda c_: (lambda n: 2 / (bq * 8) + 2 * 8 * c_ * kb / (bq * n)))(cp),
                           (lambda c_: (lambda h: two_level(h, lambda hh: score_meanq_bound(hh, 8), c_, reps=8)))(cp)))
+    # more representatives or more candidate blocks in the coarse stage
+    for r, cp in [(2, 16), (8, 8), (8, 16)]:
+        add(f"2-level(reps(spread, {r}) → {cp})",
+            (lambda r_, c_: (lambda h: two_level(h, reps("spread", r_), c_)))(r, cp),
+            (lambda r_, c_: (lambda n: r_ / bq + 2 * c_ * kb / n))(r, cp))
+    # fewer candidate blocks (a coarse stage that must discriminate at n = 2048), and candidates in sub-blocks
+    for cp in (4, 6):
+        add(f"2-level(reps(spread, 4) → {cp})", (lambda c_: (lambda h: two_level(h, reps("spread", 4), c_)))(cp),
+            (lambda c_: (lambda n: 4 / bq + 2 * c_ * kb / n))(cp))
+    for cname, coarse, ccost, s, ck in [("reps(spread, 4)", reps("spread", 4), 4 / bq, 16, 512),
+                                        ("reps(spread, 4)", reps("spread", 4), 4 / bq, 16, 768),
+                                        ("reps(spread, 8)", reps("spread", 8), 8 / bq, 16, 512),
+                                        ("meanq-bound(8)", lambda hh: score_meanq_bound(hh, 8), 2 / (bq * 8),
+                                         8, 512)]:
+        add(f"2-level({cname} → {ck} keys in {s}s)",
+            (lambda co, s_, ck_: (lambda h: two_level_sub(h, co, s_, ck_)))(coarse, s, ck),
+            (lambda cc, ck_: (lambda n: cc + 2 * ck_ / n))(ccost, ck))
     return cands
 
 
@@ -487,7 +533,7 @@ def run_head(h: Head, cands) -> np.ndarray:
 def fmt_cost(x: float) -> str:
     if x != x:
         return "-"
-    return "0" if x == 0 else f"1/{1 / x:.0f}" if x < 1 else f"{x:.2f}"
+    return "0" if x == 0 else f"1/{1 / x:.0f}" if x < 0.4 else f"{x:.2f}"
 
 
 def main(argv=None) -> int:
@@ -502,10 +548,13 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=0, help="only the first K heads of each layer (0: all)")
     parser.add_argument("--row-blocks", type=int, default=0,
                         help="measure only this many evenly spaced blocks of 128 rows of the second half (0: all rows)")
-    parser.add_argument("--budgets", default="1:0,1:64,1:128,2:128,4:128,8:128",
+    parser.add_argument("--budgets", default="1:0,1:128,2:128,4:128,8:128,0:256,1:256,0:384",
                         help="comma list of C:G (key blocks : gathered keys)")
     parser.add_argument("--dump", type=pathlib.Path, help="also save the per-head numbers (npz)")
-    parser.add_argument("--only", default="", help="only candidates whose score contains one of these, comma list")
+    parser.add_argument("--only", default="", help="only candidates whose score starts with one of these, "
+                        "separated by ';'")
+    parser.add_argument("--show-heads", default="", help="also a per-head table of these heads, comma list "
+                        "(e.g. L18H8,L20H3,L20H5,L20H6,L23H2)")
     args = parser.parse_args(argv)
     args.texts = args.texts.split(",")
     from threadpoolctl import threadpool_limits
@@ -516,7 +565,7 @@ def main(argv=None) -> int:
     budgets = [tuple(int(x) for x in b.split(":")) for b in args.budgets.split(",")]
     cands = candidates(args.bq, args.kb, budgets)
     if args.only:
-        wanted = args.only.split(",")
+        wanted = args.only.split(";")
         cands = [c for c in cands if c.kind == "member" or any(c.score.startswith(w) for w in wanted)]
     results = {}
     for text in args.texts:
@@ -539,11 +588,11 @@ def main(argv=None) -> int:
         labels = [f"{c.name} | {c.C}x{args.kb}+{c.G}" for c in cands]
         np.savez(args.dump, labels=np.array(labels), **{f"{t}__{nm}": v for t, per in results.items()
                                                          for nm, v in per.items()})
-    print(report(args, cands, results, data, start))
+    print(report(args, cands, results, data, start, sys.argv[1:] if argv is None else argv))
     return 0
 
 
-def report(args, cands, results, data, start) -> str:
+def report(args, cands, results, data, start, argv=None) -> str:
     import torch
     import transformers
 
@@ -554,7 +603,10 @@ def report(args, cands, results, data, start) -> str:
              f"Model SmolLM2-135M-Instruct (hyperref.lm.load_model); text hyperref.lm.default_text(), "
              f"plain (first n tokens) and copy (first n/2 tokens twice); n = {args.n}; layers {args.layers} "
              f"({nheads} heads per text); rows i >= {args.n // 2}{f' ({args.row_blocks} evenly spaced blocks of 128 rows)' if args.row_blocks else ''}; bq = {args.bq}, B = {args.kb}; "
-             f"base = {BASE.describe()}; seed {args.seed}.", ""]
+             f"base = {BASE.describe()}; seed {args.seed}.", "",
+             "Command: `OMP_NUM_THREADS=1 python benchmarks/probes/block_detectors.py "
+             + " ".join(repr(a) if (" " in a or ";" in a or "(" in a) else a for a in (argv or []))
+             + "`.", ""]
     lines += ["keys: mean attended exact keys per row; recall: mean over heads, minimum and the worst head; "
               "cost: scoring work / exact causal QKᵀ at n = 8192 and n = 131072.", ""]
     texts = list(results)
@@ -571,6 +623,21 @@ def report(args, cands, results, data, start) -> str:
         budget = f"{c.C}×{args.kb} + {c.G}" if c.kind == "block" else "-"
         lines.append(f"| {c.name}{'' if c.base else ' (alone)'}{' + gap' if c.gap else ''} | {c.score} | {budget} | " + " | ".join(cells)
                      + f" | {fmt_cost(c.cost(8192))} | {fmt_cost(c.cost(131072))} |")
+    shown = [nm for nm in args.show_heads.split(",") if nm]
+    if shown:
+        lines += ["", "Per head (mass: mean exact mass per row; recall as above).", "",
+                  "| head | detector | C×B + G | "
+                  + " | ".join(f"{t} keys | {t} mass | {t} recall" for t in texts) + " |",
+                  "|" + "---|" * (3 + 3 * len(texts))]
+        for nm in shown:
+            for ci, c in enumerate(cands):
+                cells = []
+                for t in texts:
+                    v = results[t].get(nm)
+                    cells += ["-"] * 3 if v is None else [f"{v[ci][0]:.0f}", f"{v[ci][1]:.3f}", f"{v[ci][3]:.3f}"]
+                budget = f"{c.C}×{args.kb} + {c.G}" if c.kind == "block" else "-"
+                label = f"{c.name}{'' if c.base else ' (alone)'}{' + gap' if c.gap else ''}"
+                lines.append(f"| {nm} | {label} | {budget} | " + " | ".join(cells) + " |")
     lines += ["", f"Run time {time.perf_counter() - start:.0f} s."]
     return "\n".join(lines)
 
