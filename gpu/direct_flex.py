@@ -519,22 +519,20 @@ def _gather_slots(x, plan: DirectPlan):
         bsz, h * plan.n_qt, plan.slots, d)
 
 
-def merge_lse(o1, l1, o2, l2):
-    """``(o, lse)`` of two partials over disjoint key sets (rows empty in both: ``(0, −∞)``).
+def merge_partials(o1, l1, o2, l2):
+    """The two calls' partials merged by :func:`hyperref.gpu.function.merge`, in the dtype of the
+    log normalizers (fp32 for half inputs), the output cast back to the dtype of ``o1``."""
+    from .function import merge
 
-    .. math:: l = \\log(e^{l_1} + e^{l_2}),\\quad o = e^{l_1 - l} o_1 + e^{l_2 - l} o_2
-    """
-    lse = torch.logaddexp(l1, l2)
-    safe = torch.where(torch.isfinite(lse), lse, 0.0)
-    w1, w2 = torch.exp(l1 - safe), torch.exp(l2 - safe)
-    return (w1[..., None] * o1.to(w1.dtype) + w2[..., None] * o2.to(w2.dtype)).to(o1.dtype), lse
+    out, lse = merge(o1.to(l1.dtype), l1, o2.to(l1.dtype), l2)
+    return out.to(o1.dtype), lse
 
 
 def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig, causal: bool,
                 kernel_options=None, dense: bool | None = None):
     """``(out, lse)`` of the direct mode from a plan; differentiable in ``q``, ``k``, ``v``.
 
-    Two block-sparse attention calls merged by their log normalizers (:func:`merge_lse`):
+    Two block-sparse attention calls merged by their log normalizers (:func:`merge_partials`):
     the own keys (sinks, window, picked tiles; a mask of index arithmetic) and the gathered
     slots (heavy keys and samples; each query tile a head of its own over its ``L`` slots).
     ``k``, ``v`` (B, H, nk, ·) have the query heads' count (expanded for GQA). ``dense``:
@@ -569,7 +567,7 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
                             kernel_options=kernel_options)
     o2 = o2.reshape(bsz, h, plan.n_qt * QB, -1)[:, :, :nq]
     l2 = l2.reshape(bsz, h, plan.n_qt * QB)[:, :, :nq]
-    merge = _compiled("merge", merge_lse) if q.device.type == "cuda" else merge_lse
+    merge = _compiled("merge", merge_partials) if q.device.type == "cuda" else merge_partials
     return merge(o1, l1, o2, l2.to(l1.dtype))
 
 

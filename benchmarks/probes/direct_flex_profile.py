@@ -100,7 +100,7 @@ def main():
                 o2, l2 = call(q_t, k_g, v_g, g_score, g_bm)
                 o2 = o2.reshape(1, h, -1, d)[:, :, :n]
                 l2 = l2.reshape(1, h, -1)[:, :, :n]
-                merge = F._compiled("merge", F.merge_lse)
+                merge = F._compiled("merge", F.merge_partials)
                 r["merge_ms"] = bench(lambda: merge(o1, l1, o2, l2))
                 r["kernels_ms"] = bench(lambda: F.flex_direct(q, k, v, plan, scale=scale, config=cfg,
                                                               causal=causal))
