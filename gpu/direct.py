@@ -18,7 +18,7 @@ from hyperref._validation import InputError
 from hyperref.direct import block_support, paper_exact_set
 import numpy as np
 
-from hyperref.exact_set import BlockTop, Geometry, HeavyKeys, Quest, Sinks, SortLSH, TopK, Window
+from hyperref.exact_set import BlockKeys, BlockTop, Geometry, HeavyKeys, Quest, Sinks, SortLSH, TopK, Window
 
 
 def _gray_inverse(c):
@@ -71,6 +71,10 @@ def _member(parts, states, logits, rows, geom: Geometry):
         elif isinstance(part, BlockTop):
             picked = state[:, rows // part.block]  # (H, rows, count), −1 for none
             out |= (picked[..., None] == (j // part.block)[None, None, None, :]).any(dim=2)
+        elif isinstance(part, BlockKeys):
+            picked = state[:, rows // part.within(geom).block]  # (H, rows, keep), −1 for none
+            mark = torch.zeros((*picked.shape[:2], nk + 1), dtype=torch.bool, device=logits.device)
+            out |= mark.scatter_(-1, torch.where((picked >= 0) & (picked < nk), picked, nk), True)[..., :nk]
         elif isinstance(part, HeavyKeys):
             out |= state[:, None, :nk]
         elif isinstance(part, Quest):
@@ -166,7 +170,7 @@ def direct_attention(q, k, v, *, causal: bool, scale: float, config, draws, chun
                 states.append((torch.nan_to_num(kb, nan=math.inf).amin(2),
                                torch.nan_to_num(kb, nan=-math.inf).amax(2), qh.double(), kh.double(),
                                scale, covered[1]))
-            elif isinstance(part, (BlockTop, HeavyKeys)):
+            elif isinstance(part, (BlockTop, BlockKeys, HeavyKeys)):
                 states.append(_host_selection(part, qh, kh, scale, geom, arr, covered))
             else:
                 states.append(None)
@@ -223,17 +227,18 @@ def _quest_member(part: Quest, state, logits, rows, geom: Geometry):
 
 
 def _host_selection(part, q, k, scale, geom, draws, covered):
-    """The key selection of a ``blocktop`` or ``heavykeys`` part, per head, by the reference.
+    """The key selection of a ``blocktop``, ``blockkeys`` or ``heavykeys`` part, per head, by the reference.
 
     These selections are index planning (scores of ``O(nq·nk/b)`` or
     ``O(|T|·nk)`` entries): the reference's own ``prepare`` computes them on the
     host, so both engines use the same keys. Returns, on the device of ``q``,
-    the chosen key blocks (H, row blocks, count) or a key mark (H, nk).
+    the chosen key blocks (H, row blocks, count), the chosen keys (H, row blocks, keep) or a
+    key mark (H, nk).
     """
     qs, ks = q.detach().cpu().numpy(), k.detach().cpu().numpy()
     picked = [part.prepare(qs[h], ks[h], scale, geom, None if draws is None else draws[h], covered)
               for h in range(len(qs))]
-    if isinstance(part, BlockTop):
+    if isinstance(part, (BlockTop, BlockKeys)):
         return torch.as_tensor(np.stack(picked), device=q.device)
     mark = torch.zeros((len(qs), k.shape[1]), dtype=torch.bool, device=q.device)
     for h, keys in enumerate(picked):

@@ -47,20 +47,20 @@ import torch
 from hyperref._validation import InputError, check_scale
 from hyperref.config import HyperConfig
 from hyperref.direct import paper_exact_set
-from hyperref.exact_set import BlockTop, ExactSet, HeavyKeys, Sinks, Window
+from hyperref.exact_set import BlockKeys, BlockTop, ExactSet, Geometry, HeavyKeys, Sinks, Window
 
 #: query rows per kernel tile, key positions per own-key tile, slots per gathered tile
 QB = 128
 KB = 128
 GB = 128
-SUPPORTED = (Sinks, Window, BlockTop, HeavyKeys)
+SUPPORTED = (Sinks, Window, BlockTop, BlockKeys, HeavyKeys)
 
 
 def check_supported(exact_set: ExactSet, bq: int) -> None:
     """Raise :class:`~hyperref.InputError` unless this engine computes ``exact_set`` with ``bq``-row blocks."""
     bad = [p.describe() for p in exact_set.parts if not isinstance(p, SUPPORTED)]
     if bad:
-        raise InputError(f"the block-sparse direct engine computes sinks, window, blocktop and heavykeys "
+        raise InputError(f"the block-sparse direct engine computes sinks, window, blocktop, blockkeys and heavykeys "
                          f"parts; {', '.join(bad)} select keys row by row: use "
                          "hyperref.gpu.direct.direct_attention")
     if QB % bq and bq % QB:
@@ -69,6 +69,9 @@ def check_supported(exact_set: ExactSet, bq: int) -> None:
         if isinstance(p, BlockTop) and p.block % KB:
             raise InputError(f"the block-sparse direct engine takes blocktop blocks that are multiples of "
                              f"{KB} (whole key tiles), got {p.block}")
+        if isinstance(p, BlockKeys) and (p.block % QB or p.block % bq):
+            raise InputError(f"the block-sparse direct engine takes blockkeys row blocks that are multiples "
+                             f"of {QB} (whole query tiles) and of query_block ({bq}), got {p.block}")
 
 
 # ---------------------------------------------------------------- selections (index planning, no grad)
@@ -171,6 +174,145 @@ def block_picks(part: BlockTop, q, k, causal, covered, chunk_blocks: int = 64):
     if out.shape[-1] < part.count:
         out = torch.nn.functional.pad(out, (0, part.count - out.shape[-1]), value=-1)
     return out
+
+
+def _eligible(tq, blk, nq, nk, causal, covered, j):
+    """:func:`hyperref.exact_set._eligible_keys` of row blocks ``tq`` (T,) over keys ``j``: (T, len(j))."""
+    s, w = covered
+    c_first = tq * blk + (nk - nq)
+    c_last = torch.clamp((tq + 1) * blk, max=nq) - 1 + (nk - nq)
+    j = j[None, :]
+    if causal:
+        return (j >= s) & (j <= (c_first - w)[:, None])
+    if not w:
+        return (j >= s).expand(len(tq), j.shape[1])
+    return (j >= s) & ((j <= (c_first - w)[:, None]) | (j >= (c_last + w)[:, None]))
+
+
+def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mass=None):
+    """The coarse stage of :class:`hyperref.exact_set.BlockKeys`: chosen key blocks (B, H, T, C′).
+
+    Ascending, −1 for none. ``reps_mass`` (B, H, T·reps, key blocks): the representatives'
+    softmax mass per key block over the eligible keys, when a kernel computed it; else
+    the dense torch form here (logits of a chunk of row blocks at a time).
+    """
+    bsz, h, nq, d = q.shape
+    nk, blk, kb = k.shape[2], part.block, part.key_block
+    n_t, n_kb, r = -(-nq // blk), -(-nk // kb), part.reps
+    dev = q.device
+    tq = torch.arange(n_t, device=dev)
+    j = torch.arange(nk, device=dev)
+    if reps_mass is None:
+        reps = _rep_rows(part, nq, dev)  # (T, r)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        sums = []
+        step = max(1, 2 ** 24 // max(1, bsz * h * r * nk))
+        for t0 in range(0, n_t, step):
+            t1 = min(n_t, t0 + step)
+            rr = reps[t0:t1].reshape(-1)
+            logits = (q[:, :, rr].to(work) @ k.to(work).transpose(-1, -2)) * scale  # (B, H, tc·r, nk)
+            if causal:
+                logits = logits.masked_fill(j[None, :] > (rr + nk - nq)[:, None], -math.inf)
+            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+            elig = _eligible(tq[t0:t1], blk, nq, nk, causal, covered, j).repeat_interleave(r, dim=0)
+            p = torch.where(elig, p, 0.0)
+            p = torch.nn.functional.pad(p, (0, n_kb * kb - nk))
+            sums.append(p.unflatten(-1, (n_kb, kb)).sum(-1))
+        reps_mass = torch.cat(sums, dim=2)
+    sigma = reps_mass.unflatten(2, (n_t, r)).sum(3)  # (B, H, T, n_kb)
+    elig = _eligible(tq, blk, nq, nk, causal, covered, j)
+    has = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
+    sigma = sigma.masked_fill(~has, -math.inf)
+    order, best = _top(sigma, min(part.candidates // kb, n_kb))
+    chosen = torch.where(torch.isfinite(best), order, n_kb)
+    chosen = torch.sort(chosen, dim=-1).values
+    return torch.where(chosen < n_kb, chosen, -1)
+
+
+def _rep_rows(part: BlockKeys, nq: int, device):
+    """The representatives ``t·b + ⌈(m+1)·b/reps⌉ − 1`` of every row block, clamped: (T, reps) int64."""
+    blk = part.block
+    n_t = -(-nq // blk)
+    off = torch.tensor([-(-(m + 1) * blk // part.reps) - 1 for m in range(part.reps)], device=device)
+    return torch.clamp(torch.arange(n_t, device=device)[:, None] * blk + off[None, :], max=nq - 1)
+
+
+def block_key_mass(part: BlockKeys, q, k, scale, causal, covered, chosen):
+    """The fine stage's ``π_tj`` over the candidates: (B, H, T, C′·B) fp32, −inf off the candidates.
+
+    Slot ``c·B + u`` of block ``t`` is key ``chosen[t, c]·B + u``; dense torch form (a chunk of
+    row blocks at a time). ``lse_i`` is over the candidates and the row's sinks and window.
+    """
+    bsz, h, nq, d = q.shape
+    nk, blk, kb = k.shape[2], part.block, part.key_block
+    s, w = covered
+    n_t = chosen.shape[2]
+    dev = q.device
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qp = torch.nn.functional.pad(q, (0, 0, 0, n_t * blk - nq)).unflatten(2, (n_t, blk)).to(work)
+    kw = k.to(work)
+    u = torch.arange(kb, device=dev)
+    # the rows' own keys: the sinks, then the window's span (causal: c_first − w + 1 … c_last)
+    span = w + blk - 1 + (w if not causal else 0)
+    own_off = torch.arange(span, device=dev)
+    out = []
+    step = max(1, 2 ** 24 // max(1, bsz * h * blk * (chosen.shape[-1] * kb + s + span)))
+    for t0 in range(0, n_t, step):
+        t1 = min(n_t, t0 + step)
+        tq = torch.arange(t0, t1, device=dev)
+        cand = chosen[:, :, t0:t1, :, None] * kb + u  # (B, H, tc, C', kb)
+        cand = cand.flatten(3)
+        ok = (chosen[:, :, t0:t1, :, None] >= 0).expand(*chosen.shape[:2], t1 - t0, chosen.shape[-1], kb).flatten(3)
+        ok = ok & (cand < nk)
+        first = tq * blk + (nk - nq)
+        ok = ok & _eligible_of(cand, first, torch.clamp((tq + 1) * blk, max=nq) - 1 + (nk - nq), s, w, causal)
+        near = (first - w + 1)[:, None] + own_off[None, :]  # (tc, span)
+        own = torch.cat([torch.arange(s, device=dev).expand(t1 - t0, s), near], dim=1)  # (tc, s + span)
+        idx = torch.cat([own.expand(bsz, h, *own.shape), torch.clamp(cand, 0, nk - 1)], dim=-1)
+        keys = torch.gather(kw, 2, torch.clamp(idx, 0, nk - 1).flatten(2)[..., None].expand(-1, -1, -1, d))
+        keys = keys.view(bsz, h, t1 - t0, idx.shape[-1], d)
+        logits = (qp[:, :, t0:t1] @ keys.transpose(-1, -2)) * scale  # (B, H, tc, blk, s + span + C'kb)
+        rows = tq[:, None] * blk + torch.arange(blk, device=dev)[None, :]  # (tc, blk)
+        c = (rows + nk - nq)[:, :, None]
+        oj = own[:, None, :]
+        sink_col = (torch.arange(own.shape[-1], device=dev) < s)[None, None, :]
+        near_ok = ((oj > c - w) & (oj <= c)) if causal else ((c - oj).abs() < w)
+        # the sink columns, then the window's keys that are not sinks (each key once)
+        own_ok = (oj < nk) & (oj <= c if causal else True) & (sink_col | (near_ok & (oj >= s)))
+        own_ok = own_ok & (rows < nq)[:, :, None]
+        cand_ok = ok[:, :, :, None, :] & (rows < nq)[None, None, :, :, None]
+        keep = torch.cat([own_ok.expand(bsz, h, *own_ok.shape), cand_ok.expand(-1, -1, -1, blk, -1)], dim=-1)
+        logits = logits.masked_fill(~keep, -math.inf)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        p = torch.exp(logits[..., own.shape[-1]:] - torch.where(torch.isfinite(lse), lse, math.inf))
+        pi = p.sum(3).float()
+        out.append(pi.masked_fill(~ok, -math.inf))
+    return torch.cat(out, dim=2)
+
+
+def _eligible_of(j, c_first, c_last, s, w, causal):
+    """:func:`_eligible` for per-block key indices ``j`` (B, H, T, ·), blocks' ``c_first``/``c_last`` (T,)."""
+    cf, cl = c_first[:, None], c_last[:, None]
+    if causal:
+        return (j >= s) & (j <= cf - w)
+    if not w:
+        return j >= s
+    return (j >= s) & ((j <= cf - w) | (j >= cl + w))
+
+
+def block_keys(part: BlockKeys, q, k, scale, causal, covered):
+    """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded."""
+    nk, kb = k.shape[2], part.key_block
+    chosen = block_key_candidates(part, q, k, scale, causal, covered)
+    pi = block_key_mass(part, q, k, scale, causal, covered, chosen)
+    order, best = _top(pi, min(part.keep, pi.shape[-1]))
+    slot_key = (torch.gather(chosen, -1, order // kb) * kb + order % kb)
+    keys = torch.where(torch.isfinite(best) & (torch.gather(chosen, -1, order // kb) >= 0), slot_key, nk)
+    keys = torch.sort(keys, dim=-1).values
+    keys = torch.where(keys < nk, keys, -1)
+    if keys.shape[-1] < part.keep:
+        keys = torch.nn.functional.pad(keys, (0, part.keep - keys.shape[-1]), value=-1)
+    return keys
 
 
 def _top(score, count: int):
@@ -376,14 +518,18 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     half = q.dtype in (torch.float16, torch.bfloat16)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     covered = (s, w)
-    heavy = picks = None
+    heavy = picks = bkeys = None
     pick_block = KB
+    geom = Geometry(nq, nk, causal)
     for part in exact_set.parts:
         if isinstance(part, HeavyKeys):
             heavy = heavy_keys(part, q, k, heavy_rows, scale, causal, covered, work)
         elif isinstance(part, BlockTop):
             qs, ks = (q, k) if half else (q.to(work), k.to(work))
             picks, pick_block = block_picks(part, qs, ks, causal, covered), part.block
+        elif isinstance(part, BlockKeys):
+            part = part.within(geom)
+            bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
     partial, full, picked = own_tiles(nq, nk, causal, covered, picks, pick_block, dev)
     n_qt = partial.shape[2]
     tq = torch.arange(n_qt, device=dev)
@@ -391,20 +537,28 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     m = sample_u.shape[-1]
     subs = max(1, QB // bq)
     n_heavy = 0 if heavy is None else heavy.shape[-1]
-    slots = _round_up(max(n_heavy + subs * m, 1), GB)
+    n_bkeys = 0 if bkeys is None else bkeys.shape[-1]
+    slots = _round_up(max(n_heavy + n_bkeys + subs * m, 1), GB)
     pos_parts, owner_parts, logw_parts = [], [], []
     if n_heavy:
         hk = heavy[:, :, None, :].expand(bsz, h, n_qt, n_heavy)
         pos_parts.append(torch.where((hk >= s), hk, -1))
         owner_parts.append(torch.full_like(hk, -1))
         logw_parts.append(torch.zeros(hk.shape, dtype=work, device=dev))
+    if bkeys is not None:  # the keys of the row block each tile lies in (a heavy key is there already)
+        bk = bkeys[:, :, (tq * QB) // bkeys_block]
+        if n_heavy:
+            bk = torch.where(_holds(heavy[:, :, None, :].expand(bsz, h, n_qt, n_heavy), bk, nk), -1, bk)
+        pos_parts.append(bk)
+        owner_parts.append(torch.full_like(bk, -1))
+        logw_parts.append(torch.zeros(bk.shape, dtype=work, device=dev))
     if m:
         keys, lw = sample_slots(v, sample_u, exact_set, bq, config.sampler, causal, nq)
         if n_heavy:  # a sampled key of the heavy set is exact, not residual
-            hs = torch.where(heavy >= 0, heavy, nk + 1)
-            at = torch.clamp(torch.searchsorted(hs, keys.flatten(2)).view_as(keys), max=n_heavy - 1)
-            keys = torch.where(torch.gather(hs[:, :, None, :].expand(*keys.shape[:3], n_heavy), -1, at) == keys,
-                               -1, keys)
+            keys = torch.where(_holds(heavy[:, :, None, :].expand(*keys.shape[:3], n_heavy), keys, nk), -1, keys)
+        if bkeys is not None:  # nor one of its row block's chosen keys
+            of_block = (torch.arange(keys.shape[2], device=dev) * bq) // bkeys_block
+            keys = torch.where(_holds(bkeys[:, :, of_block], keys, nk), -1, keys)
         n_t = keys.shape[2]
         blocks = torch.arange(n_t, device=dev)
         if bq >= QB:  # every tile holds the samples of the one block it lies in
@@ -436,6 +590,13 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     full_num, full_idx = _listing(full)
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
                       full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw)
+
+
+def _holds(sorted_keys, keys, nk):
+    """Whether each of ``keys`` (·, m) is in the ascending, −1-padded ``sorted_keys`` (·, n)."""
+    hs = torch.where(sorted_keys >= 0, sorted_keys, nk + 1).contiguous()
+    at = torch.clamp(torch.searchsorted(hs, keys.contiguous()), max=hs.shape[-1] - 1)
+    return (torch.gather(hs, -1, at) == keys) & (keys >= 0)
 
 
 # ---------------------------------------------------------------- the kernel calls

@@ -470,6 +470,143 @@ class Quest(ExactPart):
         return f"quest(block={self.block}, candidates={self.candidates}, keep={self.keep})"
 
 
+def _spread(block: int, reps: int) -> np.ndarray:
+    """Offsets ``⌈(m+1)·block/reps⌉ − 1`` (``m < reps``) of a row block's representative rows."""
+    return np.array([-(-(m + 1) * block // reps) - 1 for m in range(reps)], dtype=np.int64)
+
+
+def _eligible_keys(j: np.ndarray, c_first: int, c_last: int, s: int, w: int, causal: bool) -> np.ndarray:
+    """Keys ``j ≥ s`` visible to every row of a row block and outside each row's window.
+
+    Causal: ``j ≤ c_first − w`` (``j ≤ c_first`` without a window); non-causal: ``j ≤
+    c_first − w`` or ``j ≥ c_last + w`` (every key without a window). ``c_first``, ``c_last``
+    are the block's first and last aligned rows.
+    """
+    if causal:
+        return (j >= s) & (j <= c_first - w)
+    if not w:
+        return j >= s
+    return (j >= s) & ((j <= c_first - w) | (j >= c_last + w))
+
+
+@dataclass(frozen=True)
+class BlockKeys(ExactPart):
+    r"""Per block of ``block`` rows, the ``keep`` keys its rows attend most, found in two stages.
+
+    Row block ``t`` (rows ``t·b … t·b + b − 1``, aligned ``c_first … c_last``) chooses
+    among its *eligible* keys ``E_t``: keys ``j ≥ s`` that every row of the block sees
+    and that lie outside every row's window (causal: ``j ≤ c_first − w``;
+    :func:`_eligible_keys`), ``(s, w)`` the sinks and window of the exact set.
+
+    1. **Coarse.** The ``reps`` spread rows ``r_m = t·b + ⌈(m+1)·b/reps⌉ − 1``
+       (clamped to the block) take their exact softmax ``p_{r_m j}`` over every key
+       they see; key block ``g`` (positions ``g·B … g·B + B − 1``, ``B`` =
+       ``key_block``) scores
+
+       .. math:: \sigma_{tg} = \sum_m \sum_{j \in g \cap E_t} p_{r_m j},
+
+       and the ``⌊candidates/B⌋`` best blocks holding an eligible key (ties by
+       smaller ``g``) give the candidates ``C_t`` (their eligible keys).
+    2. **Fine.** Every row ``i`` of the block scores the candidates exactly, with
+       ``lse_i`` the log normalizer over ``C_t`` and the row's own sinks and window
+       keys, and key ``j ∈ C_t`` gets the block's attention mass
+
+       .. math:: \pi_{tj} = \sum_{i \in t} \exp(s_{ij} - \mathrm{lse}_i).
+
+    The ``keep`` keys of largest ``π_tj`` (ties by smaller ``j``) join the exact set of
+    every row of the block. Work per block ``O(reps·nk·d)`` for the coarse stage and
+    ``O(b·(candidates + s + w + b)·d)`` for the fine one: a fraction about
+    ``reps/b + 2·candidates/nk`` of exact causal attention's logits, not near-linear.
+    Every row of a block shares the selection, so an engine computes it once per block
+    (a block-sparse engine gathers the keys once per query tile).
+    """
+
+    block: int = 128
+    keep: int = 384
+    reps: int = 2
+    candidates: int = 2048
+    key_block: int = 128
+    kind: ClassVar[str] = "blockkeys"
+
+    def __post_init__(self):
+        check_count(self.block, "blockkeys block", least=1)
+        check_count(self.keep, "blockkeys keep", least=1)
+        check_count(self.reps, "blockkeys reps", least=1)
+        check_count(self.candidates, "blockkeys candidates", least=1)
+        check_count(self.key_block, "blockkeys key_block", least=1)
+        if self.candidates < self.key_block:
+            raise InputError(f"blockkeys candidates ({self.candidates}) must hold at least one key block "
+                             f"({self.key_block} keys)")
+
+    def within(self, geom):
+        block = min(self.block, _whole(geom))
+        key_block = min(self.key_block, max(geom.nk, 1))
+        return _at_most(self, block=block, key_block=key_block, reps=block, keep=max(geom.nk, 1),
+                        candidates=max(1, -(-geom.nk // key_block)) * key_block)
+
+    def prepare(self, q, k, scale, geom, draws, covered=(0, 0)):
+        part = self.within(geom)
+        s, w = _covered_within(covered, geom)
+        b, kb = part.block, part.key_block
+        nq, nk = len(q), len(k)
+        qs, kt = _scores(q), _scores(k).T
+        j = np.arange(nk)
+        starts = np.arange(0, nk, kb)
+        n_pick = part.candidates // kb
+        out = np.full((-(-nq // b), part.keep), -1, dtype=np.int64)
+        for t in range(len(out)):
+            lo, hi = t * b, min(nq, (t + 1) * b)
+            c_first, c_last = lo + geom.offset, hi - 1 + geom.offset
+            elig = _eligible_keys(j, c_first, c_last, s, w, geom.causal)
+            if not elig.any():
+                continue
+            reps = np.minimum(lo + _spread(b, part.reps), hi - 1)
+            p = _softmax_rows(np.where(geom.visible(reps, nk), (qs[reps] @ kt) * scale, -np.inf))
+            sigma = np.add.reduceat(np.where(elig, p.sum(axis=0), 0.0), starts)
+            sigma = np.where(np.add.reduceat(elig.astype(np.int64), starts) > 0, sigma, -np.inf)
+            chosen = np.argsort(-sigma, kind="stable")[:n_pick]
+            chosen = chosen[np.isfinite(sigma[chosen])]
+            cand = np.flatnonzero(elig & np.isin(j // kb, chosen))
+            rows = np.arange(lo, hi)
+            # the rows' own sinks and window keys (disjoint from the eligible ones)
+            if geom.causal:
+                near = np.arange(max(s, c_first - w + 1), min(nk, c_last + 1)) if w else np.zeros(0, np.int64)
+            else:
+                near = np.arange(max(s, c_first - w + 1), min(nk, c_last + w)) if w else np.zeros(0, np.int64)
+            own = np.concatenate([np.arange(s), near]).astype(np.int64)
+            c = rows[:, None] + geom.offset
+            if geom.causal:
+                own_ok = (own[None, :] <= c) & ((own[None, :] < s) | (own[None, :] > c - w))
+            else:
+                own_ok = (own[None, :] < s) | (np.abs(c - own[None, :]) < w)
+            logits = (qs[rows] @ kt[:, np.concatenate([own, cand])]) * scale
+            logits[:, :len(own)] = np.where(own_ok, logits[:, :len(own)], -np.inf)
+            peak = logits.max(axis=1, keepdims=True)
+            shift = np.where(np.isfinite(peak), peak, 0.0)
+            lse = shift + np.log(np.exp(logits - shift).sum(axis=1, keepdims=True))
+            pi = np.exp(logits[:, len(own):] - np.where(np.isfinite(lse), lse, np.inf)).sum(axis=0)
+            best = np.sort(cand[np.argsort(-pi, kind="stable")[:part.keep]])
+            out[t, :len(best)] = best
+        return out
+
+    def member(self, state, q, k, scale, geom, rows, nkeys):
+        picked = state[rows // self.within(geom).block]  # (rows, keep), −1 for none
+        out = np.zeros((len(rows), nkeys + 1), dtype=bool)
+        np.put_along_axis(out, np.where((picked >= 0) & (picked < nkeys), picked, nkeys), True, axis=1)
+        return out[:, :nkeys]
+
+    def describe(self) -> str:
+        return (f"blockkeys(block={self.block}, keep={self.keep}, reps={self.reps}, "
+                f"candidates={self.candidates}, key_block={self.key_block})")
+
+
+def _softmax_rows(logits: np.ndarray) -> np.ndarray:
+    """Row softmax; a row with no finite logit is all zeros."""
+    peak = logits.max(axis=1, keepdims=True)
+    e = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    return e / np.maximum(e.sum(axis=1, keepdims=True), np.finfo(e.dtype).tiny)
+
+
 @dataclass(frozen=True)
 class ExactSet:
     """A union of :class:`ExactPart` values (SPEC §3b).
@@ -584,6 +721,12 @@ def quest(block: int = 16, candidates: int = 1024, keep: int = 128) -> ExactSet:
     return ExactSet((Quest(block, candidates, keep),))
 
 
+def blockkeys(block: int = 128, keep: int = 384, reps: int = 2, candidates: int = 2048,
+              key_block: int = 128) -> ExactSet:
+    """Per row block, the ``keep`` keys of largest block attention among two-stage candidates."""
+    return ExactSet((BlockKeys(block, keep, reps, candidates, key_block),))
+
+
 def topk(k: int) -> ExactSet:
     """The oracle heavy set: the ``k`` largest visible logits of each row (reference only)."""
     return ExactSet((TopK(k),))
@@ -591,7 +734,7 @@ def topk(k: int) -> ExactSet:
 
 #: exact-set constructors by name (what :func:`parse_exact_set` accepts)
 PARTS = {"sinks": sinks, "window": window, "sortlsh": sortlsh, "blocktop": blocktop,
-         "heavykeys": heavykeys, "quest": quest, "topk": topk}
+         "heavykeys": heavykeys, "quest": quest, "blockkeys": blockkeys, "topk": topk}
 
 _CALL = re.compile(r"^\s*([a-z]+)\s*\((.*)\)\s*$")
 

@@ -6,8 +6,8 @@ from hypothesis import given, strategies as st
 
 from hyperref import HyperConfig, InputError, exact_attention, hyper_attention, make_draws
 from hyperref.direct import block_rows, block_support, n_query_blocks
-from hyperref.exact_set import (ExactSet, Geometry, blocktop, heavykeys, quest, sinks, sortlsh, topk,
-                                window)
+from hyperref.exact_set import (ExactSet, Geometry, blockkeys, blocktop, heavykeys, quest, sinks, sortlsh,
+                                topk, window)
 
 from .test_numba_engine import run_without_jit
 
@@ -236,6 +236,56 @@ def test_heavykeys_and_blocktop_select_what_they_promise():
         allowed = np.flatnonzero(g_end <= t * 32 - 16)
         assert set(chosen[chosen >= 0]) <= set(allowed)
         assert (chosen >= 0).sum() == min(2, len(allowed))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_blockkeys_selects_what_it_promises(causal):
+    from hyperref.exact_set import BlockKeys, _eligible_keys
+
+    rng = np.random.default_rng(11)
+    n, d, s, w = 300, 8, 3, 20
+    q, k = rng.standard_normal((2, n, d))
+    geom = Geometry(n, n, causal)
+    part = BlockKeys(block=64, keep=10, reps=2, candidates=48, key_block=16)
+    picked = part.prepare(q, k, 0.5, geom, None, covered=(s, w))
+    j = np.arange(n)
+    for t, chosen in enumerate(picked):
+        lo, hi = 64 * t, min(n, 64 * t + 64)
+        elig = _eligible_keys(j, lo, hi - 1, s, w, causal)
+        keys = chosen[chosen >= 0]
+        assert elig[keys].all() and (np.diff(keys) > 0).all()
+        # at most `candidates/key_block` key blocks, and all of `keep` when the candidates hold them
+        assert len(np.unique(keys // 16)) <= 3
+        assert len(keys) == min(10, elig.sum()) or len(keys) < 10 and elig.sum() > len(keys)
+        # the fine stage by brute force: every row of the block, all its keys scored
+        reps = np.minimum(lo + np.array([31, 63]), hi - 1)
+        logits = q[reps] @ k.T * 0.5
+        logits[~geom.visible(reps, n)] = -np.inf
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        sigma = np.array([np.where(elig, p.sum(0), 0)[g * 16:g * 16 + 16].sum()
+                          if elig[g * 16:g * 16 + 16].any() else -np.inf for g in range(-(-n // 16))])
+        blocks = np.argsort(-sigma, kind="stable")[:3]
+        cand = np.flatnonzero(elig & np.isin(j // 16, blocks[np.isfinite(sigma[blocks])]))
+        rows = np.arange(lo, hi)
+        own = (sinks(s) | window(w)).member_rows(q, k, 0.5, geom, rows, n)
+        allowed = own.copy()
+        allowed[:, cand] = True
+        lg = np.where(allowed, q[rows] @ k.T * 0.5, -np.inf)
+        lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+        pi = np.exp(lg[:, cand] - lse[:, None]).sum(0)
+        want = np.sort(cand[np.argsort(-pi, kind="stable")[:10]])
+        np.testing.assert_array_equal(keys, want)
+
+
+def test_blockkeys_keeping_every_key_is_exact():
+    # non-causal without a window every key is eligible to every block: keep them all
+    q, k, v = _qkv(300, nk=260, seed=12)
+    cfg = _direct(sinks(2) | blockkeys(64, 260, 2, 288, 32), samples=4, query_block=32)
+    np.testing.assert_allclose(hyper_attention(q, k, v, config=cfg, rng=0),
+                               exact_attention(q, k, v), atol=1e-12)
+    with pytest.raises(InputError, match="at least one key block"):
+        blockkeys(64, 8, 2, 16, 32)
 
 
 def test_parse_exact_set_round_trips_and_refuses():

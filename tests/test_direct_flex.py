@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hyperref import HyperConfig, InputError, hyper_attention, make_draws
-from hyperref.exact_set import blocktop, heavykeys, quest, sinks, sortlsh, window
+from hyperref.exact_set import blockkeys, blocktop, heavykeys, quest, sinks, sortlsh, window
 
 torch = pytest.importorskip("torch")
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
@@ -28,6 +28,10 @@ SETS = {
     "top128": sinks(2) | window(130) | blocktop(128, 2),
     "top256": sinks(4) | window(64) | blocktop(256, 1),
     "heavy_only": heavykeys(16, 64),
+    # blockkeys(block, keep, reps, candidates, key_block)
+    "sw_bkeys": sinks(4) | window(40) | blockkeys(128, 24, 2, 64, 16),
+    "sw_heavy_bkeys": sinks(3) | window(40) | heavykeys(8, 32) | blockkeys(128, 24, 3, 48, 16),
+    "bkeys256_top": sinks(2) | window(64) | blocktop(128, 1) | blockkeys(256, 30, 2, 64, 32),
 }
 
 
@@ -61,7 +65,8 @@ TOL = 1e-12
 
 
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy", 64), ("sw_heavy_top", 32), ("top128", 128),
-                                     ("top256", 256), ("heavy_only", 128)])
+                                     ("top256", 256), ("heavy_only", 128), ("sw_bkeys", 64),
+                                     ("sw_heavy_bkeys", 32), ("bkeys256_top", 128)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_same_draws_same_answer(name, bq, causal):
     q, k, v = _qkv(1, 2, 2, 300, 300, 16)
