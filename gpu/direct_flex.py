@@ -12,7 +12,8 @@ over disjoint key sets whose partials are merged by their log normalizers:
   tiles that every row of the tile sees whole and picked tiles are *full* (no
   mask work);
 * **the gathered keys** — per query tile, ``L`` slots holding copies of single
-  keys: the ``heavykeys`` keys of the head (weight 1), then, for every query
+  keys: the ``heavykeys`` keys of the head and the ``blockkeys`` keys of the tile's
+  row block (weight 1; a key of both once), then, for every query
   block of ``bq`` rows inside the tile, its ``m`` sampled keys, each with the
   bias ``log(1 / (m p_j))`` (SPEC §6b). Each query tile is a head of its own
   over its ``L`` slots (no block list to build or search). A slot counts for
@@ -26,7 +27,7 @@ backward (through its ``lse`` too) and the gather's adjoint (an index add into
 ``k`` and ``v``); the selections and the sampling weights are constants of the
 draws, as in every engine of this package.
 
-Supported exact-set parts: ``sinks``, ``window``, ``blocktop``, ``heavykeys``.
+Supported exact-set parts: ``sinks``, ``window``, ``blocktop``, ``blockkeys``, ``heavykeys``.
 Parts whose selection differs row by row inside a tile (``sortlsh``,
 ``quest``, the ``topk`` oracle) are refused here;
 :func:`hyperref.gpu.direct.direct_attention` (dense row chunks) runs them.
