@@ -75,6 +75,17 @@ def check_supported(exact_set: ExactSet, bq: int) -> None:
                              f"of {QB} (whole query tiles) and of query_block ({bq}), got {p.block}")
 
 
+def supports(config: HyperConfig) -> bool:
+    """Whether this engine computes ``config`` (a direct-mode config it does not refuse)."""
+    if not isinstance(config, HyperConfig) or config.mode != "direct":
+        return False
+    try:
+        check_supported(paper_exact_set(config), config.query_block)
+    except InputError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------- selections (index planning, no grad)
 
 def fused_plan(q) -> bool:
@@ -665,6 +676,46 @@ def _gathered_mods(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool)
     return mask_mod, score_mod
 
 
+def plan_counts(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
+    """Keys with nonzero weight per row, (B, H, nq) int64: what the two calls attend.
+
+    The own call's listed tiles (a full tile: its keys inside the sequence; a partial
+    tile: the keys its mask keeps) plus the distinct gathered slots that count for the
+    row (copies of one sampled key count once, as the reference's summed weight).
+    """
+    nq, nk, n_qt = plan.nq, plan.nk, plan.n_qt
+    dev = plan.gpos.device
+    i = torch.arange(n_qt * QB, device=dev).view(n_qt, QB)
+    mask = _own_mask(plan, exact_set, causal)
+
+    def listed(num, idx):
+        ok = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()  # (·, ·, NT, n)
+        return ok, idx.long()
+
+    ok, idx = listed(plan.full_num, plan.full_idx)
+    keys_in = torch.clamp(nk - idx * KB, 0, KB)
+    own = (keys_in * ok).sum(-1)[..., None].expand(*ok.shape[:3], QB)  # (·, ·, NT, QB)
+    ok, idx = listed(plan.kv_num, plan.kv_idx)
+    kv = idx[..., None] * KB + torch.arange(KB, device=dev)  # (·, ·, NT, n, KB)
+    kept = mask(None, None, i[:, :, None, None], kv[:, :, :, None, :, :]) & ok[:, :, :, None, :, None]
+    own = own + kept.flatten(-2).sum(-1)
+    g_mask, _ = _gathered_mods(plan, exact_set, bq, causal)
+    bsz, h = plan.gpos.shape[:2]
+    hh = torch.arange(h * n_qt, device=dev)
+    b = torch.arange(bsz, device=dev)
+    order = torch.sort(plan.gpos.long() * (2 ** 20) + (0 if plan.owner is None else plan.owner.long() + 2),
+                       dim=-1, stable=True)
+    first = torch.ones_like(order.values, dtype=torch.bool)
+    first[..., 1:] = order.values[..., 1:] != order.values[..., :-1]  # the first copy of (key, owner)
+    distinct = torch.zeros_like(first).scatter_(-1, order.indices, first).reshape(bsz, h * n_qt, 1, plan.slots)
+    kvs = torch.arange(plan.slots, device=dev)
+    keep = g_mask(b[:, None, None, None], hh[None, :, None, None], torch.arange(QB, device=dev)[None, None, :, None],
+                  kvs[None, None, None, :])
+    gathered = (keep & distinct).sum(-1).reshape(bsz, h, n_qt * QB)
+    own = own.expand(bsz, h, n_qt, QB).reshape(bsz, h, n_qt * QB)
+    return (own + gathered)[:, :, :nq]
+
+
 def _by_tile(x, n_qt: int, rows: int):
     """(B, H, N, ·) → (B, H·NT, rows, ·): query tiles as heads (the rows padded to NT·rows)."""
     bsz, h, n, d = x.shape
@@ -780,7 +831,8 @@ def _math(q, k, v, mask_mod, score_mod, scale, full=None):
 
 
 def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: HyperConfig, draws=None,
-                          generator=None, kernel_options=None, return_lse: bool = False):
+                          generator=None, kernel_options=None, return_lse: bool = False,
+                          return_counts: bool = False):
     """The direct mode of SPEC §6b on the block-sparse FlexAttention engine.
 
     Parameters
@@ -804,10 +856,13 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
         Passed to FlexAttention on CUDA (tile sizes, stages, warps).
     return_lse : bool
         Also return the log normalizer ``lse`` (B, H, nq): float32, float64 for float64 input.
+    return_counts : bool
+        Also return the number of keys with nonzero weight per row (B, H, nq) int64
+        (:func:`plan_counts`), after ``lse`` when both are asked.
 
     Returns
     -------
-    out : tensor (B, H, nq, Dv), the dtype of ``q``; and ``lse`` when asked.
+    out : tensor (B, H, nq, Dv), the dtype of ``q``; then ``lse`` and ``counts`` when asked.
 
     Raises
     ------
@@ -841,13 +896,19 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
         k, v = k.repeat_interleave(h // hk, dim=1), v.repeat_interleave(h // hk, dim=1)
     if nq <= config.min_seq_len:  # as the reference: exact attention at short lengths
         out, lse = _exact(q, k, v, scale, causal)
-        return (out, lse) if return_lse else out
-    with torch.no_grad():
-        plan = make_plan(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale, config=config,
-                         heavy_rows=heavy_rows, sample_u=sample_u)
-    out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
-                           kernel_options=kernel_options)
-    return (out, lse) if return_lse else out
+        counts = None
+        if return_counts:
+            c = torch.arange(nq, device=q.device) + (nk - nq)
+            counts = (torch.clamp(c + 1, 0, nk) if causal else torch.full_like(c, nk)).expand(bsz, h, nq)
+    else:
+        with torch.no_grad():
+            plan = make_plan(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale, config=config,
+                             heavy_rows=heavy_rows, sample_u=sample_u)
+            counts = plan_counts(plan, exact_set, bq, causal) if return_counts else None
+        out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
+                               kernel_options=kernel_options)
+    return (out,) + ((lse,) if return_lse else ()) + ((counts,) if return_counts else ()) \
+        if return_lse or return_counts else out
 
 
 def _exact(q, k, v, scale, causal):

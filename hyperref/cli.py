@@ -112,7 +112,7 @@ def _add_lm_parser(sub, parser) -> None:
     lm.add_argument("--query-block", type=_positive_int, default=best.query_block)
     lm.add_argument("--min-seq-len", type=_positive_int, default=best.min_seq_len)
     lm.add_argument("--seed", type=_seed, default=0, help="seed of the draws (>= 0)")
-    lm.add_argument("--device", default="cpu", help="cpu (the Numba engine) or cuda (the torch twin)")
+    lm.add_argument("--device", default="cpu", help="cpu (the Numba engine) or cuda (the block-sparse engine where it computes the exact set, else the torch twin)")
     lm.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -272,3 +272,16 @@ def test_top_breaks_ties_by_the_smaller_index(count):
     want = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :count]
     np.testing.assert_array_equal(order.numpy(), want.numpy())
     np.testing.assert_array_equal(best.numpy(), torch.gather(score, -1, want).numpy())
+
+
+@pytest.mark.parametrize("name,bq", [("sw_heavy_top", 32), ("sw_heavy_bkeys", 64), ("top256", 256)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_counts_are_the_reference_counts(name, bq, causal):
+    q, k, v = _qkv(1, 2, 2, 300, 290, 16, seed=4)
+    cfg = _config(name, bq, 16)
+    draws = make_draws(cfg, 300, 290, 16, causal=causal, batch_shape=(1, 2), rng=3)
+    _, _, want = direct_attention(*(torch.tensor(x) for x in (q, k, v)), causal=causal, scale=0.25, config=cfg,
+                                  draws=draws, return_counts=True)
+    _, got = F.direct_flex_attention(*(torch.tensor(x) for x in (q, k, v)), causal=causal, scale=0.25,
+                                     config=cfg, draws=draws, return_counts=True)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
