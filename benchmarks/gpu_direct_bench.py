@@ -58,6 +58,8 @@ def keys_per_query(cfg, n, causal):
             keys += p.count
         elif p.kind == "blocktop":
             keys += p.count * p.block
+        elif p.kind == "blockkeys":
+            keys += p.keep
     return min(keys, n)
 
 

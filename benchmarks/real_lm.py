@@ -22,7 +22,7 @@ import platform
 import sys
 
 from hyperref import HyperConfig, lm
-from hyperref.exact_set import blocktop, heavykeys, quest, sinks, sortlsh, topk, window
+from hyperref.exact_set import blockkeys, blocktop, heavykeys, quest, sinks, sortlsh, topk, window
 
 
 def direct(exact_set, samples=256, **kw) -> HyperConfig:
@@ -90,6 +90,17 @@ def variants() -> dict:
             (f"sinks 4 + window 256 + heavykeys(64) + quest({b}, {c}, {k}) + 128 samples",
              direct(SW | window(256) | heavykeys(64, 256) | quest(b, c, k), samples=128))
             for b, c, k in [(8, 1024, 128), (8, 2048, 128), (16, 2048, 128), (8, 2048, 256)]
+        ],
+        "blockkeys": [
+            (f"sinks 4 + window {w} + {'heavykeys(64) + ' if hk else ''}blockkeys(128, {keep}"
+             f"{', ' + str(reps) if reps != 2 else ''}{', cand ' + str(cand) if cand != 2048 else ''})"
+             f"{f' + {m} samples' if m else ''}",
+             direct((SW | window(w) | heavykeys(64, 256) if hk else SW | window(w)) | blockkeys(128, keep, reps, cand),
+                    samples=m))
+            for w, hk, keep, reps, cand, m in [
+                (256, False, 384, 2, 2048, 128), (256, False, 256, 2, 2048, 128), (256, False, 384, 2, 2048, 0),
+                (256, False, 512, 2, 2048, 0), (256, True, 320, 2, 2048, 128), (128, False, 512, 2, 2048, 128),
+                (256, False, 384, 4, 2048, 128), (256, False, 384, 2, 4096, 128)]
         ],
         "layers": [
             ("sinks 4 + window 640", direct(SW | window(640), samples=0)),
