@@ -205,8 +205,30 @@ def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mas
     """The coarse stage of :class:`hyperref.exact_set.BlockKeys`: chosen key blocks (B, H, T, C′).
 
     Ascending, −1 for none. ``reps_mass`` (B, H, T·reps, key blocks): the representatives'
-    softmax mass per key block over the eligible keys, when a kernel computed it; else
-    the dense torch form here (logits of a chunk of row blocks at a time).
+    softmax mass per key block over the eligible keys (:func:`block_key_rep_mass`, or a
+    kernel's); computed here when not given.
+    """
+    nq, nk = q.shape[2], k.shape[2]
+    blk, kb = part.block, part.key_block
+    n_t, n_kb = -(-nq // blk), -(-nk // kb)
+    if reps_mass is None:
+        reps_mass = block_key_rep_mass(part, q, k, scale, causal, covered)
+    sigma = reps_mass.unflatten(2, (n_t, part.reps)).sum(3)  # (B, H, T, n_kb)
+    tq = torch.arange(n_t, device=q.device)
+    elig = _eligible(tq, blk, nq, nk, causal, covered, torch.arange(nk, device=q.device))
+    has = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
+    sigma = sigma.masked_fill(~has, -math.inf)
+    order, best = _top(sigma, min(part.candidates // kb, n_kb))
+    chosen = torch.where(torch.isfinite(best), order, n_kb)
+    chosen = torch.sort(chosen, dim=-1).values
+    return torch.where(chosen < n_kb, chosen, -1)
+
+
+def block_key_rep_mass(part: BlockKeys, q, k, scale, causal, covered):
+    """The representatives' softmax mass per key block over their block's eligible keys.
+
+    (B, H, T·reps, key blocks), representatives :func:`_rep_rows` (row block ``t`` first);
+    dense torch form: the logits of a chunk of row blocks' representatives at a time.
     """
     bsz, h, nq, d = q.shape
     nk, blk, kb = k.shape[2], part.block, part.key_block
@@ -214,31 +236,22 @@ def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mas
     dev = q.device
     tq = torch.arange(n_t, device=dev)
     j = torch.arange(nk, device=dev)
-    if reps_mass is None:
-        reps = _rep_rows(part, nq, dev)  # (T, r)
-        work = torch.float64 if q.dtype == torch.float64 else torch.float32
-        sums = []
-        step = max(1, 2 ** 24 // max(1, bsz * h * r * nk))
-        for t0 in range(0, n_t, step):
-            t1 = min(n_t, t0 + step)
-            rr = reps[t0:t1].reshape(-1)
-            logits = (q[:, :, rr].to(work) @ k.to(work).transpose(-1, -2)) * scale  # (B, H, tc·r, nk)
-            if causal:
-                logits = logits.masked_fill(j[None, :] > (rr + nk - nq)[:, None], -math.inf)
-            p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-            elig = _eligible(tq[t0:t1], blk, nq, nk, causal, covered, j).repeat_interleave(r, dim=0)
-            p = torch.where(elig, p, 0.0)
-            p = torch.nn.functional.pad(p, (0, n_kb * kb - nk))
-            sums.append(p.unflatten(-1, (n_kb, kb)).sum(-1))
-        reps_mass = torch.cat(sums, dim=2)
-    sigma = reps_mass.unflatten(2, (n_t, r)).sum(3)  # (B, H, T, n_kb)
-    elig = _eligible(tq, blk, nq, nk, causal, covered, j)
-    has = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
-    sigma = sigma.masked_fill(~has, -math.inf)
-    order, best = _top(sigma, min(part.candidates // kb, n_kb))
-    chosen = torch.where(torch.isfinite(best), order, n_kb)
-    chosen = torch.sort(chosen, dim=-1).values
-    return torch.where(chosen < n_kb, chosen, -1)
+    reps = _rep_rows(part, nq, dev)  # (T, r)
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = []
+    step = max(1, 2 ** 24 // max(1, bsz * h * r * nk))
+    for t0 in range(0, n_t, step):
+        t1 = min(n_t, t0 + step)
+        rr = reps[t0:t1].reshape(-1)
+        logits = (q[:, :, rr].to(work) @ k.to(work).transpose(-1, -2)) * scale  # (B, H, tc·r, nk)
+        if causal:
+            logits = logits.masked_fill(j[None, :] > (rr + nk - nq)[:, None], -math.inf)
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        elig = _eligible(tq[t0:t1], blk, nq, nk, causal, covered, j).repeat_interleave(r, dim=0)
+        p = torch.where(elig, p, 0.0)
+        p = torch.nn.functional.pad(p, (0, n_kb * kb - nk))
+        sums.append(p.unflatten(-1, (n_kb, kb)).sum(-1))
+    return torch.cat(sums, dim=2)
 
 
 def _rep_rows(part: BlockKeys, nq: int, device):
@@ -312,11 +325,28 @@ def _eligible_of(j, c_first, c_last, s, w, causal):
     return (j >= s) & ((j <= cf - w) | (j >= cl + w))
 
 
+def _pow2(x: int) -> bool:
+    return x >= 16 and not x & (x - 1)
+
+
 def block_keys(part: BlockKeys, q, k, scale, causal, covered):
-    """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded."""
+    """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded.
+
+    Where :func:`fused_plan` (and ``block``, ``key_block`` are powers of two ≥ 16) both stages'
+    masses come from the Triton kernels of :mod:`hyperref.gpu.direct_kernels`, else from the
+    dense torch forms here.
+    """
     nk, kb = k.shape[2], part.key_block
-    chosen = block_key_candidates(part, q, k, scale, causal, covered)
-    pi = block_key_mass(part, q, k, scale, causal, covered, chosen)
+    if fused_plan(q) and _pow2(kb) and _pow2(part.block):
+        from . import direct_kernels as kern
+
+        reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, kb, scale,
+                                       causal, covered)
+        chosen = block_key_candidates(part, q, k, scale, causal, covered, reps_mass=reps)
+        pi = kern.block_key_fine_mass(q, k, chosen, part.block, kb, scale, causal, covered)
+    else:
+        chosen = block_key_candidates(part, q, k, scale, causal, covered)
+        pi = block_key_mass(part, q, k, scale, causal, covered, chosen)
     order, best = _top(pi, min(part.keep, pi.shape[-1]))
     slot_key = (torch.gather(chosen, -1, order // kb) * kb + order % kb)
     keys = torch.where(torch.isfinite(best) & (torch.gather(chosen, -1, order // kb) >= 0), slot_key, nk)

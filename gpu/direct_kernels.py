@@ -1,4 +1,4 @@
-"""Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, sample search.
+"""Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, blockkeys masses, sample search.
 
 Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_flex`
 computes with dense intermediates, without them:
@@ -12,6 +12,13 @@ computes with dense intermediates, without them:
 * ``blocktop`` (:func:`pick_scores`): ``σ_tg = max_{i∈t} q_i · k̄_g`` per row block
   ``t`` and key block ``g``, the maximum taken in registers (the dense form writes
   every ``q_i · k̄_g``);
+* ``blockkeys`` (:func:`block_key_rep_mass`, :func:`block_key_fine_mass`): the
+  representatives' softmax mass per key block over their row block's eligible keys
+  (the ``lse`` pass of :func:`heavy_mass`, then one program per head, representative
+  tile and key block), and the fine stage's ``π_tj`` over each row block's candidates
+  (one program per head and row block: the rows' ``lse`` over sinks, window and
+  candidates, then the column sums; the dense forms hold ``rows × candidates``
+  logits);
 * samples (:func:`sample_search`): the inverse-CDF binary search of each uniform
   on the head's prefix sums, one program per query block, the searches of its
   ``m`` samples side by side (the torch form runs ``⌈log2 nk⌉`` passes over all of
@@ -223,3 +230,198 @@ def sample_search(pre, u, lo, hi, a, total, last_positive=None):
         lastp, idx, nk, n_t, m, STEPS=max(1, int(nk).bit_length()), ROWNORM=last_positive is not None,
         BM=min(128, triton.next_power_of_2(max(m, 16))))
     return idx
+
+
+# ---------------------------------------------------------------- blockkeys: coarse and fine mass
+
+@triton.jit
+def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, out_ptr, nq, nk, R, reps, blk, offset, scale_log2,
+                          H, n_kb, sinks, window, sqb, sqh, sqn, skb, skh, skn,
+                          CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr,
+                          BN: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    g = tl.program_id(2)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    live = r < R
+    rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
+    lse = tl.load(lse_ptr + bh * R + r, mask=live, other=float("-inf"))
+    seen_any = live & (lse > _NEG)
+    lse = tl.where(seen_any, lse, 0.0)
+    t = r // reps
+    cf = t * blk + offset
+    cl = tl.minimum((t + 1) * blk, nq) - 1 + offset
+    dd = tl.arange(0, D)
+    qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+    hi = tl.minimum(g * KB + KB, nk)
+    if CAUSAL:  # no eligible key beyond the last row block's c_first − w
+        t_last = (tl.minimum(tl.program_id(1) * BR + BR, R) - 1) // reps
+        hi = tl.minimum(hi, t_last * blk + offset - window + 1)
+    mass = tl.zeros((BR,), tl.float32)
+    for j0 in range(g * KB, hi, BN):
+        j = j0 + tl.arange(0, BN)
+        kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < hi)[:, None], other=0.0)
+        s = tl.dot(qt, tl.trans(kt)) * scale_log2
+        jj = j[None, :]
+        elig = seen_any[:, None] & (jj < hi) & (jj >= sinks)
+        if CAUSAL:
+            elig = elig & (jj <= cf[:, None] - window)
+        else:
+            elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
+        mass += tl.sum(tl.where(elig, tl.exp2(s - lse[:, None]), 0.0), 1)
+    tl.store(out_ptr + (bh * R + r) * n_kb + g, mass, mask=live)
+
+
+def _check_block_key_inputs(q, k, key_block):
+    if not _dot_dtype_ok(q) or q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
+        raise ValueError("the blockkeys kernels take float16/bfloat16/float32 inputs with a power-of-two d >= 16")
+    if key_block < 16 or key_block & (key_block - 1):
+        raise ValueError(f"the blockkeys kernels take a power-of-two key_block >= 16, got {key_block}")
+    if q.stride(3) != 1 or k.stride(3) != 1:
+        raise ValueError("the blockkeys kernels need unit-stride head dimensions")
+
+
+def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
+    """The representatives' softmax mass per key block over their block's eligible keys.
+
+    ``reps`` (T, r) int64 rows (``r`` per row block of ``block`` rows, row block ``t``
+    first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``reps_mass`` of
+    :func:`hyperref.gpu.direct_flex.block_key_candidates`:
+    ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys
+    (:func:`heavy_mass`'s first pass), eligibility as :func:`hyperref.gpu.direct_flex._eligible`.
+    """
+    _check_block_key_inputs(q, k, key_block)
+    bsz, h, nq, d = q.shape
+    nk = k.shape[2]
+    n_t, r = reps.shape
+    n_rows = n_t * r
+    n_kb = triton.cdiv(nk, key_block)
+    rows = reps.reshape(1, 1, n_rows).expand(bsz, h, n_rows).contiguous()
+    strides = (*q.stride()[:3], *k.stride()[:3])
+    br, bn = 64, min(64, key_block)
+    n_split = max(1, min(64, triton.cdiv(nk, 4096)))
+    chunk = triton.cdiv(triton.cdiv(nk, n_split), bn) * bn
+    n_split = triton.cdiv(nk, chunk)
+    parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
+    _heavy_lse_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
+        q, k, rows, parts, nk, n_rows, nk - nq, scale * LOG2E, h, chunk, *strides,
+        CAUSAL=bool(causal), D=d, BR=br, BN=bn)
+    lse = (torch.logsumexp(parts * LN2, dim=2) * LOG2E).contiguous()
+    out = torch.empty(bsz, h, n_rows, n_kb, dtype=torch.float32, device=q.device)
+    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_kb)](
+        q, k, rows, lse, out, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb,
+        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, BR=br, KB=key_block, BN=bn)
+    return out
+
+
+@triton.jit
+def _online(m, acc, s, ok):
+    """One tile of an online base-2 log-sum-exp per row (masked entries excluded)."""
+    s = tl.where(ok, s, _NEG)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.where(ok, tl.exp2(s - m_new[:, None]), 0.0)
+    return m_new, acc * tl.exp2(m - m_new) + tl.sum(p, 1)
+
+
+@triton.jit
+def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, scale_log2, H, T, C, sinks, window,
+                           sqb, sqh, sqn, skb, skh, skn,
+                           CAUSAL: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, KB: tl.constexpr,
+                           BN: tl.constexpr, SP: tl.constexpr):
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    t = tl.program_id(1)
+    rows = t * BLK + tl.arange(0, BLK)
+    live = rows < nq
+    c = rows + offset
+    cf = t * BLK + offset
+    cl = tl.minimum((t + 1) * BLK, nq) - 1 + offset
+    dd = tl.arange(0, D)
+    qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+    kbase = k_ptr + b * skb + h * skh
+    m = tl.full((BLK,), _NEG, tl.float32)
+    acc = tl.zeros((BLK,), tl.float32)
+    # pass 1, the rows' lse: their sinks, their window's keys that are not sinks, the candidates
+    js = tl.arange(0, SP)
+    kt = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
+    ok = live[:, None] & (js < sinks)[None, :] & (js < nk)[None, :]
+    if CAUSAL:
+        ok = ok & (js[None, :] <= c[:, None])
+    m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, ok)
+    lo = tl.maximum(tl.maximum(cf - window + 1, sinks), 0)
+    if CAUSAL:
+        hi = tl.minimum(cl, nk - 1)
+    else:
+        hi = tl.minimum(cl + window - 1, nk - 1)
+    if window == 0:
+        hi = lo - 1
+    for j0 in range(lo, hi + 1, BN):
+        j = j0 + tl.arange(0, BN)
+        kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=(j <= hi)[:, None], other=0.0)
+        jj, cc = j[None, :], c[:, None]
+        ok = live[:, None] & (jj <= hi) & (jj >= sinks)
+        if CAUSAL:
+            ok = ok & (jj > cc - window) & (jj <= cc)
+        else:
+            ok = ok & (tl.abs(cc - jj) < window)
+        m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, ok)
+    # the block's eligible keys: j <= e_hi or j >= e_lo (as direct_flex._eligible)
+    e_hi = cf - window
+    e_lo = nk
+    if not CAUSAL:
+        e_lo = cl + window
+        if window == 0:
+            e_hi = nk
+    cbase = chosen_ptr + (bh * T + t) * C
+    for ci in range(0, C):
+        g = tl.load(cbase + ci)
+        for u0 in range(0, KB, BN):
+            j = g * KB + u0 + tl.arange(0, BN)
+            col = (j >= 0) & (j < nk) & (j >= sinks)  # j < 0: no candidate (g = −1)
+            col = col & ((j <= e_hi) | (j >= e_lo))
+            kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=col[:, None], other=0.0)
+            m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, live[:, None] & col[None, :])
+    lse = m + tl.log2(acc)
+    seen = live & (acc > 0)
+    lse = tl.where(seen, lse, 0.0)
+    # pass 2: π_tj = Σ_i exp(s_ij − lse_i) over the candidates, −inf off them
+    pbase = pi_ptr + (bh * T + t) * C * KB
+    for ci in range(0, C):
+        g = tl.load(cbase + ci)
+        for u0 in range(0, KB, BN):
+            j = g * KB + u0 + tl.arange(0, BN)
+            col = (j >= 0) & (j < nk) & (j >= sinks)  # j < 0: no candidate (g = −1)
+            col = col & ((j <= e_hi) | (j >= e_lo))
+            kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=col[:, None], other=0.0)
+            s = tl.dot(qt, tl.trans(kt)) * scale_log2
+            p = tl.where(seen[:, None] & col[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            slot = ci * KB + u0 + tl.arange(0, BN)
+            tl.store(pbase + slot, tl.where(col, tl.sum(p, 0), float("-inf")))
+
+
+def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
+    """``π_tj`` over each row block's candidate keys: (B, H, T, C′·key_block) fp32, −inf off them.
+
+    ``chosen`` (B, H, T, C′) int64 candidate key blocks (−1 for none), the coarse stage's
+    answer; slot ``c·key_block + u`` of block ``t`` is key ``chosen[t, c]·key_block + u``.
+    ``π_tj = Σ_{i∈t} exp(s_ij − lse_i)``, ``lse_i`` over the candidates and the row's sinks and
+    window (two passes over the keys, one program per head and row block, nothing of size
+    ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_flex.block_key_mass`.
+    ``block`` a power of two.
+    """
+    _check_block_key_inputs(q, k, key_block)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the blockkeys fine kernel takes a power-of-two row block >= 16, got {block}")
+    bsz, h, nq, d = q.shape
+    nk = k.shape[2]
+    n_t, n_c = chosen.shape[2], chosen.shape[3]
+    chosen = chosen.contiguous()
+    pi = torch.empty(bsz, h, n_t, n_c * key_block, dtype=torch.float32, device=q.device)
+    if pi.numel() == 0:
+        return pi
+    s = int(covered[0])
+    _block_key_fine_kernel[(bsz * h, n_t)](
+        q, k, chosen, pi, nq, nk, nk - nq, scale * LOG2E, h, n_t, n_c, s, int(covered[1]),
+        *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
+        BN=min(64, key_block), SP=max(16, triton.next_power_of_2(max(s, 1))), num_warps=8)
+    return pi

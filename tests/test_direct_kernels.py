@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the kernels are compared in float32 under the Triton interpreter", allow_module_level=True)
 
-from hyperref.exact_set import sinks, window  # noqa: E402
+from hyperref.exact_set import BlockKeys, sinks, window  # noqa: E402
 from hyperref.gpu import direct_flex as F  # noqa: E402
 from hyperref.gpu import direct_kernels as K  # noqa: E402
 
@@ -97,6 +97,41 @@ def test_sample_search_is_the_torch_search(sampler, causal):
         assert (norms[keys >= 0] > 0).all(), "the rownorm sampler picked a key of zero norm"
 
 
+BLOCKKEY_CASES = [  # causal, nq, nk, covered, BlockKeys(block, keep, reps, candidates, key_block)
+    (True, 300, 300, (4, 32), BlockKeys(64, 40, 2, 96, 32)),
+    (True, 200, 500, (0, 0), BlockKeys(32, 20, 3, 64, 16)),
+    (True, 257, 120, (3, 1), BlockKeys(64, 30, 2, 64, 32)),
+    (False, 300, 300, (4, 32), BlockKeys(64, 40, 2, 96, 32)),
+    (False, 150, 400, (0, 0), BlockKeys(32, 20, 1, 64, 64)),
+    (False, 129, 129, (1, 16), BlockKeys(128, 16, 4, 32, 16)),
+]
+
+
+@pytest.mark.parametrize("causal,nq,nk,covered,part", BLOCKKEY_CASES)
+def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part):
+    q, k = _qk(1, 2, nq, nk, 16, seed=nq + 3 * nk)
+    reps = F._rep_rows(part, nq, q.device)
+    got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered)
+    want = F.block_key_rep_mass(part, q, k, 0.3, causal, covered)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("causal,nq,nk,covered,part", BLOCKKEY_CASES)
+def test_block_key_fine_mass_is_the_dense_mass(causal, nq, nk, covered, part):
+    """Over the coarse stage's candidates and over random ones (any key block, −1 for none)."""
+    q, k = _qk(1, 2, nq, nk, 16, seed=nq + 5 * nk)
+    chosen = F.block_key_candidates(part, q, k, 0.3, causal, covered)
+    n_kb = -(-nk // part.key_block)
+    g = torch.Generator().manual_seed(nq)
+    other = torch.randint(-1, n_kb, chosen.shape, generator=g)
+    for c in (chosen, other):
+        got = K.block_key_fine_mass(q, k, c, part.block, part.key_block, 0.3, causal, covered)
+        want = F.block_key_mass(part, q, k, 0.3, causal, covered, c)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        # π sums up to `block` probabilities: float32 rounding relative to the sum
+        np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=1e-5)
+
+
 def test_fused_plan_only_for_half_precision_on_cuda():
     q = torch.zeros(1, 1, 4, 64)
     assert not F.fused_plan(q)
@@ -109,3 +144,9 @@ def test_refusals():
                      1.0, True, (0, 0))
     with pytest.raises(ValueError, match="power-of-two"):
         K.pick_scores(torch.zeros(1, 1, 4, 16, dtype=torch.float64), torch.zeros(1, 1, 1, 16), 4)
+    with pytest.raises(ValueError, match="key_block"):
+        K.block_key_rep_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.long),
+                             4, 24, 1.0, True, (0, 0))
+    with pytest.raises(ValueError, match="row block"):
+        K.block_key_fine_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16),
+                              torch.zeros(1, 1, 1, 1, dtype=torch.long), 48, 16, 1.0, True, (0, 0))
