@@ -229,20 +229,42 @@ def test_compiled_kernel_matches_the_reference():
     np.testing.assert_allclose(lse.cpu().numpy(), ref_lse, atol=2e-5, rtol=0)
 
 
+CUDA_BKEYS = sinks(4) | window(256) | blockkeys(128, 384, 2, 1024)
+
+
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol):
+@pytest.mark.parametrize("exact_set", [CUDA_SET, CUDA_BKEYS], ids=["blocktop", "blockkeys"])
+def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol, exact_set):
     """Half inputs: selections in half precision may differ from the float64 reference's, so the
     kernel is checked against the same function of the same plan on dense float32 scores."""
     q, k, v = (torch.tensor(x, dtype=dtype, device="cuda") for x in _qkv(1, 4, 4, 2048, 2048, 64, seed=8))
-    cfg = HyperConfig(mode="direct", exact_set=CUDA_SET, query_block=64, samples=64, min_seq_len=8)
+    cfg = HyperConfig(mode="direct", exact_set=exact_set, query_block=64, samples=64, min_seq_len=8)
     gen = torch.Generator("cuda").manual_seed(0)
-    rows, u = F._draws(cfg, CUDA_SET, 2048, 2048, 64, True, 1, 4, q.device, None, gen)
+    rows, u = F._draws(cfg, exact_set, 2048, 2048, 64, True, 1, 4, q.device, None, gen)
     plan = F.make_plan(q, k, v, causal=True, scale=0.125, config=cfg, heavy_rows=rows, sample_u=u)
     out, lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True)
     ref, ref_lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True, dense=True)
     np.testing.assert_allclose(out.float().cpu().numpy(), ref.float().cpu().numpy(), atol=tol, rtol=0)
     np.testing.assert_allclose(lse.float().cpu().numpy(), ref_lse.float().cpu().numpy(), atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
+@pytest.mark.parametrize("causal", [True, False])
+def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
+    """The compiled selection kernels (bf16 products, fp32 sums) against the dense fp32 forms."""
+    from hyperref.gpu import direct_kernels as K
+
+    q, k, _ = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in _qkv(1, 4, 4, 4096, 4096, 64, seed=5))
+    part, covered = CUDA_BKEYS.parts[-1], (4, 256)
+    reps = K.block_key_rep_mass(q, k, F._rep_rows(part, 4096, q.device), part.block, part.key_block, 0.125,
+                                causal, covered)
+    want = F.block_key_rep_mass(part, q, k, 0.125, causal, covered)
+    np.testing.assert_allclose(reps.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
+    chosen = F.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=want)
+    pi = K.block_key_fine_mass(q, k, chosen, part.block, part.key_block, 0.125, causal, covered)
+    want = F.block_key_mass(part, q, k, 0.125, causal, covered, chosen)
+    np.testing.assert_allclose(pi.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
