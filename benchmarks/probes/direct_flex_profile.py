@@ -2,7 +2,7 @@
 
 A script, not a test. B = 1, H = 32, bf16, d = 64, the configuration of
 ``benchmarks/gpu_direct_bench.py``; per length: the selections (``heavy_keys``,
-``block_picks``), the samples (``sample_slots``), the whole plan, the two block
+``block_picks``, ``block_keys``), the samples (``sample_slots``), the whole plan, the two block
 masks, the own-key and the gathered FlexAttention calls, the merge, the whole
 forward and forward+backward, against cuDNN in the same run. Medians of
 ``triton.testing.do_bench``. Prints a markdown table; ``--json`` writes the rows.
@@ -28,7 +28,7 @@ from gpu_direct_bench import DEFAULT_SET  # noqa: E402
 
 from hyperref import HyperConfig  # noqa: E402
 from hyperref.direct import paper_exact_set  # noqa: E402
-from hyperref.exact_set import BlockTop, HeavyKeys, parse_exact_set  # noqa: E402
+from hyperref.exact_set import BlockKeys, BlockTop, HeavyKeys, parse_exact_set  # noqa: E402
 from hyperref.gpu import direct_flex as F  # noqa: E402
 
 
@@ -69,6 +69,8 @@ def main():
                                                                         covered))
                     if isinstance(part, BlockTop):
                         r["block_picks_ms"] = bench(lambda: F.block_picks(part, q, k, causal, covered))
+                    if isinstance(part, BlockKeys):
+                        r["block_keys_ms"] = bench(lambda: F.block_keys(part, q, k, scale, causal, covered))
                 r["sample_slots_ms"] = bench(lambda: F.sample_slots(v, u, E, cfg.query_block, cfg.sampler,
                                                                     causal, n))
                 plan_fn = lambda: F.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
