@@ -95,6 +95,13 @@ def main():
                 q_t = F._by_tile(q, plan.n_qt, F.QB)
                 k_g, v_g = F._gather_slots(k, plan), F._gather_slots(v, plan)
                 r["gather_ms"] = bench(lambda: (F._gather_slots(k, plan), F._gather_slots(v, plan)))
+
+                def take(x):  # the alternative: rows of a flat (B·H·nk, d) view by index_select
+                    b_, h_, n_, d_ = x.shape
+                    base = (torch.arange(b_ * h_, device=x.device) * n_).view(b_, h_, 1)
+                    idx = (torch.clamp(plan.gpos, max=n_ - 1).long().reshape(b_, h_, -1) + base).reshape(-1)
+                    return x.reshape(-1, d_).index_select(0, idx).view(b_, h_ * plan.n_qt, plan.slots, d_)
+                r["gather_take_ms"] = bench(lambda: (take(k), take(v)))
                 call = lambda *a, opts=None: F._flex_call("cuda", *a, scale=scale, kernel_options=opts)
                 r["own_call_ms"] = bench(lambda: call(q, k, v, None, own_bm))
                 r["gathered_call_ms"] = bench(lambda: call(q_t, k_g, v_g, g_score, g_bm))
