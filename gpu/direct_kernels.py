@@ -343,11 +343,11 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     acc = tl.zeros((BLK,), tl.float32)
     # pass 1, the rows' lse: their sinks, their window's keys that are not sinks, the candidates
     js = tl.arange(0, SP)
-    kt = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
+    ks = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
     ok = live[:, None] & (js < sinks)[None, :] & (js < nk)[None, :]
     if CAUSAL:
         ok = ok & (js[None, :] <= c[:, None])
-    m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, ok)
+    m, acc = _online(m, acc, tl.dot(qt, tl.trans(ks)) * scale_log2, ok)
     lo = tl.maximum(tl.maximum(cf - window + 1, sinks), 0)
     if CAUSAL:
         hi = tl.minimum(cl, nk - 1)
