@@ -344,10 +344,10 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     # pass 1, the rows' lse: their sinks, their window's keys that are not sinks, the candidates
     js = tl.arange(0, SP)
     ks = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
-    ok = live[:, None] & (js < sinks)[None, :] & (js < nk)[None, :]
+    oks = live[:, None] & (js < sinks)[None, :] & (js < nk)[None, :]
     if CAUSAL:
-        ok = ok & (js[None, :] <= c[:, None])
-    m, acc = _online(m, acc, tl.dot(qt, tl.trans(ks)) * scale_log2, ok)
+        oks = oks & (js[None, :] <= c[:, None])
+    m, acc = _online(m, acc, tl.dot(qt, tl.trans(ks)) * scale_log2, oks)
     lo = tl.maximum(tl.maximum(cf - window + 1, sinks), 0)
     if CAUSAL:
         hi = tl.minimum(cl, nk - 1)
@@ -374,29 +374,29 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
             e_hi = nk
     cbase = chosen_ptr + (bh * T + t) * C
     for ci in range(0, C):
-        g = tl.load(cbase + ci)
+        gc = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
-            j = g * KB + u0 + tl.arange(0, BN)
-            col = (j >= 0) & (j < nk) & (j >= sinks)  # j < 0: no candidate (g = −1)
-            col = col & ((j <= e_hi) | (j >= e_lo))
-            kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=col[:, None], other=0.0)
-            m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, live[:, None] & col[None, :])
+            jc = gc * KB + u0 + tl.arange(0, BN)
+            colc = (jc >= 0) & (jc < nk) & (jc >= sinks)  # j < 0: no candidate (g = −1)
+            colc = colc & ((jc <= e_hi) | (jc >= e_lo))
+            kc = tl.load(kbase + jc[:, None] * skn + dd[None, :], mask=colc[:, None], other=0.0)
+            m, acc = _online(m, acc, tl.dot(qt, tl.trans(kc)) * scale_log2, live[:, None] & colc[None, :])
     lse = m + tl.log2(acc)
     seen = live & (acc > 0)
     lse = tl.where(seen, lse, 0.0)
     # pass 2: π_tj = Σ_i exp(s_ij − lse_i) over the candidates, −inf off them
     pbase = pi_ptr + (bh * T + t) * C * KB
     for ci in range(0, C):
-        g = tl.load(cbase + ci)
+        gp = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
-            j = g * KB + u0 + tl.arange(0, BN)
-            col = (j >= 0) & (j < nk) & (j >= sinks)  # j < 0: no candidate (g = −1)
-            col = col & ((j <= e_hi) | (j >= e_lo))
-            kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=col[:, None], other=0.0)
-            s = tl.dot(qt, tl.trans(kt)) * scale_log2
-            p = tl.where(seen[:, None] & col[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            jp = gp * KB + u0 + tl.arange(0, BN)
+            colp = (jp >= 0) & (jp < nk) & (jp >= sinks)  # j < 0: no candidate (g = −1)
+            colp = colp & ((jp <= e_hi) | (jp >= e_lo))
+            kp = tl.load(kbase + jp[:, None] * skn + dd[None, :], mask=colp[:, None], other=0.0)
+            sp = tl.dot(qt, tl.trans(kp)) * scale_log2
+            pp = tl.where(seen[:, None] & colp[None, :], tl.exp2(sp - lse[:, None]), 0.0)
             slot = ci * KB + u0 + tl.arange(0, BN)
-            tl.store(pbase + slot, tl.where(col, tl.sum(p, 0), float("-inf")))
+            tl.store(pbase + slot, tl.where(colp, tl.sum(pp, 0), float("-inf")))
 
 
 def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
