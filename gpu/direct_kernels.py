@@ -235,41 +235,56 @@ def sample_search(pre, u, lo, hi, a, total, last_positive=None):
 # ---------------------------------------------------------------- blockkeys: coarse and fine mass
 
 @triton.jit
-def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, out_ptr, nq, nk, R, reps, blk, offset, scale_log2,
-                          H, n_kb, sinks, window, sqb, sqh, sqn, skb, skh, skn,
-                          CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr,
-                          BN: tl.constexpr):
+def _online(m, acc, s, ok):
+    """One tile of an online base-2 log-sum-exp per row (masked entries excluded)."""
+    s = tl.where(ok, s, _NEG)
+    m_new = tl.maximum(m, tl.max(s, 1))
+    p = tl.where(ok, tl.exp2(s - m_new[:, None]), 0.0)
+    return m_new, acc * tl.exp2(m - m_new) + tl.sum(p, 1)
+
+
+@triton.jit
+def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
+                          H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
+                          CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
-    g = tl.program_id(2)
+    split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     live = r < R
     rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
-    lse = tl.load(lse_ptr + bh * R + r, mask=live, other=float("-inf"))
-    seen_any = live & (lse > _NEG)
-    lse = tl.where(seen_any, lse, 0.0)
     t = r // reps
+    c = rows + offset
     cf = t * blk + offset
     cl = tl.minimum((t + 1) * blk, nq) - 1 + offset
     dd = tl.arange(0, D)
     qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
-    hi = tl.minimum(g * KB + KB, nk)
-    if CAUSAL:  # no eligible key beyond the last row block's c_first − w
-        t_last = (tl.minimum(tl.program_id(1) * BR + BR, R) - 1) // reps
-        hi = tl.minimum(hi, t_last * blk + offset - window + 1)
-    mass = tl.zeros((BR,), tl.float32)
-    for j0 in range(g * KB, hi, BN):
-        j = j0 + tl.arange(0, BN)
-        kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < hi)[:, None], other=0.0)
+    m = tl.full((BR,), _NEG, tl.float32)
+    acc = tl.zeros((BR,), tl.float32)
+    g_end = tl.minimum(n_kb, (split + 1) * chunk_blocks)
+    if CAUSAL:  # no visible key beyond the last row's position
+        g_end = tl.minimum(g_end, (tl.max(tl.where(live, c, -1)) + KB) // KB)
+    for g in range(split * chunk_blocks, g_end):
+        j = g * KB + tl.arange(0, KB)
+        kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < nk)[:, None], other=0.0)
         s = tl.dot(qt, tl.trans(kt)) * scale_log2
         jj = j[None, :]
-        elig = seen_any[:, None] & (jj < hi) & (jj >= sinks)
+        seen = live[:, None] & (jj < nk)
+        if CAUSAL:
+            seen = seen & (jj <= c[:, None])
+        m, acc = _online(m, acc, s, seen)
+        elig = seen & (jj >= sinks)
         if CAUSAL:
             elig = elig & (jj <= cf[:, None] - window)
         else:
             elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
-        mass += tl.sum(tl.where(elig, tl.exp2(s - lse[:, None]), 0.0), 1)
-    tl.store(out_ptr + (bh * R + r) * n_kb + g, mass, mask=live)
+        # the block's own log-sum-exp over the eligible keys (base 2; −inf: none)
+        se = tl.where(elig, s, _NEG)
+        mb = tl.max(se, 1)
+        lb = mb + tl.log2(tl.sum(tl.where(elig, tl.exp2(se - mb[:, None]), 0.0), 1))
+        tl.store(part_ptr + (bh * R + r) * n_kb + g, lb, mask=live)
+    n_split = tl.num_programs(2)
+    tl.store(lse_ptr + (bh * n_split + split) * R + r, m + tl.log2(acc), mask=live)
 
 
 def _check_block_key_inputs(q, k, key_block):
@@ -287,10 +302,14 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
     ``reps`` (T, r) int64 rows (``r`` per row block of ``block`` rows, row block ``t``
     first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``reps_mass`` of
     :func:`hyperref.gpu.direct_flex.block_key_candidates`:
-    ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys
-    (:func:`heavy_mass`'s first pass), eligibility as :func:`hyperref.gpu.direct_flex._eligible`.
+    ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
+    eligibility as :func:`hyperref.gpu.direct_flex._eligible`. One pass over the keys: each
+    key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
+    the key axis), the mass ``exp(lse_ig − lse_i)`` after.
     """
     _check_block_key_inputs(q, k, key_block)
+    if key_block > 128:
+        raise ValueError(f"the blockkeys coarse kernel takes key_block <= 128, got {key_block}")
     bsz, h, nq, d = q.shape
     nk = k.shape[2]
     n_t, r = reps.shape
@@ -298,49 +317,42 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
     n_kb = triton.cdiv(nk, key_block)
     rows = reps.reshape(1, 1, n_rows).expand(bsz, h, n_rows).contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3])
-    br, bn = 64, min(64, key_block)
-    n_split = max(1, min(64, triton.cdiv(nk, 4096)))
-    chunk = triton.cdiv(triton.cdiv(nk, n_split), bn) * bn
-    n_split = triton.cdiv(nk, chunk)
+    br = 64
+    n_split = max(1, min(32, triton.cdiv(nk, 4096)))
+    chunk_blocks = triton.cdiv(n_kb, n_split)
+    n_split = triton.cdiv(n_kb, chunk_blocks)
     parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
-    _heavy_lse_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
-        q, k, rows, parts, nk, n_rows, nk - nq, scale * LOG2E, h, chunk, *strides,
-        CAUSAL=bool(causal), D=d, BR=br, BN=bn)
-    lse = (torch.logsumexp(parts * LN2, dim=2) * LOG2E).contiguous()
-    out = torch.empty(bsz, h, n_rows, n_kb, dtype=torch.float32, device=q.device)
-    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_kb)](
-        q, k, rows, lse, out, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb,
-        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, BR=br, KB=key_block, BN=bn)
-    return out
-
-
-@triton.jit
-def _online(m, acc, s, ok):
-    """One tile of an online base-2 log-sum-exp per row (masked entries excluded)."""
-    s = tl.where(ok, s, _NEG)
-    m_new = tl.maximum(m, tl.max(s, 1))
-    p = tl.where(ok, tl.exp2(s - m_new[:, None]), 0.0)
-    return m_new, acc * tl.exp2(m - m_new) + tl.sum(p, 1)
+    block_lse = torch.full((bsz, h, n_rows, n_kb), float("-inf"), dtype=torch.float32, device=q.device)
+    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
+        q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
+        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, BR=br, KB=key_block,
+        num_warps=4 if key_block <= 64 else 8)
+    lse = torch.logsumexp(parts * LN2, dim=2) * LOG2E  # base 2
+    lse = torch.where(torch.isfinite(lse), lse, float("inf"))  # a row that sees nothing: mass 0
+    return torch.exp2(block_lse - lse[..., None])
 
 
 @triton.jit
 def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, scale_log2, H, T, C, sinks, window,
                            sqb, sqh, sqn, skb, skh, skn,
-                           CAUSAL: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, KB: tl.constexpr,
-                           BN: tl.constexpr, SP: tl.constexpr):
+                           blk, n_sub, CAUSAL: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
+                           KB: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SP: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     t = tl.program_id(1)
-    rows = t * BLK + tl.arange(0, BLK)
-    live = rows < nq
+    sub = tl.program_id(2)  # rows [t·blk + sub·RB, …) of the block: a partial π per sub-block
+    rows = t * blk + sub * RB + tl.arange(0, RB)
+    live = (rows < nq) & (sub * RB + tl.arange(0, RB) < blk)
     c = rows + offset
-    cf = t * BLK + offset
-    cl = tl.minimum((t + 1) * BLK, nq) - 1 + offset
+    cf = t * blk + offset  # eligibility is the whole block's
+    cl = tl.minimum((t + 1) * blk, nq) - 1 + offset
+    r_first = t * blk + sub * RB + offset  # the window keys of this program's rows
+    r_last = tl.minimum(tl.minimum(t * blk + sub * RB + RB, (t + 1) * blk), nq) - 1 + offset
     dd = tl.arange(0, D)
     qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
     kbase = k_ptr + b * skb + h * skh
-    m = tl.full((BLK,), _NEG, tl.float32)
-    acc = tl.zeros((BLK,), tl.float32)
+    m = tl.full((RB,), _NEG, tl.float32)
+    acc = tl.zeros((RB,), tl.float32)
     # pass 1, the rows' lse: their sinks, their window's keys that are not sinks, the candidates
     js = tl.arange(0, SP)
     ks = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
@@ -348,15 +360,15 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     if CAUSAL:
         oks = oks & (js[None, :] <= c[:, None])
     m, acc = _online(m, acc, tl.dot(qt, tl.trans(ks)) * scale_log2, oks)
-    lo = tl.maximum(tl.maximum(cf - window + 1, sinks), 0)
+    lo = tl.maximum(tl.maximum(r_first - window + 1, sinks), 0)
     if CAUSAL:
-        hi = tl.minimum(cl, nk - 1)
+        hi = tl.minimum(r_last, nk - 1)
     else:
-        hi = tl.minimum(cl + window - 1, nk - 1)
+        hi = tl.minimum(r_last + window - 1, nk - 1)
     if window == 0:
         hi = lo - 1
-    for j0 in range(lo, hi + 1, BN):
-        j = j0 + tl.arange(0, BN)
+    for j0 in range(lo, hi + 1, BW):
+        j = j0 + tl.arange(0, BW)
         kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=(j <= hi)[:, None], other=0.0)
         jj, cc = j[None, :], c[:, None]
         ok = live[:, None] & (jj <= hi) & (jj >= sinks)
@@ -385,7 +397,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     seen = live & (acc > 0)
     lse = tl.where(seen, lse, 0.0)
     # pass 2: π_tj = Σ_i exp(s_ij − lse_i) over the candidates, −inf off them
-    pbase = pi_ptr + (bh * T + t) * C * KB
+    pbase = pi_ptr + ((bh * T + t) * n_sub + sub) * C * KB
     for ci in range(0, C):
         gp = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
@@ -405,23 +417,24 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
     ``chosen`` (B, H, T, C′) int64 candidate key blocks (−1 for none), the coarse stage's
     answer; slot ``c·key_block + u`` of block ``t`` is key ``chosen[t, c]·key_block + u``.
     ``π_tj = Σ_{i∈t} exp(s_ij − lse_i)``, ``lse_i`` over the candidates and the row's sinks and
-    window (two passes over the keys, one program per head and row block, nothing of size
-    ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_flex.block_key_mass`.
-    ``block`` a power of two.
+    window (two passes over the keys, one program per head and 64 rows of a row block, their
+    partial sums added after; nothing of size ``rows × candidates`` in memory):
+    :func:`hyperref.gpu.direct_flex.block_key_mass`.
     """
     _check_block_key_inputs(q, k, key_block)
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"the blockkeys fine kernel takes a power-of-two row block >= 16, got {block}")
     bsz, h, nq, d = q.shape
     nk = k.shape[2]
     n_t, n_c = chosen.shape[2], chosen.shape[3]
     chosen = chosen.contiguous()
-    pi = torch.empty(bsz, h, n_t, n_c * key_block, dtype=torch.float32, device=q.device)
+    rb = 64
+    n_sub = triton.cdiv(block, rb)
+    pi = torch.empty(bsz, h, n_t, n_sub, n_c * key_block, dtype=torch.float32, device=q.device)
     if pi.numel() == 0:
-        return pi
+        return pi.sum(3)
     s = int(covered[0])
-    _block_key_fine_kernel[(bsz * h, n_t)](
+    _block_key_fine_kernel[(bsz * h, n_t, n_sub)](
         q, k, chosen, pi, nq, nk, nk - nq, scale * LOG2E, h, n_t, n_c, s, int(covered[1]),
-        *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
-        BN=min(64, key_block), SP=max(16, triton.next_power_of_2(max(s, 1))), num_warps=8)
-    return pi
+        *q.stride()[:3], *k.stride()[:3], block, n_sub, CAUSAL=bool(causal), D=d, RB=rb, KB=key_block,
+        BN=min(128, key_block), BW=64, SP=max(16, triton.next_power_of_2(max(s, 1))),
+        num_warps=4 if key_block <= 64 else 8)
+    return pi.sum(3) if n_sub > 1 else pi[:, :, :, 0]
