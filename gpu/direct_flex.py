@@ -332,12 +332,12 @@ def _pow2(x: int) -> bool:
 def block_keys(part: BlockKeys, q, k, scale, causal, covered):
     """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded.
 
-    Where :func:`fused_plan` (and ``key_block`` is a power of two in [16, 128]) both stages'
+    Where :func:`fused_plan` (``key_block`` a power of two in [16, 128], ``block`` one ≥ 16) both stages'
     masses come from the Triton kernels of :mod:`hyperref.gpu.direct_kernels`, else from the
     dense torch forms here.
     """
     nk, kb = k.shape[2], part.key_block
-    if fused_plan(q) and _pow2(kb) and kb <= 128:
+    if fused_plan(q) and _pow2(kb) and kb <= 128 and _pow2(part.block):
         from . import direct_kernels as kern
 
         reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, kb, scale,

@@ -335,24 +335,21 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
 @triton.jit
 def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, scale_log2, H, T, C, sinks, window,
                            sqb, sqh, sqn, skb, skh, skn,
-                           blk, n_sub, CAUSAL: tl.constexpr, D: tl.constexpr, RB: tl.constexpr,
-                           KB: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, SP: tl.constexpr):
+                           CAUSAL: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, KB: tl.constexpr,
+                           BN: tl.constexpr, SP: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     t = tl.program_id(1)
-    sub = tl.program_id(2)  # rows [t·blk + sub·RB, …) of the block: a partial π per sub-block
-    rows = t * blk + sub * RB + tl.arange(0, RB)
-    live = (rows < nq) & (sub * RB + tl.arange(0, RB) < blk)
+    rows = t * BLK + tl.arange(0, BLK)
+    live = rows < nq
     c = rows + offset
-    cf = t * blk + offset  # eligibility is the whole block's
-    cl = tl.minimum((t + 1) * blk, nq) - 1 + offset
-    r_first = t * blk + sub * RB + offset  # the window keys of this program's rows
-    r_last = tl.minimum(tl.minimum(t * blk + sub * RB + RB, (t + 1) * blk), nq) - 1 + offset
+    cf = t * BLK + offset
+    cl = tl.minimum((t + 1) * BLK, nq) - 1 + offset
     dd = tl.arange(0, D)
     qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
     kbase = k_ptr + b * skb + h * skh
-    m = tl.full((RB,), _NEG, tl.float32)
-    acc = tl.zeros((RB,), tl.float32)
+    m = tl.full((BLK,), _NEG, tl.float32)
+    acc = tl.zeros((BLK,), tl.float32)
     # pass 1, the rows' lse: their sinks, their window's keys that are not sinks, the candidates
     js = tl.arange(0, SP)
     ks = tl.load(kbase + js[:, None] * skn + dd[None, :], mask=((js < sinks) & (js < nk))[:, None], other=0.0)
@@ -360,15 +357,15 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     if CAUSAL:
         oks = oks & (js[None, :] <= c[:, None])
     m, acc = _online(m, acc, tl.dot(qt, tl.trans(ks)) * scale_log2, oks)
-    lo = tl.maximum(tl.maximum(r_first - window + 1, sinks), 0)
+    lo = tl.maximum(tl.maximum(cf - window + 1, sinks), 0)
     if CAUSAL:
-        hi = tl.minimum(r_last, nk - 1)
+        hi = tl.minimum(cl, nk - 1)
     else:
-        hi = tl.minimum(r_last + window - 1, nk - 1)
+        hi = tl.minimum(cl + window - 1, nk - 1)
     if window == 0:
         hi = lo - 1
-    for j0 in range(lo, hi + 1, BW):
-        j = j0 + tl.arange(0, BW)
+    for j0 in range(lo, hi + 1, BN):
+        j = j0 + tl.arange(0, BN)
         kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=(j <= hi)[:, None], other=0.0)
         jj, cc = j[None, :], c[:, None]
         ok = live[:, None] & (jj <= hi) & (jj >= sinks)
@@ -397,7 +394,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     seen = live & (acc > 0)
     lse = tl.where(seen, lse, 0.0)
     # pass 2: π_tj = Σ_i exp(s_ij − lse_i) over the candidates, −inf off them
-    pbase = pi_ptr + ((bh * T + t) * n_sub + sub) * C * KB
+    pbase = pi_ptr + (bh * T + t) * C * KB
     for ci in range(0, C):
         gp = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
@@ -417,24 +414,23 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
     ``chosen`` (B, H, T, C′) int64 candidate key blocks (−1 for none), the coarse stage's
     answer; slot ``c·key_block + u`` of block ``t`` is key ``chosen[t, c]·key_block + u``.
     ``π_tj = Σ_{i∈t} exp(s_ij − lse_i)``, ``lse_i`` over the candidates and the row's sinks and
-    window (two passes over the keys, one program per head and 64 rows of a row block, their
-    partial sums added after; nothing of size ``rows × candidates`` in memory):
-    :func:`hyperref.gpu.direct_flex.block_key_mass`.
+    window (two passes over the keys, one program per head and row block, nothing of size
+    ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_flex.block_key_mass`.
+    ``block`` a power of two.
     """
     _check_block_key_inputs(q, k, key_block)
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the blockkeys fine kernel takes a power-of-two row block >= 16, got {block}")
     bsz, h, nq, d = q.shape
     nk = k.shape[2]
     n_t, n_c = chosen.shape[2], chosen.shape[3]
     chosen = chosen.contiguous()
-    rb = 64
-    n_sub = triton.cdiv(block, rb)
-    pi = torch.empty(bsz, h, n_t, n_sub, n_c * key_block, dtype=torch.float32, device=q.device)
+    pi = torch.empty(bsz, h, n_t, n_c * key_block, dtype=torch.float32, device=q.device)
     if pi.numel() == 0:
-        return pi.sum(3)
+        return pi
     s = int(covered[0])
-    _block_key_fine_kernel[(bsz * h, n_t, n_sub)](
+    _block_key_fine_kernel[(bsz * h, n_t)](
         q, k, chosen, pi, nq, nk, nk - nq, scale * LOG2E, h, n_t, n_c, s, int(covered[1]),
-        *q.stride()[:3], *k.stride()[:3], block, n_sub, CAUSAL=bool(causal), D=d, RB=rb, KB=key_block,
-        BN=min(128, key_block), BW=64, SP=max(16, triton.next_power_of_2(max(s, 1))),
-        num_warps=4 if key_block <= 64 else 8)
-    return pi.sum(3) if n_sub > 1 else pi[:, :, :, 0]
+        *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
+        BN=min(64, key_block), SP=max(16, triton.next_power_of_2(max(s, 1))), num_warps=8)
+    return pi

@@ -104,7 +104,6 @@ BLOCKKEY_CASES = [  # causal, nq, nk, covered, BlockKeys(block, keep, reps, cand
     (False, 300, 300, (4, 32), BlockKeys(64, 40, 2, 96, 32)),
     (False, 150, 400, (0, 0), BlockKeys(32, 20, 1, 64, 64)),
     (False, 129, 129, (1, 16), BlockKeys(128, 16, 4, 32, 16)),
-    (True, 400, 400, (2, 40), BlockKeys(96, 24, 2, 64, 32)),
 ]
 
 
@@ -148,6 +147,9 @@ def test_refusals():
     with pytest.raises(ValueError, match="key_block"):
         K.block_key_rep_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.long),
                              4, 24, 1.0, True, (0, 0))
+    with pytest.raises(ValueError, match="row block"):
+        K.block_key_fine_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16),
+                              torch.zeros(1, 1, 1, 1, dtype=torch.long), 48, 16, 1.0, True, (0, 0))
     with pytest.raises(ValueError, match="key_block <= 128"):
         K.block_key_rep_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.long),
                              4, 256, 1.0, True, (0, 0))
