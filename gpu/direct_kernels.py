@@ -296,7 +296,7 @@ def _check_block_key_inputs(q, k, key_block):
         raise ValueError("the blockkeys kernels need unit-stride head dimensions")
 
 
-def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
+def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, launch=None):
     """The representatives' softmax mass per key block over their block's eligible keys.
 
     ``reps`` (T, r) int64 rows (``r`` per row block of ``block`` rows, row block ``t``
@@ -305,7 +305,8 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
     ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
     eligibility as :func:`hyperref.gpu.direct_flex._eligible`. One pass over the keys: each
     key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
-    the key axis), the mass ``exp(lse_ig − lse_i)`` after.
+    the key axis), the mass ``exp(lse_ig − lse_i)`` after. ``launch``: launch parameters
+    (``BR`` rows per program, ``num_warps``, ``num_stages``) over the defaults.
     """
     _check_block_key_inputs(q, k, key_block)
     if key_block > 128:
@@ -317,7 +318,8 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
     n_kb = triton.cdiv(nk, key_block)
     rows = reps.reshape(1, 1, n_rows).expand(bsz, h, n_rows).contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3])
-    br = 64
+    opts = {"BR": 64, "num_warps": 4 if key_block <= 64 else 8, "num_stages": 3, **(launch or {})}
+    br = opts["BR"]
     n_split = max(1, min(32, triton.cdiv(nk, 4096)))
     chunk_blocks = triton.cdiv(n_kb, n_split)
     n_split = triton.cdiv(n_kb, chunk_blocks)
@@ -325,8 +327,7 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered):
     block_lse = torch.full((bsz, h, n_rows, n_kb), float("-inf"), dtype=torch.float32, device=q.device)
     _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
         q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
-        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, BR=br, KB=key_block,
-        num_warps=4 if key_block <= 64 else 8)
+        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, **opts)
     lse = torch.logsumexp(parts * LN2, dim=2) * LOG2E  # base 2
     lse = torch.where(torch.isfinite(lse), lse, float("inf"))  # a row that sees nothing: mass 0
     return torch.exp2(block_lse - lse[..., None])
@@ -408,7 +409,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
             tl.store(pbase + slot, tl.where(colp, tl.sum(pp, 0), float("-inf")))
 
 
-def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
+def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, launch=None):
     """``π_tj`` over each row block's candidate keys: (B, H, T, C′·key_block) fp32, −inf off them.
 
     ``chosen`` (B, H, T, C′) int64 candidate key blocks (−1 for none), the coarse stage's
@@ -429,8 +430,9 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered):
     if pi.numel() == 0:
         return pi
     s = int(covered[0])
+    opts = {"BN": min(64, key_block), "num_warps": 8, "num_stages": 3, **(launch or {})}
     _block_key_fine_kernel[(bsz * h, n_t)](
         q, k, chosen, pi, nq, nk, nk - nq, scale * LOG2E, h, n_t, n_c, s, int(covered[1]),
         *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
-        BN=min(64, key_block), SP=max(16, triton.next_power_of_2(max(s, 1))), num_warps=8)
+        SP=max(16, triton.next_power_of_2(max(s, 1))), **opts)
     return pi
