@@ -318,7 +318,7 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
     n_kb = triton.cdiv(nk, key_block)
     rows = reps.reshape(1, 1, n_rows).expand(bsz, h, n_rows).contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3])
-    opts = {"BR": 64, "num_warps": 4 if key_block <= 64 else 8, "num_stages": 3, **(launch or {})}
+    opts = {"BR": 64, "num_warps": 4, "num_stages": 3, **(launch or {})}
     br = opts["BR"]
     n_split = max(1, min(32, triton.cdiv(nk, 4096)))
     chunk_blocks = triton.cdiv(n_kb, n_split)
@@ -417,7 +417,8 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, 
     ``π_tj = Σ_{i∈t} exp(s_ij − lse_i)``, ``lse_i`` over the candidates and the row's sinks and
     window (two passes over the keys, one program per head and row block, nothing of size
     ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_flex.block_key_mass`.
-    ``block`` a power of two.
+    ``block`` a power of two. ``launch``: launch parameters (``BN`` keys per tile,
+    ``num_warps``, ``num_stages``) over the defaults (``benchmarks/probes/block_keys_tiles.py``).
     """
     _check_block_key_inputs(q, k, key_block)
     if block < 16 or block & (block - 1):
@@ -430,7 +431,7 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, 
     if pi.numel() == 0:
         return pi
     s = int(covered[0])
-    opts = {"BN": min(64, key_block), "num_warps": 8, "num_stages": 3, **(launch or {})}
+    opts = {"BN": min(32, key_block), "num_warps": 4, "num_stages": 3, **(launch or {})}
     _block_key_fine_kernel[(bsz * h, n_t)](
         q, k, chosen, pi, nq, nk, nk - nq, scale * LOG2E, h, n_t, n_c, s, int(covered[1]),
         *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
