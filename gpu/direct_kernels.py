@@ -334,6 +334,17 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
 
 
 @triton.jit
+def _candidate_tile(kbase, j0, nk, sinks, e_hi, e_lo, skn, dd, BN: tl.constexpr):
+    """Keys ``j0 … j0 + BN − 1`` of a candidate block: which are eligible, and their key rows.
+
+    ``j0 < 0`` (no candidate: block −1) gives none; eligible is ``j <= e_hi or j >= e_lo``.
+    """
+    j = j0 + tl.arange(0, BN)
+    col = (j >= 0) & (j < nk) & (j >= sinks) & ((j <= e_hi) | (j >= e_lo))
+    return col, tl.load(kbase + j[:, None] * skn + dd[None, :], mask=col[:, None], other=0.0)
+
+
+@triton.jit
 def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, scale_log2, H, T, C, sinks, window,
                            sqb, sqh, sqn, skb, skh, skn,
                            CAUSAL: tl.constexpr, D: tl.constexpr, BLK: tl.constexpr, KB: tl.constexpr,
@@ -386,10 +397,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     for ci in range(0, C):
         gc = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
-            jc = gc * KB + u0 + tl.arange(0, BN)
-            colc = (jc >= 0) & (jc < nk) & (jc >= sinks)  # j < 0: no candidate (g = −1)
-            colc = colc & ((jc <= e_hi) | (jc >= e_lo))
-            kc = tl.load(kbase + jc[:, None] * skn + dd[None, :], mask=colc[:, None], other=0.0)
+            colc, kc = _candidate_tile(kbase, gc * KB + u0, nk, sinks, e_hi, e_lo, skn, dd, BN)
             m, acc = _online(m, acc, tl.dot(qt, tl.trans(kc)) * scale_log2, live[:, None] & colc[None, :])
     lse = m + tl.log2(acc)
     seen = live & (acc > 0)
@@ -399,10 +407,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
     for ci in range(0, C):
         gp = tl.load(cbase + ci)
         for u0 in range(0, KB, BN):
-            jp = gp * KB + u0 + tl.arange(0, BN)
-            colp = (jp >= 0) & (jp < nk) & (jp >= sinks)  # j < 0: no candidate (g = −1)
-            colp = colp & ((jp <= e_hi) | (jp >= e_lo))
-            kp = tl.load(kbase + jp[:, None] * skn + dd[None, :], mask=colp[:, None], other=0.0)
+            colp, kp = _candidate_tile(kbase, gp * KB + u0, nk, sinks, e_hi, e_lo, skn, dd, BN)
             sp = tl.dot(qt, tl.trans(kp)) * scale_log2
             pp = tl.where(seen[:, None] & colp[None, :], tl.exp2(sp - lse[:, None]), 0.0)
             slot = ci * KB + u0 + tl.arange(0, BN)

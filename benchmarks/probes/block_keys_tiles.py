@@ -6,20 +6,19 @@ difference from the default setting's output.
 
     python benchmarks/probes/block_keys_tiles.py [n]
 """
+import os
 import sys
 
 import torch
 from triton.testing import do_bench
 
-from hyperref.exact_set import BlockKeys
-from hyperref.gpu import direct_flex as F
-from hyperref.gpu import direct_kernels as K
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from block_keys_time import setup  # noqa: E402
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 131072
-g = torch.Generator("cuda").manual_seed(0)
-q, k = (torch.randn(1, 32, n, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
-part, cov, sc = BlockKeys(128, 384), (4, 256), 0.125
-reps = F._rep_rows(part, n, q.device)
+from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu import direct_kernels as K  # noqa: E402
+
+q, k, part, cov, sc, reps = setup(int(sys.argv[1]) if len(sys.argv) > 1 else 131072)
 base = K.block_key_rep_mass(q, k, reps, 128, 128, sc, True, cov)
 for launch in [{}, {"BR": 128}, {"BR": 128, "num_warps": 4}, {"num_warps": 4}, {"num_stages": 2},
                {"BR": 128, "num_stages": 2}, {"BR": 32, "num_warps": 4}]:
