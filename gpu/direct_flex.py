@@ -94,8 +94,9 @@ def fused_plan(q) -> bool:
     On CUDA for float16/bfloat16 inputs with a power-of-two head dimension ≥ 16; float32 and
     float64 keep the dense torch forms (the kernels' products would be TF32).
     """
-    d = q.shape[-1]
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d >= 16 and not d & (d - 1)
+    from .direct_kernels import _pow2
+
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _pow2(q.shape[-1])
 
 
 def heavy_scores(q, k, rows, scale, causal, covered, work=torch.float32):
@@ -214,14 +215,31 @@ def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mas
     if reps_mass is None:
         reps_mass = block_key_rep_mass(part, q, k, scale, causal, covered)
     sigma = reps_mass.unflatten(2, (n_t, part.reps)).sum(3)  # (B, H, T, n_kb)
-    tq = torch.arange(n_t, device=q.device)
-    elig = _eligible(tq, blk, nq, nk, causal, covered, torch.arange(nk, device=q.device))
-    has = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
-    sigma = sigma.masked_fill(~has, -math.inf)
+    sigma = sigma.masked_fill(~_blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, q.device), -math.inf)
     order, best = _top(sigma, min(part.candidates // kb, n_kb))
     chosen = torch.where(torch.isfinite(best), order, n_kb)
     chosen = torch.sort(chosen, dim=-1).values
     return torch.where(chosen < n_kb, chosen, -1)
+
+
+def _blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, device):
+    """Whether key block ``g`` holds a key :func:`_eligible` for row block ``t``: (T, ⌈nk/kb⌉) bool.
+
+    From the ranges' ends: block ``g`` is ``[g·kb, min((g+1)·kb, nk) − 1]``, the eligible keys
+    ``j >= s`` and ``j <= c_first − w`` (or, non-causal, ``j >= c_last + w``; all ``j >= s``
+    without a window).
+    """
+    s, w = covered
+    tq = torch.arange(n_t, device=device)[:, None]
+    g = torch.arange(-(-nk // kb), device=device)[None, :]
+    lo, hi = torch.clamp(g * kb, min=s), torch.clamp((g + 1) * kb, max=nk) - 1
+    before = lo <= torch.minimum(hi, tq * blk + (nk - nq) - w)
+    if causal:
+        return before
+    if not w:
+        return (lo <= hi).expand(n_t, -1)
+    after = torch.maximum(lo, torch.clamp((tq + 1) * blk, max=nq) - 1 + (nk - nq) + w) <= hi
+    return before | after
 
 
 def block_key_rep_mass(part: BlockKeys, q, k, scale, causal, covered):
@@ -325,10 +343,6 @@ def _eligible_of(j, c_first, c_last, s, w, causal):
     return (j >= s) & ((j <= cf - w) | (j >= cl + w))
 
 
-def _pow2(x: int) -> bool:
-    return x >= 16 and not x & (x - 1)
-
-
 def block_keys(part: BlockKeys, q, k, scale, causal, covered):
     """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded.
 
@@ -337,8 +351,9 @@ def block_keys(part: BlockKeys, q, k, scale, causal, covered):
     dense torch forms here.
     """
     nk, kb = k.shape[2], part.key_block
-    if fused_plan(q) and _pow2(kb) and kb <= 128 and _pow2(part.block):
-        from . import direct_kernels as kern
+    from . import direct_kernels as kern
+
+    if fused_plan(q) and kern._pow2(kb) and kb <= 128 and kern._pow2(part.block):
 
         reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, kb, scale,
                                        causal, covered)
@@ -937,8 +952,8 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
             counts = plan_counts(plan, exact_set, bq, causal) if return_counts else None
         out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
                                kernel_options=kernel_options)
-    return (out,) + ((lse,) if return_lse else ()) + ((counts,) if return_counts else ()) \
-        if return_lse or return_counts else out
+    extras = ((lse,) if return_lse else ()) + ((counts,) if return_counts else ())
+    return (out, *extras) if extras else out
 
 
 def _exact(q, k, v, scale, causal):

@@ -99,8 +99,18 @@ def _heavy_mass_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, score_ptr, nk, R, offset
     tl.store(score_ptr + bh * nk + j, mass, mask=j < nk)
 
 
-def _dot_dtype_ok(x):
-    return x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _pow2(x: int) -> bool:
+    """A power of two ≥ 16 (what ``tl.dot`` and ``tl.arange`` take for a tile side)."""
+    return x >= 16 and not x & (x - 1)
+
+
+def _check_dot_inputs(name, *xs):
+    """Raise unless ``xs`` are float16/bfloat16/float32 with a unit-stride power-of-two last axis ≥ 16."""
+    x = xs[0]
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _pow2(x.shape[-1]):
+        raise ValueError(f"{name} takes float16/bfloat16/float32 inputs with a power-of-two d >= 16")
+    if any(t.stride(-1) != 1 for t in xs):
+        raise ValueError(f"{name} needs unit-stride head dimensions")
 
 
 def heavy_mass(q, k, rows, scale, causal, covered):
@@ -108,15 +118,12 @@ def heavy_mass(q, k, rows, scale, causal, covered):
 
     ``q`` (B, H, nq, d), ``k`` (B, H, nk, d), ``rows`` (B, H, ``|T|``) int64, ``d`` a power of two ≥ 16.
     """
+    _check_dot_inputs("heavy_mass", q, k)
     bsz, h, nq, d = q.shape
     nk, n_rows = k.shape[2], rows.shape[-1]
-    if not _dot_dtype_ok(q) or d < 16 or d & (d - 1):
-        raise ValueError("heavy_mass takes float16/bfloat16/float32 inputs with a power-of-two d >= 16")
     rows = rows.contiguous()
     score = torch.empty(bsz, h, nk, dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3])
-    if q.stride(3) != 1 or k.stride(3) != 1:
-        raise ValueError("heavy_mass needs unit-stride head dimensions")
     br, bn = 64, 64
     # the rows' lse in splits of the key axis (enough programs to fill the device), then combined
     n_split = max(1, min(64, triton.cdiv(nk, 4096)))
@@ -158,11 +165,10 @@ def pick_scores(q, means, block):
     ``q`` (B, H, nq, d), ``means`` (B, H, key blocks, d) in the dtype of ``q``; row blocks of
     ``block`` rows.
     """
+    _check_dot_inputs("pick_scores", q)
     bsz, h, nq, d = q.shape
     n_kb = means.shape[2]
     n_rb = -(-nq // block)
-    if not _dot_dtype_ok(q) or d < 16 or d & (d - 1) or q.stride(3) != 1:
-        raise ValueError("pick_scores takes float16/bfloat16/float32 inputs with a power-of-two d >= 16")
     means = means.to(q.dtype).contiguous()
     score = torch.empty(bsz, h, n_rb, n_kb, dtype=torch.float32, device=q.device)
     br = min(64, triton.next_power_of_2(block))
@@ -288,12 +294,9 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
 
 
 def _check_block_key_inputs(q, k, key_block):
-    if not _dot_dtype_ok(q) or q.shape[-1] < 16 or q.shape[-1] & (q.shape[-1] - 1):
-        raise ValueError("the blockkeys kernels take float16/bfloat16/float32 inputs with a power-of-two d >= 16")
-    if key_block < 16 or key_block & (key_block - 1):
+    _check_dot_inputs("the blockkeys kernels", q, k)
+    if not _pow2(key_block):
         raise ValueError(f"the blockkeys kernels take a power-of-two key_block >= 16, got {key_block}")
-    if q.stride(3) != 1 or k.stride(3) != 1:
-        raise ValueError("the blockkeys kernels need unit-stride head dimensions")
 
 
 def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, launch=None):
@@ -426,7 +429,7 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, 
     ``num_warps``, ``num_stages``) over the defaults (``benchmarks/probes/block_keys_tiles.py``).
     """
     _check_block_key_inputs(q, k, key_block)
-    if block < 16 or block & (block - 1):
+    if not _pow2(block):
         raise ValueError(f"the blockkeys fine kernel takes a power-of-two row block >= 16, got {block}")
     bsz, h, nq, d = q.shape
     nk = k.shape[2]

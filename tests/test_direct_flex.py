@@ -307,3 +307,15 @@ def test_counts_are_the_reference_counts(name, bq, causal):
     _, got = F.direct_flex_attention(*(torch.tensor(x) for x in (q, k, v)), causal=causal, scale=0.25,
                                      config=cfg, draws=draws, return_counts=True)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk,blk,kb,covered", [(300, 300, 64, 32, (4, 32)), (200, 500, 32, 16, (0, 0)),
+                                                  (257, 120, 64, 32, (3, 1)), (129, 129, 128, 16, (1, 16)),
+                                                  (100, 1000, 64, 128, (7, 300))])
+def test_blocks_with_eligible_is_the_dense_any(causal, nq, nk, blk, kb, covered):
+    n_t, n_kb = -(-nq // blk), -(-nk // kb)
+    elig = F._eligible(torch.arange(n_t), blk, nq, nk, causal, covered, torch.arange(nk))
+    want = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
+    got = F._blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, torch.device("cpu"))
+    assert torch.equal(got, want)
