@@ -278,16 +278,20 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
         seen = live[:, None] & (jj < nk)
         if CAUSAL:
             seen = seen & (jj <= c[:, None])
-        m, acc = _online(m, acc, s, seen)
+        # one exponential per logit, relative to the block's largest visible one: the running
+        # lse takes the block's sum, the eligible keys' log-sum-exp the masked sum of the same terms
+        s = tl.where(seen, s, _NEG)
+        mb = tl.max(s, 1)
+        p = tl.where(seen, tl.exp2(s - mb[:, None]), 0.0)
+        m_new = tl.maximum(m, mb)
+        acc = acc * tl.exp2(m - m_new) + tl.sum(p, 1) * tl.exp2(mb - m_new)
+        m = m_new
         elig = seen & (jj >= sinks)
         if CAUSAL:
             elig = elig & (jj <= cf[:, None] - window)
         else:
             elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
-        # the block's own log-sum-exp over the eligible keys (base 2; −inf: none)
-        se = tl.where(elig, s, _NEG)
-        mb = tl.max(se, 1)
-        lb = mb + tl.log2(tl.sum(tl.where(elig, tl.exp2(se - mb[:, None]), 0.0), 1))
+        lb = mb + tl.log2(tl.sum(tl.where(elig, p, 0.0), 1))  # base 2; −inf: no eligible key
         tl.store(part_ptr + (bh * R + r) * n_kb + g, lb, mask=live)
     n_split = tl.num_programs(2)
     tl.store(lse_ptr + (bh * n_split + split) * R + r, m + tl.log2(acc), mask=live)
@@ -308,7 +312,9 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
     ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
     eligibility as :func:`hyperref.gpu.direct_flex._eligible`. One pass over the keys: each
     key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
-    the key axis), the mass ``exp(lse_ig − lse_i)`` after. ``launch``: launch parameters
+    the key axis), the mass ``exp(lse_ig − lse_i)`` after; one exponential per logit, taken
+    relative to the key block's largest visible logit, so that a block whose eligible keys lie
+    more than 126 (base 2) below it counts mass 0. ``launch``: launch parameters
     (``BR`` rows per program, ``num_warps``, ``num_stages``) over the defaults.
     """
     _check_block_key_inputs(q, k, key_block)
