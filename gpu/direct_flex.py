@@ -8,9 +8,9 @@ over disjoint key sets whose partials are merged by their log normalizers:
   ``KB = 128`` positions that hold a key of the exact set for some row of the
   tile: the sink tiles, the tiles the causal window crosses, the key blocks a
   ``blocktop`` part picked. Token-level membership inside a tile is the mask
-  ``j visible ∧ (j < s ∨ j in the window of i)``, index arithmetic only; window
-  tiles that every row of the tile sees whole and picked tiles are *full* (no
-  mask work);
+  ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked tile)``, index
+  arithmetic and one tile lookup; window tiles that every row of the tile sees
+  whole and picked tiles are *full* (no mask work);
 * **the gathered keys** — per query tile, ``L`` slots holding copies of single
   keys: the ``heavykeys`` keys of the head and the ``blockkeys`` keys of the tile's
   row block (weight 1; a key of both once), then, for every query
@@ -480,7 +480,10 @@ class DirectPlan:
     The **own-key call** reads ``kv_num``/``kv_idx`` (partial key tiles per query tile: the sink
     tiles, the window's edge tiles) and ``full_num``/``full_idx``
     (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
-    ``(1, 1, NT, ·)`` when no part picks tiles head by head. Its mask is index arithmetic.
+    ``(1, 1, NT, ·)`` when no part picks tiles head by head. Its mask is index arithmetic and,
+    where a ``blocktop`` part picks tiles, a lookup in ``picked`` (B, H, NT, NKT) bool (``None``
+    without one): the mask alone says which entries count, the full tiles only spare its work,
+    so that FlexAttention's unfused path (which reads the mask alone) gives the same answer.
 
     The **gathered call** reads ``gpos``/``owner``/``logw`` (B, H, NT, L): per query tile ``L``
     slots, the key position (:data:`NONE` where the slot counts for no row: empty, a sink, a
@@ -500,6 +503,7 @@ class DirectPlan:
     gpos: torch.Tensor
     owner: torch.Tensor | None
     logw: torch.Tensor
+    picked: torch.Tensor | None = None
 
     @property
     def n_qt(self) -> int:
@@ -646,7 +650,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     kv_num, kv_idx = _listing(partial)
     full_num, full_idx = _listing(full)
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
-                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw)
+                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw, picked=picked)
 
 
 def _holds(sorted_keys, keys, nk):
@@ -659,12 +663,23 @@ def _holds(sorted_keys, keys, nk):
 # ---------------------------------------------------------------- the kernel calls
 
 _COMPILED = {}
+RECOMPILES = 64  # shapes (lengths, dtypes, slot counts) one compiled function specializes to
 
 
 def _compiled(name: str, fn):
-    """``fn`` compiled once (CUDA)."""
+    """``fn`` compiled once (CUDA), specialized to up to :data:`RECOMPILES` input shapes.
+
+    Past torch's recompile limit (8 by default) Dynamo runs a function unfused; the limit is
+    raised around the call only.
+    """
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn, dynamic=False)
+
+        def run(*args, **kwargs):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+                return compiled(*args, **kwargs)
+
+        _COMPILED[name] = run
     return _COMPILED[name]
 
 
@@ -675,8 +690,8 @@ def _flex_fn(device_type: str):
     return _compiled("flex", flex_attention) if device_type == "cuda" else flex_attention
 
 
-def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
-    """Mask function of the own-key call: a visible key that is a sink or in the window."""
+def _window_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
+    """A visible key that is a sink or in the window (index arithmetic only)."""
     s, w = exact_set.sink_count, exact_set.window_width
     offset, nk = plan.nk - plan.nq, plan.nk
 
@@ -685,6 +700,26 @@ def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
         if causal:
             return (kv < nk) & (kv <= c) & ((kv < s) | (kv > c - w))
         return (kv < nk) & ((kv < s) | ((c - kv).abs() < w))
+
+    return mask_mod
+
+
+def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
+    """Mask function of the own-key call: :func:`_window_mask` or a key of a picked tile.
+
+    The picked tiles are full tiles of the block mask, where the compiled kernel applies no
+    mask; the lookup makes the mask tell the whole set, as FlexAttention's unfused path
+    needs (it ignores the tile lists).
+    """
+    base = _window_mask(plan, exact_set, causal)
+    picked, nk = plan.picked, plan.nk
+    if picked is None:
+        return base
+    one_head = picked.shape[1] == 1
+
+    def mask_mod(b, h, i, kv):
+        tile = picked[b, 0 if one_head else h, i // QB, torch.clamp(kv // KB, max=picked.shape[-1] - 1)]
+        return base(b, h, i, kv) | (tile & (kv < nk))
 
     return mask_mod
 
@@ -731,7 +766,7 @@ def plan_counts(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
     nq, nk, n_qt = plan.nq, plan.nk, plan.n_qt
     dev = plan.gpos.device
     i = torch.arange(n_qt * QB, device=dev).view(n_qt, QB)
-    mask = _own_mask(plan, exact_set, causal)
+    mask = _window_mask(plan, exact_set, causal)  # partial tiles hold no picked key
 
     def listed(num, idx):
         ok = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()  # (·, ·, NT, n)
@@ -807,7 +842,7 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
     own_mask = _own_mask(plan, exact_set, causal)
     g_mask, g_score = _gathered_mods(plan, exact_set, config.query_block, causal)
     if dense or (dense is None and q.device.type != "cuda"):
-        o1, l1 = _math(q, k, v, own_mask, None, scale, full=_dense_full(plan, nq)[..., :plan.nk])
+        o1, l1 = _math(q, k, v, own_mask, None, scale)
         o2, l2 = _math(q_t, k_g, v_g, g_mask, g_score, scale)
     else:
         n_g = plan.slots // GB
@@ -842,7 +877,7 @@ def _flex_call(device_type, q, k, v, score_mod, block_mask, *, scale, kernel_opt
 
 
 def _dense_full(plan: DirectPlan, nq: int):
-    """The own-key call's full tiles as a dense (·, ·, nq, nk_pad) mask."""
+    """The own-key call's full tiles as a dense (·, ·, nq, nk_pad) mask (what the tile lists say)."""
     n_kt = plan.nk_pad // KB
     listed = torch.arange(plan.full_idx.shape[-1], device=plan.full_idx.device) < plan.full_num[..., None].long()
     full = torch.zeros(*plan.full_idx.shape[:3], n_kt + 1, dtype=torch.bool, device=plan.full_idx.device)
@@ -850,11 +885,10 @@ def _dense_full(plan: DirectPlan, nq: int):
     return full[..., :n_kt].repeat_interleave(QB, dim=2)[:, :, :nq].repeat_interleave(KB, dim=3)
 
 
-def _math(q, k, v, mask_mod, score_mod, scale, full=None):
+def _math(q, k, v, mask_mod, score_mod, scale):
     """A kernel call's function on dense scores (differentiable on any device; small sizes).
 
-    An entry counts when the mask function keeps it or it lies in a ``full`` tile (the
-    kernel applies no mask there), with the score function's bias.
+    An entry counts when the mask function keeps it, with the score function's bias.
     """
     bsz, h, nq, _ = q.shape
     kv_len = k.shape[2]
@@ -864,8 +898,6 @@ def _math(q, k, v, mask_mod, score_mod, scale, full=None):
     kv = torch.arange(kv_len, device=q.device)[None, None, None, :]
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     keep = mask_mod(b, hh, i, kv)
-    if full is not None:
-        keep = keep | full
     scores = (q.to(work) @ k.to(work).transpose(-1, -2)) * scale
     if score_mod is not None:
         scores = score_mod(scores, b, hh, i, kv)

@@ -142,9 +142,11 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256)])
+@pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256), ("sw_heavy_top", 32), ("top128", 128)])
 def test_flex_eager_reads_the_mods_the_same_way(name, bq):
-    """FlexAttention's eager path applies the mask function alone: sets without picked tiles."""
+    """FlexAttention's eager path applies the mask function alone (it ignores the tile lists),
+    so the mask says which entries count, the picked tiles' too; it is also what a compiled
+    call falls back to past the recompile limit."""
     import warnings
 
     nq, nk = 300, 330

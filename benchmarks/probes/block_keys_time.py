@@ -30,6 +30,7 @@ def main(n):
     ch = F.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm)
     t["fine_mass"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov))
     pi = K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov)
+    t["fine_mass_1024"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch[..., :8], 128, 128, sc, True, cov))
     t["top_keep"] = do_bench(lambda: F._top(pi, 384))
     t["topk_keep"] = do_bench(lambda: torch.topk(pi, 384, dim=-1))
     t["whole"] = do_bench(lambda: F.block_keys(part, q, k, sc, True, cov))
