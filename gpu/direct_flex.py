@@ -343,6 +343,39 @@ def _eligible_of(j, c_first, c_last, s, w, causal):
     return (j >= s) & ((j <= cf - w) | (j >= cl + w))
 
 
+def _fused_block_keys(part: BlockKeys, q) -> bool:
+    """Whether the blockkeys masses come from the Triton kernels (:func:`fused_plan`, a
+    power-of-two ``key_block`` in [16, 128] and a power-of-two ``block``)."""
+    from . import direct_kernels as kern
+
+    return fused_plan(q) and kern._pow2(part.key_block) and part.key_block <= 128 and kern._pow2(part.block)
+
+
+def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
+    """The coarse stage's chosen key blocks (B, H, T, C′), ascending, −1 for none: the
+    representatives' masses from the Triton kernel where :func:`_fused_block_keys`, else
+    :func:`block_key_rep_mass`."""
+    from . import direct_kernels as kern
+
+    reps = None
+    if _fused_block_keys(part, q):
+        reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, part.key_block,
+                                       scale, causal, covered)
+    return block_key_candidates(part, q, k, scale, causal, covered, reps_mass=reps)
+
+
+def routes_tiles(part: BlockKeys, nk: int) -> bool:
+    """Whether a ``blockkeys`` part (within its geometry) keeps every eligible key of its chosen
+    blocks and those blocks are whole key tiles: then the own-key call attends them as tiles
+    (no fine stage, no gathered copies).
+
+    Every candidate is kept when ``keep`` is at least the candidates' key count
+    ``⌊candidates/key_block⌋·key_block`` or ``nk``.
+    """
+    kb = part.key_block
+    return kb % KB == 0 and part.keep >= min(part.candidates // kb * kb, nk)
+
+
 def block_keys(part: BlockKeys, q, k, scale, causal, covered):
     """:meth:`hyperref.exact_set.BlockKeys.prepare` for all heads: (B, H, T, keep), ascending, −1 padded.
 
@@ -353,14 +386,10 @@ def block_keys(part: BlockKeys, q, k, scale, causal, covered):
     nk, kb = k.shape[2], part.key_block
     from . import direct_kernels as kern
 
-    if fused_plan(q) and kern._pow2(kb) and kb <= 128 and kern._pow2(part.block):
-
-        reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, kb, scale,
-                                       causal, covered)
-        chosen = block_key_candidates(part, q, k, scale, causal, covered, reps_mass=reps)
+    chosen = block_key_chosen(part, q, k, scale, causal, covered)
+    if _fused_block_keys(part, q):
         pi = kern.block_key_fine_mass(q, k, chosen, part.block, kb, scale, causal, covered)
     else:
-        chosen = block_key_candidates(part, q, k, scale, causal, covered)
         pi = block_key_mass(part, q, k, scale, causal, covered, chosen)
     order, best = _top(pi, min(part.keep, pi.shape[-1]))
     slot_key = (torch.gather(chosen, -1, order // kb) * kb + order % kb)
@@ -482,8 +511,10 @@ class DirectPlan:
     (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
     ``(1, 1, NT, ·)`` when no part picks tiles head by head. Its mask is index arithmetic and,
     where a ``blocktop`` part picks tiles, a lookup in ``picked`` (B, H, NT, NKT) bool (``None``
-    without one): the mask alone says which entries count, the full tiles only spare its work,
-    so that FlexAttention's unfused path (which reads the mask alone) gives the same answer.
+    without one), where a ``blockkeys`` part routes tiles (:func:`routes_tiles`), a lookup in
+    ``routed`` (B, H, NT, NKT) bool and the eligibility of the key for the row's block of
+    ``route_block`` rows: the mask alone says which entries count, the full tiles only spare its
+    work, so that FlexAttention's unfused path (which reads the mask alone) gives the same answer.
 
     The **gathered call** reads ``gpos``/``owner``/``logw`` (B, H, NT, L): per query tile ``L``
     slots, the key position (:data:`NONE` where the slot counts for no row: empty, a sink, a
@@ -504,6 +535,8 @@ class DirectPlan:
     owner: torch.Tensor | None
     logw: torch.Tensor
     picked: torch.Tensor | None = None
+    routed: torch.Tensor | None = None
+    route_block: int = 0
 
     @property
     def n_qt(self) -> int:
@@ -520,11 +553,15 @@ def _listing(marks):
     return marks.sum(-1).to(torch.int32), order.to(torch.int32)
 
 
-def own_tiles(nq, nk, causal, covered, picks, pick_block, device):
-    """Tile marks ``(partial, full)`` of the own-key call, (1, 1, NT, NKT) or (B, H, NT, NKT).
+def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
+    """Tile marks ``(partial, full, picked, routed)`` of the own-key call.
 
-    Sinks and window come from index arithmetic (the same for every head); ``picks``
-    (B, H, row blocks, count) of ``blocktop`` add full tiles head by head. A short last
+    ``partial``, ``full`` (1, 1, NT, NKT) or (B, H, NT, NKT). Sinks and window come from index
+    arithmetic (the same for every head); ``picks`` (B, H, row blocks, count) of ``blocktop``
+    add full tiles head by head (``picked``, else ``None``); ``routes = (chosen, part)``, the
+    chosen key blocks of a ``blockkeys`` part that :func:`routes_tiles`, add their tiles
+    (``routed``, else ``None``): full where every key is eligible for the tile's row block
+    (or a sink), partial where the block straddles the eligible range's end. A short last
     tile may be full: FlexAttention cuts the positions beyond the sequence.
     """
     s, w = covered
@@ -561,7 +598,26 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device):
         picked = picked[..., :n_kt]
         full = full | picked
         partial = partial & ~full
-    return partial, full, picked
+    routed = None
+    if routes is not None:
+        chosen, part = routes
+        bsz, h = chosen.shape[:2]
+        per = part.key_block // KB
+        row_block = (tq * QB) // part.block
+        ck = chosen[:, :, row_block]  # (B, H, NT, C′), key block or −1
+        tiles = (torch.clamp(ck, min=0)[..., None] * per + torch.arange(per, device=device)).flatten(3)
+        tiles = torch.where((ck >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
+        routed = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=device)
+        routed.scatter_(-1, tiles, True)
+        routed = routed[..., :n_kt]
+        rf = row_block * part.block + offset  # the row block's first and last aligned rows
+        rl = torch.clamp((row_block + 1) * part.block, max=nq) - 1 + offset
+        whole = g_hi[None, :] <= (rf - w)[:, None]
+        if not causal:
+            whole = (whole | (g_lo[None, :] >= (rl + w)[:, None])) if w else torch.ones_like(whole)
+        full = full | (routed & whole)
+        partial = (partial | routed) & ~full
+    return partial, full, picked, routed
 
 
 def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:
@@ -579,7 +635,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     half = q.dtype in (torch.float16, torch.bfloat16)
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     covered = (s, w)
-    heavy = picks = bkeys = None
+    heavy = picks = bkeys = routes = None
     pick_block = KB
     geom = Geometry(nq, nk, causal)
     for part in exact_set.parts:
@@ -590,8 +646,11 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
             picks, pick_block = block_picks(part, qs, ks, causal, covered), part.block
         elif isinstance(part, BlockKeys):
             part = part.within(geom)
-            bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
-    partial, full, picked = own_tiles(nq, nk, causal, covered, picks, pick_block, dev)
+            if routes_tiles(part, nk):
+                routes = (block_key_chosen(part, q, k, scale, causal, covered), part)
+            else:
+                bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
+    partial, full, picked, routed = own_tiles(nq, nk, causal, covered, picks, pick_block, dev, routes)
     n_qt = partial.shape[2]
     tq = torch.arange(n_qt, device=dev)
     # ---- gathered slots: heavy keys, then m samples per query block inside the tile
@@ -646,11 +705,25 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
         tile_of_key = torch.clamp(gpos, min=0) // KB
         in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
         gpos = torch.where(in_pick, -1, gpos)
+    if routed is not None:  # nor are the eligible keys of the tile's routed blocks
+        gpos = torch.where(_in_routed(routed, routes[1].block, gpos, nq, nk, causal, covered, tq), -1, gpos)
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
     kv_num, kv_idx = _listing(partial)
     full_num, full_idx = _listing(full)
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
-                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw, picked=picked)
+                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
+                      routed=routed, route_block=0 if routes is None else routes[1].block)
+
+
+def _in_routed(routed, block, keys, nq, nk, causal, covered, tq):
+    """Whether each key (B, H, NT, ·) of a query tile is an eligible key of a routed tile of it."""
+    n_kt = routed.shape[-1]
+    rb = (tq * QB) // block
+    rf, rl = rb * block + (nk - nq), torch.clamp((rb + 1) * block, max=nq) - 1 + (nk - nq)
+    tile = torch.clamp(keys, 0, nk - 1) // KB
+    hit = torch.gather(routed.to(torch.int8).expand(*keys.shape[:2], -1, -1), -1,
+                       torch.clamp(tile, max=n_kt - 1)).bool()
+    return hit & (keys >= 0) & (keys < nk) & _eligible_of(keys, rf, rl, *covered, causal)
 
 
 def _holds(sorted_keys, keys, nk):
@@ -712,14 +785,27 @@ def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
     needs (it ignores the tile lists).
     """
     base = _window_mask(plan, exact_set, causal)
-    picked, nk = plan.picked, plan.nk
-    if picked is None:
+    picked, routed, nk, nq = plan.picked, plan.routed, plan.nk, plan.nq
+    if picked is None and routed is None:
         return base
-    one_head = picked.shape[1] == 1
+    s, w, blk, offset = exact_set.sink_count, exact_set.window_width, plan.route_block, plan.nk - plan.nq
+
+    def lookup(tiles, b, h, i, kv):
+        return tiles[b, 0 if tiles.shape[1] == 1 else h, i // QB, torch.clamp(kv // KB, max=tiles.shape[-1] - 1)]
 
     def mask_mod(b, h, i, kv):
-        tile = picked[b, 0 if one_head else h, i // QB, torch.clamp(kv // KB, max=picked.shape[-1] - 1)]
-        return base(b, h, i, kv) | (tile & (kv < nk))
+        keep = base(b, h, i, kv)
+        if picked is not None:
+            keep = keep | (lookup(picked, b, h, i, kv) & (kv < nk))
+        if routed is not None:  # an eligible key of the row block (as _eligible_of)
+            rb = i // blk
+            cf = rb * blk + offset
+            elig = (kv >= s) & (kv < nk) & (kv <= cf - w)
+            if not causal:
+                cl = torch.clamp((rb + 1) * blk, max=nq) - 1 + offset
+                elig = ((kv >= s) & (kv < nk) & ((kv <= cf - w) | (kv >= cl + w))) if w else (kv >= s) & (kv < nk)
+            keep = keep | (lookup(routed, b, h, i, kv) & elig)
+        return keep
 
     return mask_mod
 
@@ -766,7 +852,7 @@ def plan_counts(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
     nq, nk, n_qt = plan.nq, plan.nk, plan.n_qt
     dev = plan.gpos.device
     i = torch.arange(n_qt * QB, device=dev).view(n_qt, QB)
-    mask = _window_mask(plan, exact_set, causal)  # partial tiles hold no picked key
+    mask = _own_mask(plan, exact_set, causal)
 
     def listed(num, idx):
         ok = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()  # (·, ·, NT, n)
@@ -777,7 +863,9 @@ def plan_counts(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
     own = (keys_in * ok).sum(-1)[..., None].expand(*ok.shape[:3], QB)  # (·, ·, NT, QB)
     ok, idx = listed(plan.kv_num, plan.kv_idx)
     kv = idx[..., None] * KB + torch.arange(KB, device=dev)  # (·, ·, NT, n, KB)
-    kept = mask(None, None, i[:, :, None, None], kv[:, :, :, None, :, :]) & ok[:, :, :, None, :, None]
+    bb = torch.arange(kv.shape[0], device=dev).view(-1, 1, 1, 1, 1, 1)
+    hb = torch.arange(kv.shape[1], device=dev).view(1, -1, 1, 1, 1, 1)
+    kept = mask(bb, hb, i[:, :, None, None], kv[:, :, :, None, :, :]) & ok[:, :, :, None, :, None]
     own = own + kept.flatten(-2).sum(-1)
     g_mask, _ = _gathered_mods(plan, exact_set, bq, causal)
     bsz, h = plan.gpos.shape[:2]

@@ -32,6 +32,9 @@ SETS = {
     "sw_bkeys": sinks(4) | window(40) | blockkeys(128, 24, 2, 64, 16),
     "sw_heavy_bkeys": sinks(3) | window(40) | heavykeys(8, 32) | blockkeys(128, 24, 3, 48, 16),
     "bkeys256_top": sinks(2) | window(64) | blocktop(128, 1) | blockkeys(256, 30, 2, 64, 32),
+    # every candidate kept, whole key tiles: the chosen blocks are own-key tiles
+    "sw_route": sinks(4) | window(40) | blockkeys(128, 256, 2, 256, 128),
+    "sw_heavy_route": sinks(3) | window(100) | heavykeys(8, 32) | blockkeys(256, 300, 3, 256, 128),
 }
 
 
@@ -66,7 +69,8 @@ TOL = 1e-12
 
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy", 64), ("sw_heavy_top", 32), ("top128", 128),
                                      ("top256", 256), ("heavy_only", 128), ("sw_bkeys", 64),
-                                     ("sw_heavy_bkeys", 32), ("bkeys256_top", 128)])
+                                     ("sw_heavy_bkeys", 32), ("bkeys256_top", 128), ("sw_route", 64),
+                                     ("sw_heavy_route", 256)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_same_draws_same_answer(name, bq, causal):
     q, k, v = _qkv(1, 2, 2, 300, 300, 16)
@@ -109,7 +113,8 @@ def _plan(name, bq, m, nq, nk, causal, seed=5):
     return F.make_plan(qt, kt, vt, causal=causal, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u), cfg
 
 
-@pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256)])
+@pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256),
+                                     ("sw_route", 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_tile_lists_cover_the_mask(name, bq, causal):
     """The own-key call computes exactly the exact set's sinks, window and picked blocks.
@@ -142,7 +147,8 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256), ("sw_heavy_top", 32), ("top128", 128)])
+@pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256), ("sw_heavy_top", 32), ("top128", 128),
+                                     ("sw_heavy_route", 128)])
 def test_flex_eager_reads_the_mods_the_same_way(name, bq):
     """FlexAttention's eager path applies the mask function alone (it ignores the tile lists),
     so the mask says which entries count, the picked tiles' too; it is also what a compiled
@@ -232,11 +238,12 @@ def test_compiled_kernel_matches_the_reference():
 
 
 CUDA_BKEYS = sinks(4) | window(256) | blockkeys(128, 384, 2, 1024)
+CUDA_ROUTE = sinks(4) | window(256) | blockkeys(128, 512, 2, 512)  # the chosen blocks as own-key tiles
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("exact_set", [CUDA_SET, CUDA_BKEYS], ids=["blocktop", "blockkeys"])
+@pytest.mark.parametrize("exact_set", [CUDA_SET, CUDA_BKEYS, CUDA_ROUTE], ids=["blocktop", "blockkeys", "routed"])
 def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol, exact_set):
     """Half inputs: selections in half precision may differ from the float64 reference's, so the
     kernel is checked against the same function of the same plan on dense float32 scores."""
@@ -270,10 +277,12 @@ def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
-def test_compiled_gradients_match_the_dense_twin():
+@pytest.mark.parametrize("exact_set", [sinks(4) | window(128) | heavykeys(32, 128) | blocktop(128, 2),
+                                       sinks(4) | window(128) | heavykeys(32, 128) | blockkeys(128, 256, 2, 256)],
+                         ids=["blocktop", "routed"])
+def test_compiled_gradients_match_the_dense_twin(exact_set):
     q, k, v = _qkv(1, 4, 2, 1024, 1024, 64, seed=9)
-    cfg = HyperConfig(mode="direct", exact_set=sinks(4) | window(128) | heavykeys(32, 128) | blocktop(128, 2),
-                      query_block=64, samples=32, min_seq_len=8)
+    cfg = HyperConfig(mode="direct", exact_set=exact_set, query_block=64, samples=32, min_seq_len=8)
     draws = make_draws(cfg, 1024, 1024, 64, causal=True, batch_shape=(1, 4), rng=2)
     grads = []
     for fn in ("flex", "dense"):
@@ -298,7 +307,8 @@ def test_top_breaks_ties_by_the_smaller_index(count):
     np.testing.assert_array_equal(best.numpy(), torch.gather(score, -1, want).numpy())
 
 
-@pytest.mark.parametrize("name,bq", [("sw_heavy_top", 32), ("sw_heavy_bkeys", 64), ("top256", 256)])
+@pytest.mark.parametrize("name,bq", [("sw_heavy_top", 32), ("sw_heavy_bkeys", 64), ("top256", 256),
+                                     ("sw_heavy_route", 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_counts_are_the_reference_counts(name, bq, causal):
     q, k, v = _qkv(1, 2, 2, 300, 290, 16, seed=4)
