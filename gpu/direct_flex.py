@@ -658,7 +658,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     subs = max(1, QB // bq)
     n_heavy = 0 if heavy is None else heavy.shape[-1]
     n_bkeys = 0 if bkeys is None else bkeys.shape[-1]
-    slots = _round_up(max(n_heavy + n_bkeys + subs * m, 1), GB)
+    slots = _round_up(n_heavy + n_bkeys + subs * m, GB)  # 0: no gathered call
     pos_parts, owner_parts, logw_parts = [], [], []
     if n_heavy:
         hk = heavy[:, :, None, :].expand(bsz, h, n_qt, n_heavy)
@@ -925,25 +925,30 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
 
     bsz, h, nq, d = q.shape
     exact_set = paper_exact_set(config)
-    q_t = _by_tile(q, plan.n_qt, QB)
-    k_g, v_g = _gather_slots(k, plan), _gather_slots(v, plan)
     own_mask = _own_mask(plan, exact_set, causal)
-    g_mask, g_score = _gathered_mods(plan, exact_set, config.query_block, causal)
-    if dense or (dense is None and q.device.type != "cuda"):
+    math_path = dense or (dense is None and q.device.type != "cuda")
+    # the key-to-query lists only serve the backward (a transposition of the tile lists)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if math_path:
         o1, l1 = _math(q, k, v, own_mask, None, scale)
-        o2, l2 = _math(q_t, k_g, v_g, g_mask, g_score, scale)
     else:
-        n_g = plan.slots // GB
-        # the key-to-query lists only serve the backward (a transposition of the tile lists)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         own_bm = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
                                           BLOCK_SIZE=(QB, KB), mask_mod=own_mask, seq_lengths=(nq, plan.nk),
                                           compute_q_blocks=grad)
+        o1, l1 = _flex_call(q.device.type, q, k, v, None, own_bm, scale=scale, kernel_options=kernel_options)
+    if not plan.slots:  # nothing gathered: the own keys are the whole answer
+        return o1, l1
+    q_t = _by_tile(q, plan.n_qt, QB)
+    k_g, v_g = _gather_slots(k, plan), _gather_slots(v, plan)
+    g_mask, g_score = _gathered_mods(plan, exact_set, config.query_block, causal)
+    if math_path:
+        o2, l2 = _math(q_t, k_g, v_g, g_mask, g_score, scale)
+    else:
+        n_g = plan.slots // GB
         g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device=q.device)
         g_idx = torch.arange(n_g, dtype=torch.int32, device=q.device)[None, None, None]
         g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(QB, GB), mask_mod=g_mask,
                                         seq_lengths=(QB, plan.slots), compute_q_blocks=grad)
-        o1, l1 = _flex_call(q.device.type, q, k, v, None, own_bm, scale=scale, kernel_options=kernel_options)
         o2, l2 = _flex_call(q.device.type, q_t, k_g, v_g, g_score, g_bm, scale=scale,
                             kernel_options=kernel_options)
     o2 = o2.reshape(bsz, h, plan.n_qt * QB, -1)[:, :, :nq]

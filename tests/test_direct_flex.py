@@ -98,10 +98,12 @@ def test_grouped_heads_and_zero_value_rows():
         np.testing.assert_allclose(lse, ref_lse, atol=TOL, rtol=0)
 
 
-def test_no_samples_is_the_exact_set_alone():
+@pytest.mark.parametrize("name", ["sw_heavy_top", "sw_route"])  # with gathered heavy keys; none gathered
+def test_no_samples_is_the_exact_set_alone(name):
     q, k, v = _qkv(1, 1, 1, 300, 300, 16, seed=4)
-    ref, ref_lse, out, lse = _both(q, k, v, _config("sw_heavy_top", 64, 0), causal=True)
+    ref, ref_lse, out, lse = _both(q, k, v, _config(name, 64, 0), causal=True)
     np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    np.testing.assert_allclose(lse, ref_lse, atol=TOL, rtol=0)
 
 
 def _plan(name, bq, m, nq, nk, causal, seed=5):
