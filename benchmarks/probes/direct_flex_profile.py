@@ -28,7 +28,7 @@ from gpu_direct_bench import DEFAULT_SET  # noqa: E402
 
 from hyperref import HyperConfig  # noqa: E402
 from hyperref.direct import paper_exact_set  # noqa: E402
-from hyperref.exact_set import BlockKeys, BlockTop, HeavyKeys, parse_exact_set  # noqa: E402
+from hyperref.exact_set import BlockKeys, BlockTop, Geometry, HeavyKeys, parse_exact_set  # noqa: E402
 from hyperref.gpu import direct_flex as F  # noqa: E402
 
 
@@ -70,47 +70,61 @@ def main():
                     if isinstance(part, BlockTop):
                         r["block_picks_ms"] = bench(lambda: F.block_picks(part, q, k, causal, covered))
                     if isinstance(part, BlockKeys):
-                        r["block_keys_ms"] = bench(lambda: F.block_keys(part, q, k, scale, causal, covered))
-                r["sample_slots_ms"] = bench(lambda: F.sample_slots(v, u, E, cfg.query_block, cfg.sampler,
-                                                                    causal, n))
+                        part = part.within(Geometry(n, n, causal))
+                        if F.routes_tiles(part, n):
+                            r["block_key_chosen_ms"] = bench(lambda: F.block_key_chosen(part, q, k, scale, causal,
+                                                                                        covered))
+                        else:
+                            r["block_keys_ms"] = bench(lambda: F.block_keys(part, q, k, scale, causal, covered))
+                if cfg.samples:
+                    r["sample_slots_ms"] = bench(lambda: F.sample_slots(v, u, E, cfg.query_block, cfg.sampler,
+                                                                        causal, n))
                 plan_fn = lambda: F.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
                                               heavy_rows=heavy_rows, sample_u=u)
                 r["plan_ms"] = bench(plan_fn)
                 plan = plan_fn()
                 own_mask = F._own_mask(plan, E, causal)
-                g_mask, g_score = F._gathered_mods(plan, E, cfg.query_block, causal)
-                n_g = plan.slots // F.GB
+                r["own_tiles_partial"] = float(plan.kv_num.float().mean())  # per query tile
+                r["own_tiles_full"] = float(plan.full_num.float().mean())
 
-                def masks(grad=False):
-                    own = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
-                                                   BLOCK_SIZE=(F.QB, F.KB), mask_mod=own_mask,
-                                                   seq_lengths=(n, n), compute_q_blocks=grad)
-                    g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device="cuda")
-                    g_idx = torch.arange(n_g, dtype=torch.int32, device="cuda")[None, None, None]
-                    return own, BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(F.QB, F.GB), mask_mod=g_mask,
-                                                         seq_lengths=(F.QB, plan.slots), compute_q_blocks=grad)
-                r["block_masks_ms"] = bench(masks)
-                r["block_masks_bwd_ms"] = bench(lambda: masks(True))
-                own_bm, g_bm = masks()
-                q_t = F._by_tile(q, plan.n_qt, F.QB)
-                k_g, v_g = F._gather_slots(k, plan), F._gather_slots(v, plan)
-                r["gather_ms"] = bench(lambda: (F._gather_slots(k, plan), F._gather_slots(v, plan)))
-
-                def take(x):  # the alternative: rows of a flat (B·H·nk, d) view by index_select
-                    b_, h_, n_, d_ = x.shape
-                    base = (torch.arange(b_ * h_, device=x.device) * n_).view(b_, h_, 1)
-                    idx = (torch.clamp(plan.gpos, max=n_ - 1).long().reshape(b_, h_, -1) + base).reshape(-1)
-                    return x.reshape(-1, d_).index_select(0, idx).view(b_, h_ * plan.n_qt, plan.slots, d_)
-                r["gather_take_ms"] = bench(lambda: (take(k), take(v)))
+                def own_masks(grad=False, mask_mod=own_mask):
+                    return BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
+                                                    BLOCK_SIZE=(F.QB, F.KB), mask_mod=mask_mod,
+                                                    seq_lengths=(n, n), compute_q_blocks=grad)
+                r["block_masks_ms"] = bench(own_masks)
+                r["block_masks_bwd_ms"] = bench(lambda: own_masks(True))
+                own_bm = own_masks()
                 call = lambda *a, opts=None: F._flex_call("cuda", *a, scale=scale, kernel_options=opts)
                 r["own_call_ms"] = bench(lambda: call(q, k, v, None, own_bm))
-                r["gathered_call_ms"] = bench(lambda: call(q_t, k_g, v_g, g_score, g_bm))
-                o1, l1 = call(q, k, v, None, own_bm)
-                o2, l2 = call(q_t, k_g, v_g, g_score, g_bm)
-                o2 = o2.reshape(1, h, -1, d)[:, :, :n]
-                l2 = l2.reshape(1, h, -1)[:, :, :n]
-                merge = F._compiled("merge", F.merge_partials)
-                r["merge_ms"] = bench(lambda: merge(o1, l1, o2, l2))
+                # the same tile lists with the index-arithmetic mask alone (no tile lookups): what
+                # the lookups cost (its answer differs where a partial tile holds picked keys)
+                plain_bm = own_masks(mask_mod=F._window_mask(plan, E, causal))
+                r["own_call_window_mask_ms"] = bench(lambda: call(q, k, v, None, plain_bm))
+                q_t = k_g = v_g = o2 = None
+                if plan.slots:
+                    g_mask, g_score = F._gathered_mods(plan, E, cfg.query_block, causal)
+                    n_g = plan.slots // F.GB
+                    g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device="cuda")
+                    g_idx = torch.arange(n_g, dtype=torch.int32, device="cuda")[None, None, None]
+                    g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(F.QB, F.GB), mask_mod=g_mask,
+                                                    seq_lengths=(F.QB, plan.slots))
+                    q_t = F._by_tile(q, plan.n_qt, F.QB)
+                    k_g, v_g = F._gather_slots(k, plan), F._gather_slots(v, plan)
+                    r["gather_ms"] = bench(lambda: (F._gather_slots(k, plan), F._gather_slots(v, plan)))
+
+                    def take(x):  # the alternative: rows of a flat (B·H·nk, d) view by index_select
+                        b_, h_, n_, d_ = x.shape
+                        base = (torch.arange(b_ * h_, device=x.device) * n_).view(b_, h_, 1)
+                        idx = (torch.clamp(plan.gpos, max=n_ - 1).long().reshape(b_, h_, -1) + base).reshape(-1)
+                        return x.reshape(-1, d_).index_select(0, idx).view(b_, h_ * plan.n_qt, plan.slots, d_)
+                    r["gather_take_ms"] = bench(lambda: (take(k), take(v)))
+                    r["gathered_call_ms"] = bench(lambda: call(q_t, k_g, v_g, g_score, g_bm))
+                    o1, l1 = call(q, k, v, None, own_bm)
+                    o2, l2 = call(q_t, k_g, v_g, g_score, g_bm)
+                    o2 = o2.reshape(1, h, -1, d)[:, :, :n]
+                    l2 = l2.reshape(1, h, -1)[:, :, :n]
+                    merge = F._compiled("merge", F.merge_partials)
+                    r["merge_ms"] = bench(lambda: merge(o1, l1, o2, l2))
                 r["kernels_ms"] = bench(lambda: F.flex_direct(q, k, v, plan, scale=scale, config=cfg,
                                                               causal=causal))
             direct = lambda q_, k_, v_: F.direct_flex_attention(q_, k_, v_, causal=causal, config=cfg,
@@ -127,7 +141,7 @@ def main():
             r["speedup_fwdbwd"] = r["cudnn_fwdbwd_ms"] / r["direct_fwdbwd_ms"]
             rows.append(r)
             print(json.dumps(r), flush=True)
-            del q, k, v, plan, k_g, v_g, q_t, o1, o2
+            del q, k, v, plan, k_g, v_g, q_t, o2
             torch.cuda.empty_cache()
     keys = [x for x in rows[0] if x not in ("n", "causal")]
     print("\n| causal | n | " + " | ".join(keys) + " |")
