@@ -537,6 +537,7 @@ class DirectPlan:
     picked: torch.Tensor | None = None
     routed: torch.Tensor | None = None
     route_block: int = 0
+    edges: torch.Tensor | None = None
 
     @property
     def n_qt(self) -> int:
@@ -554,14 +555,16 @@ def _listing(marks):
 
 
 def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
-    """Tile marks ``(partial, full, picked, routed)`` of the own-key call.
+    """Tile marks ``(partial, full, picked, routed, edges)`` of the own-key call.
 
     ``partial``, ``full`` (1, 1, NT, NKT) or (B, H, NT, NKT). Sinks and window come from index
     arithmetic (the same for every head); ``picks`` (B, H, row blocks, count) of ``blocktop``
     add full tiles head by head (``picked``, else ``None``); ``routes = (chosen, part)``, the
     chosen key blocks of a ``blockkeys`` part that :func:`routes_tiles`, add their tiles
     (``routed``, else ``None``): full where every key is eligible for the tile's row block
-    (or a sink), partial where the block straddles the eligible range's end. A short last
+    (or a sink), partial where the block straddles the eligible range's end (``edges`` (B, H,
+    NT, 2): whether the tile holding ``c_first − w``, and the one holding ``c_last + w``, is
+    such a tile). A short last
     tile may be full: FlexAttention cuts the positions beyond the sequence.
     """
     s, w = covered
@@ -598,7 +601,7 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
         picked = picked[..., :n_kt]
         full = full | picked
         partial = partial & ~full
-    routed = None
+    routed = edges = None
     if routes is not None:
         chosen, part = routes
         bsz, h = chosen.shape[:2]
@@ -617,7 +620,13 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
             whole = (whole | (g_lo[None, :] >= (rl + w)[:, None])) if w else torch.ones_like(whole)
         full = full | (routed & whole)
         partial = (partial | routed) & ~full
-    return partial, full, picked, routed
+        # the routed tiles left partial: the one holding c_first − w (and, non-causal, c_last + w)
+        straddle = routed & ~whole
+        at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
+        lo, hi = rf - w, rl + w
+        edges = torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
+                           torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
+    return partial, full, picked, routed, edges
 
 
 def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:
@@ -650,7 +659,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
                 routes = (block_key_chosen(part, q, k, scale, causal, covered), part)
             else:
                 bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
-    partial, full, picked, routed = own_tiles(nq, nk, causal, covered, picks, pick_block, dev, routes)
+    partial, full, picked, routed, edges = own_tiles(nq, nk, causal, covered, picks, pick_block, dev, routes)
     n_qt = partial.shape[2]
     tq = torch.arange(n_qt, device=dev)
     # ---- gathered slots: heavy keys, then m samples per query block inside the tile
@@ -712,7 +721,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     full_num, full_idx = _listing(full)
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
                       full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
-                      routed=routed, route_block=0 if routes is None else routes[1].block)
+                      routed=routed, route_block=0 if routes is None else routes[1].block, edges=edges)
 
 
 def _in_routed(routed, block, keys, nq, nk, causal, covered, tq):
@@ -742,14 +751,15 @@ RECOMPILES = 64  # shapes (lengths, dtypes, slot counts) one compiled function s
 def _compiled(name: str, fn):
     """``fn`` compiled once (CUDA), specialized to up to :data:`RECOMPILES` input shapes.
 
-    Past torch's recompile limit (8 by default) Dynamo runs a function unfused; the limit is
-    raised around the call only.
+    Past its recompile limit (8 by default) Dynamo would run a function unfused, and the
+    unfused FlexAttention ignores the tile lists that the compiled call's masks rely on
+    (:func:`_listed_mask`): around the call the limit is raised and reaching it is an error.
     """
     if name not in _COMPILED:
         compiled = torch.compile(fn, dynamic=False)
 
         def run(*args, **kwargs):
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILES):
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILES, fail_on_recompile_limit_hit=True):
                 return compiled(*args, **kwargs)
 
         _COMPILED[name] = run
@@ -777,12 +787,41 @@ def _window_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
     return mask_mod
 
 
-def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
-    """Mask function of the own-key call: :func:`_window_mask` or a key of a picked tile.
+def _listed_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
+    """Mask function of the own-key call on its partial tiles (what the compiled kernel reads).
 
-    The picked tiles are full tiles of the block mask, where the compiled kernel applies no
-    mask; the lookup makes the mask tell the whole set, as FlexAttention's unfused path
-    needs (it ignores the tile lists).
+    :func:`_window_mask`, or an eligible key of a routed tile that straddles the end of its row
+    block's eligible range (``plan.edges``: causal, the tile holding ``c_first − w``;
+    non-causal also the one holding ``c_last + w``). Picked and wholly eligible routed tiles are
+    full tiles, where the kernel applies no mask. The lookup is by row only (one load per row
+    of a tile, not per entry).
+    """
+    base = _window_mask(plan, exact_set, causal)
+    edges = plan.edges
+    if edges is None:
+        return base
+    s, w, blk, nk, nq, offset = (exact_set.sink_count, exact_set.window_width, plan.route_block, plan.nk,
+                                 plan.nq, plan.nk - plan.nq)
+
+    def mask_mod(b, h, i, kv):
+        t, rb = i // QB, i // blk
+        hh = 0 if edges.shape[1] == 1 else h
+        lo = (rb * blk + offset) - w
+        keep = base(b, h, i, kv) | (edges[b, hh, t, 0] & (kv >= s) & (kv <= lo) & (kv // KB == lo // KB))
+        if not causal and w:
+            hi = torch.clamp((rb + 1) * blk, max=nq) - 1 + offset + w
+            keep = keep | (edges[b, hh, t, 1] & (kv >= s) & (kv < nk) & (kv >= hi) & (kv // KB == hi // KB))
+        return keep
+
+    return mask_mod
+
+
+def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
+    """Mask function of the own-key call alone (without tile lists): :func:`_window_mask`, a key of
+    a picked tile or an eligible key of a routed tile.
+
+    What FlexAttention's unfused path and the dense form need (they ignore the tile lists);
+    a lookup per entry, which the compiled kernel avoids with :func:`_listed_mask`.
     """
     base = _window_mask(plan, exact_set, causal)
     picked, routed, nk, nq = plan.picked, plan.routed, plan.nk, plan.nq
@@ -852,7 +891,7 @@ def plan_counts(plan: DirectPlan, exact_set: ExactSet, bq: int, causal: bool):
     nq, nk, n_qt = plan.nq, plan.nk, plan.n_qt
     dev = plan.gpos.device
     i = torch.arange(n_qt * QB, device=dev).view(n_qt, QB)
-    mask = _own_mask(plan, exact_set, causal)
+    mask = _listed_mask(plan, exact_set, causal)
 
     def listed(num, idx):
         ok = torch.arange(idx.shape[-1], device=dev) < num[..., None].long()  # (·, ·, NT, n)
@@ -925,8 +964,10 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
 
     bsz, h, nq, d = q.shape
     exact_set = paper_exact_set(config)
-    own_mask = _own_mask(plan, exact_set, causal)
     math_path = dense or (dense is None and q.device.type != "cuda")
+    # the compiled kernel reads the tile lists; the dense form and the unfused path do not
+    lists = not math_path and q.device.type == "cuda"
+    own_mask = (_listed_mask if lists else _own_mask)(plan, exact_set, causal)
     # the key-to-query lists only serve the backward (a transposition of the tile lists)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if math_path:

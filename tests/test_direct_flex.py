@@ -132,7 +132,7 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
     q, k, _ = _qkv(1, 2, 2, nq, nk, 16, seed=5)
     own_parts = ExactSet(tuple(p for p in cfg.exact_set.parts if not isinstance(p, HeavyKeys)))
     n_qt, n_kt = -(-nq // F.QB), plan.nk_pad // F.KB
-    mask_mod = F._own_mask(plan, cfg.exact_set, causal)
+    mask_mod = F._listed_mask(plan, cfg.exact_set, causal)  # what the compiled kernel reads
     full_all = F._dense_full(plan, nq)
     for hh in range(2):
         want = own_parts.member_rows(q[0, hh], k[0, hh], 0.25, Geometry(nq, nk, causal), np.arange(nq), nk)

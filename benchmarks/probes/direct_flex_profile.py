@@ -83,7 +83,7 @@ def main():
                                               heavy_rows=heavy_rows, sample_u=u)
                 r["plan_ms"] = bench(plan_fn)
                 plan = plan_fn()
-                own_mask = F._own_mask(plan, E, causal)
+                own_mask = F._listed_mask(plan, E, causal)
                 r["own_tiles_partial"] = float(plan.kv_num.float().mean())  # per query tile
                 r["own_tiles_full"] = float(plan.full_num.float().mean())
 
