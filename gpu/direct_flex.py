@@ -509,7 +509,9 @@ class DirectPlan:
     The **own-key call** reads ``kv_num``/``kv_idx`` (partial key tiles per query tile: the sink
     tiles, the window's edge tiles) and ``full_num``/``full_idx``
     (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
-    ``(1, 1, NT, ·)`` when no part picks tiles head by head. Its mask is index arithmetic and,
+    ``(1, 1, NT, ·)`` when no part picks tiles head by head; its backward reads the same lists
+    transposed, per key tile the query tiles (``q_num``/``q_idx``, ``full_q_num``/``full_q_idx``,
+    (·, ·, NKT, ·)). Its mask is index arithmetic and,
     where a ``blocktop`` part picks tiles, a lookup in ``picked`` (B, H, NT, NKT) bool (``None``
     without one), where a ``blockkeys`` part routes tiles (:func:`routes_tiles`), a lookup in
     ``routed`` (B, H, NT, NKT) bool and the eligibility of the key for the row's block of
@@ -531,6 +533,10 @@ class DirectPlan:
     kv_idx: torch.Tensor
     full_num: torch.Tensor
     full_idx: torch.Tensor
+    q_num: torch.Tensor
+    q_idx: torch.Tensor
+    full_q_num: torch.Tensor
+    full_q_idx: torch.Tensor
     gpos: torch.Tensor
     owner: torch.Tensor | None
     logw: torch.Tensor
@@ -549,9 +555,18 @@ def _round_up(x: int, r: int) -> int:
 
 
 def _listing(marks):
-    """``(num, idx)`` of boolean tile marks (·, ·, NT, n): the marked tiles first, ascending."""
-    order = torch.sort(marks.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    return marks.sum(-1).to(torch.int32), order.to(torch.int32)
+    """``(num, idx)`` of boolean tile marks (·, ·, R, n): per row the marked columns, ascending.
+
+    ``idx`` (·, ·, R, n) int32 holds them in its first ``num`` entries (zeros after), by a
+    running count and one scatter: memory-bound, no sort.
+    """
+    n = marks.shape[-1]
+    count = torch.cumsum(marks, dim=-1, dtype=torch.int32)
+    slot = torch.where(marks, count - 1, n).long()  # where each marked column goes; the rest → spare
+    cols = torch.arange(n, dtype=torch.int32, device=marks.device).expand(marks.shape)
+    idx = torch.zeros(*marks.shape[:-1], n + 1, dtype=torch.int32, device=marks.device)
+    idx.scatter_(-1, slot, cols)
+    return count[..., -1].contiguous(), idx[..., :n].contiguous()
 
 
 def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
@@ -719,8 +734,11 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
     kv_num, kv_idx = _listing(partial)
     full_num, full_idx = _listing(full)
+    q_num, q_idx = _listing(partial.transpose(-2, -1))
+    full_q_num, full_q_idx = _listing(full.transpose(-2, -1))
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
-                      full_num=full_num, full_idx=full_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
+                      full_num=full_num, full_idx=full_idx, q_num=q_num, q_idx=q_idx, full_q_num=full_q_num,
+                      full_q_idx=full_q_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
                       routed=routed, route_block=0 if routes is None else routes[1].block, edges=edges)
 
 
@@ -973,10 +991,7 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
     if math_path:
         o1, l1 = _math(q, k, v, own_mask, None, scale)
     else:
-        own_bm = BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
-                                          BLOCK_SIZE=(QB, KB), mask_mod=own_mask, seq_lengths=(nq, plan.nk),
-                                          compute_q_blocks=grad)
-        o1, l1 = _flex_call(q.device.type, q, k, v, None, own_bm, scale=scale, kernel_options=kernel_options)
+        o1, l1 = _flex_call(q.device.type, q, k, v, None, own_block_mask(plan, own_mask, grad), scale=scale, kernel_options=kernel_options)
     if not plan.slots:  # nothing gathered: the own keys are the whole answer
         return o1, l1
     q_t = _by_tile(q, plan.n_qt, QB)
@@ -996,6 +1011,18 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
     l2 = l2.reshape(bsz, h, plan.n_qt * QB)[:, :, :nq]
     merge = _compiled("merge", merge_partials) if q.device.type == "cuda" else merge_partials
     return merge(o1, l1, o2, l2.to(l1.dtype))
+
+
+def own_block_mask(plan: DirectPlan, mask_mod, grad: bool):
+    """The own-key call's ``BlockMask`` from the plan's tile lists (the key-to-query lists only
+    where a backward follows)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    back = (plan.q_num, plan.q_idx, plan.full_q_num, plan.full_q_idx) if grad else (None,) * 4
+    return BlockMask(seq_lengths=(plan.nq, plan.nk), kv_num_blocks=plan.kv_num, kv_indices=plan.kv_idx,
+                     full_kv_num_blocks=plan.full_num, full_kv_indices=plan.full_idx, q_num_blocks=back[0],
+                     q_indices=back[1], full_q_num_blocks=back[2], full_q_indices=back[3], BLOCK_SIZE=(QB, KB),
+                     mask_mod=mask_mod)
 
 
 def _flex_call(device_type, q, k, v, score_mod, block_mask, *, scale, kernel_options):

@@ -250,13 +250,54 @@ def _online(m, acc, s, ok):
 
 
 @triton.jit
+def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2, skn, dd,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, KB: tl.constexpr):
+    """One key block ``g`` of the coarse kernel: the rows' running (max, sum) and the block's
+    base-2 log-sum-exp over its eligible keys, stored at ``part_row + g``. ``MASKED=False``:
+    a block every key of which is visible and eligible for every row (no masks)."""
+    j = g * KB + tl.arange(0, KB)
+    if MASKED:
+        kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=(j < nk)[:, None], other=0.0)
+    else:
+        kt = tl.load(kbase + j[:, None] * skn + dd[None, :])
+    s = tl.dot(qt, tl.trans(kt))
+    # one exponential per logit, relative to the block's largest visible one: the running
+    # lse takes the block's sum, the eligible keys' log-sum-exp the masked sum of the same terms
+    if MASKED:
+        jj = j[None, :]
+        seen = live[:, None] & (jj < nk)
+        if CAUSAL:
+            seen = seen & (jj <= c[:, None])
+        s = tl.where(seen, s, _NEG)
+        mb = tl.max(s, 1) * scale_log2
+        p = tl.where(seen, tl.exp2(s * scale_log2 - mb[:, None]), 0.0)
+        elig = seen & (jj >= sinks)
+        if CAUSAL:
+            elig = elig & (jj <= cf[:, None] - window)
+        else:
+            elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
+        lb = mb + tl.log2(tl.sum(tl.where(elig, p, 0.0), 1))  # base 2; −inf: no eligible key
+        total = tl.sum(p, 1)
+    else:
+        mb = tl.max(s, 1) * scale_log2
+        p = tl.exp2(s * scale_log2 - mb[:, None])
+        total = tl.sum(p, 1)
+        lb = mb + tl.log2(total)
+    m_new = tl.maximum(m, mb)
+    acc = acc * tl.exp2(m - m_new) + total * tl.exp2(mb - m_new)
+    tl.store(part_row + g, lb, mask=live)
+    return m_new, acc
+
+
+@triton.jit
 def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
                           H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
                           CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr):
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
-    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    r0 = tl.program_id(1) * BR
+    r = r0 + tl.arange(0, BR)
     live = r < R
     rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
     t = r // reps
@@ -265,34 +306,47 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
     cl = tl.minimum((t + 1) * blk, nq) - 1 + offset
     dd = tl.arange(0, D)
     qt = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqn + dd[None, :], mask=live[:, None], other=0.0)
+    kbase = k_ptr + b * skb + h * skh
+    part_row = part_ptr + (bh * R + r) * n_kb
     m = tl.full((BR,), _NEG, tl.float32)
     acc = tl.zeros((BR,), tl.float32)
+    g0 = split * chunk_blocks
     g_end = tl.minimum(n_kb, (split + 1) * chunk_blocks)
     if CAUSAL:  # no visible key beyond the last row's position
         g_end = tl.minimum(g_end, (tl.max(tl.where(live, c, -1)) + KB) // KB)
-    for g in range(split * chunk_blocks, g_end):
-        j = g * KB + tl.arange(0, KB)
-        kt = tl.load(k_ptr + b * skb + h * skh + j[:, None] * skn + dd[None, :], mask=(j < nk)[:, None], other=0.0)
-        s = tl.dot(qt, tl.trans(kt)) * scale_log2
-        jj = j[None, :]
-        seen = live[:, None] & (jj < nk)
-        if CAUSAL:
-            seen = seen & (jj <= c[:, None])
-        # one exponential per logit, relative to the block's largest visible one: the running
-        # lse takes the block's sum, the eligible keys' log-sum-exp the masked sum of the same terms
-        s = tl.where(seen, s, _NEG)
-        mb = tl.max(s, 1)
-        p = tl.where(seen, tl.exp2(s - mb[:, None]), 0.0)
-        m_new = tl.maximum(m, mb)
-        acc = acc * tl.exp2(m - m_new) + tl.sum(p, 1) * tl.exp2(mb - m_new)
-        m = m_new
-        elig = seen & (jj >= sinks)
-        if CAUSAL:
-            elig = elig & (jj <= cf[:, None] - window)
-        else:
-            elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
-        lb = mb + tl.log2(tl.sum(tl.where(elig, p, 0.0), 1))  # base 2; −inf: no eligible key
-        tl.store(part_ptr + (bh * R + r) * n_kb + g, lb, mask=live)
+    # the blocks wholly visible and eligible for every row of the program need no mask: past
+    # the sinks, whole, before the first row block's window (non-causal: or after the last's)
+    t_lo = r0 // reps
+    t_hi = (tl.minimum(r0 + BR, R) - 1) // reps
+    cf_min = t_lo * blk + offset
+    cl_max = tl.minimum((t_hi + 1) * blk, nq) - 1 + offset
+    whole_end = nk // KB
+    lo = tl.minimum(tl.maximum((sinks + KB - 1) // KB, g0), g_end)
+    if CAUSAL:
+        before = tl.maximum(cf_min - window + 1, 0) // KB
+    else:
+        before = tl.where(window == 0, whole_end, tl.maximum(cf_min - window + 1, 0) // KB)
+    hi = tl.maximum(tl.minimum(tl.minimum(before, whole_end), g_end), lo)
+    a_lo = g_end  # non-causal with a window: the whole blocks after the last row block's window
+    a_hi = g_end
+    if not CAUSAL:
+        a_lo = tl.where(window == 0, g_end, tl.minimum(tl.maximum((cl_max + window + KB - 1) // KB, hi), g_end))
+        a_hi = tl.maximum(tl.minimum(whole_end, g_end), a_lo)
+    for g in range(g0, lo):
+        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
+                                skn, dd, CAUSAL, True, KB)
+    for g in range(lo, hi):
+        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
+                                skn, dd, CAUSAL, False, KB)
+    for g in range(hi, a_lo):
+        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
+                                skn, dd, CAUSAL, True, KB)
+    for g in range(a_lo, a_hi):
+        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
+                                skn, dd, CAUSAL, False, KB)
+    for g in range(a_hi, g_end):
+        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
+                                skn, dd, CAUSAL, True, KB)
     n_split = tl.num_programs(2)
     tl.store(lse_ptr + (bh * n_split + split) * R + r, m + tl.log2(acc), mask=live)
 

@@ -147,6 +147,22 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
         assert not (kept & full).any(), "a tile is both partial and full"
         got = (kept | full)[:, :nk].numpy()  # FlexAttention cuts positions beyond the sequence
         np.testing.assert_array_equal(got, want)
+        # the backward's key-to-query lists: the same tiles transposed, each list ascending
+        for fwd, bwd in (((plan.kv_num, plan.kv_idx), (plan.q_num, plan.q_idx)),
+                         ((plan.full_num, plan.full_idx), (plan.full_q_num, plan.full_q_idx))):
+            rows = _listed_tiles(at(fwd[0]), at(fwd[1]), n_kt)
+            cols = _listed_tiles(at(bwd[0]), at(bwd[1]), n_qt)
+            np.testing.assert_array_equal(cols.T, rows)
+
+
+def _listed_tiles(num, idx, n_cols):
+    """Dense (rows, n_cols) marks of a tile listing, checking each row's list is ascending."""
+    out = np.zeros((num.shape[0], n_cols), dtype=bool)
+    for r in range(num.shape[0]):
+        cols = idx[r, :int(num[r])].numpy()
+        assert (np.diff(cols) > 0).all(), "a tile list is not ascending"
+        out[r, cols] = True
+    return out
 
 
 @pytest.mark.parametrize("name,bq", [("sw", 32), ("sw_heavy", 256), ("sw_heavy_top", 32), ("top128", 128),

@@ -107,11 +107,22 @@ BLOCKKEY_CASES = [  # causal, nq, nk, covered, BlockKeys(block, keep, reps, cand
 ]
 
 
-@pytest.mark.parametrize("causal,nq,nk,covered,part", BLOCKKEY_CASES)
-def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part):
+# programs of 16 rows: later row blocks' programs have key blocks that need no mask (past the
+# sinks, before the first row block's window; non-causal also after the last one's)
+UNMASKED_CASES = [
+    (True, 600, 600, (4, 32), BlockKeys(64, 40, 2, 96, 16)),
+    (False, 600, 610, (4, 32), BlockKeys(64, 40, 2, 96, 16)),
+    (False, 400, 520, (2, 0), BlockKeys(32, 20, 2, 64, 16)),
+    (True, 500, 700, (0, 0), BlockKeys(32, 20, 1, 64, 32)),
+]
+
+
+@pytest.mark.parametrize("causal,nq,nk,covered,part,launch",
+                         [(*c, None) for c in BLOCKKEY_CASES] + [(*c, {"BR": 16}) for c in UNMASKED_CASES])
+def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, launch):
     q, k = _qk(1, 2, nq, nk, 16, seed=nq + 3 * nk)
     reps = F._rep_rows(part, nq, q.device)
-    got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered)
+    got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered, launch=launch)
     want = F.block_key_rep_mass(part, q, k, 0.3, causal, covered)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
 

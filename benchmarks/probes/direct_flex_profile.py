@@ -88,9 +88,7 @@ def main():
                 r["own_tiles_full"] = float(plan.full_num.float().mean())
 
                 def own_masks(grad=False, mask_mod=own_mask):
-                    return BlockMask.from_kv_blocks(plan.kv_num, plan.kv_idx, plan.full_num, plan.full_idx,
-                                                    BLOCK_SIZE=(F.QB, F.KB), mask_mod=mask_mod,
-                                                    seq_lengths=(n, n), compute_q_blocks=grad)
+                    return F.own_block_mask(plan, mask_mod, grad)
                 r["block_masks_ms"] = bench(own_masks)
                 r["block_masks_bwd_ms"] = bench(lambda: own_masks(True))
                 own_bm = own_masks()
