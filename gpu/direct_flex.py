@@ -558,8 +558,13 @@ def _listing(marks):
     """``(num, idx)`` of boolean tile marks (·, ·, R, n): per row the marked columns, ascending.
 
     ``idx`` (·, ·, R, n) int32 holds them in its first ``num`` entries (zeros after), by a
-    running count and one scatter: memory-bound, no sort.
+    running count and one scatter (on CUDA the kernel
+    :func:`hyperref.gpu.direct_kernels.tile_listing`): memory-bound, no sort.
     """
+    if marks.is_cuda:
+        from . import direct_kernels as kern
+
+        return kern.tile_listing(marks)
     n = marks.shape[-1]
     count = torch.cumsum(marks, dim=-1, dtype=torch.int32)
     slot = torch.where(marks, count - 1, n).long()  # where each marked column goes; the rest → spare

@@ -22,7 +22,10 @@ computes with dense intermediates, without them:
 * samples (:func:`sample_search`): the inverse-CDF binary search of each uniform
   on the head's prefix sums, one program per query block, the searches of its
   ``m`` samples side by side (the torch form runs ``⌈log2 nk⌉`` passes over all of
-  them, each a gather).
+  them, each a gather);
+* tile lists (:func:`tile_listing`): the marked columns of each row of tile marks, in
+  order, by a running count (the torch form a cumulative sum and a scatter over the
+  whole array).
 
 Logits in fp32 from the inputs' dtype (tensor-core products, fp32 accumulation).
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, float32 inputs).
@@ -505,3 +508,38 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, 
         *q.stride()[:3], *k.stride()[:3], CAUSAL=bool(causal), D=d, BLK=block, KB=key_block,
         SP=max(16, triton.next_power_of_2(max(s, 1))), **opts)
     return pi
+
+
+@triton.jit
+def _listing_kernel(marks_ptr, num_ptr, idx_ptr, R, n, s_bh, s_r, s_c, BN: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # offsets past 2³¹ at long sequences
+    base = marks_ptr + (pid // R) * s_bh + (pid % R) * s_r
+    count = tl.program_id(0) * 0
+    for c0 in range(0, n, BN):
+        cols = c0 + tl.arange(0, BN)
+        ok = cols < n
+        mk = tl.load(base + cols * s_c, mask=ok, other=0).to(tl.int32)
+        slot = count + tl.cumsum(mk, 0) - 1
+        tl.store(idx_ptr + pid * n + slot, cols, mask=ok & (mk != 0))
+        count += tl.sum(mk, 0)
+    tl.store(num_ptr + pid, count)
+
+
+def tile_listing(marks):
+    """``(num, idx)`` of boolean tile marks (P, Q, R, n), any strides: per row the marked
+    columns ascending in the first ``num`` entries of ``idx`` (P, Q, R, n) int32, zeros after;
+    ``num`` (P, Q, R) int32. One program per row: a running count over chunks of columns, each
+    marked column stored at its count (the torch form :func:`hyperref.gpu.direct_flex._listing`).
+    """
+    if marks.dim() != 4 or marks.dtype != torch.bool:
+        raise ValueError(f"tile_listing takes (P, Q, R, n) bool marks, got {tuple(marks.shape)} {marks.dtype}")
+    p, q, r, n = marks.shape
+    flat = marks.view(torch.uint8)
+    if q > 1 and flat.stride(0) != q * flat.stride(1) and p > 1:
+        flat = flat.contiguous()
+    s_bh = flat.stride(1) if q > 1 else flat.stride(0)
+    num = torch.empty(p, q, r, dtype=torch.int32, device=marks.device)
+    idx = torch.zeros(p, q, r, n, dtype=torch.int32, device=marks.device)
+    if num.numel():
+        _listing_kernel[(p * q * r,)](flat, num, idx, r, n, s_bh, flat.stride(2), flat.stride(3), BN=1024)
+    return num, idx

@@ -164,3 +164,19 @@ def test_refusals():
     with pytest.raises(ValueError, match="key_block <= 128"):
         K.block_key_rep_mass(torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, 4, 16), torch.zeros(1, 1, dtype=torch.long),
                              4, 256, 1.0, True, (0, 0))
+
+
+@pytest.mark.parametrize("shape,transposed", [((1, 1, 9, 40), False), ((2, 3, 7, 1500), False),
+                                              ((2, 3, 50, 6), True), ((1, 4, 1100, 5), True)])
+def test_tile_listing_is_the_torch_listing(shape, transposed):
+    """Rows longer than one chunk of columns, transposed (strided) marks, empty and full rows."""
+    g = torch.Generator().manual_seed(shape[-1])
+    marks = torch.rand(shape, generator=g) < 0.3
+    marks[..., 0, :] = False
+    marks[..., -1, :] = True
+    if transposed:
+        marks = marks.transpose(-2, -1)
+    num, idx = K.tile_listing(marks)
+    want_num, want_idx = F._listing(marks)
+    assert torch.equal(num, want_num)
+    assert torch.equal(idx, want_idx)
