@@ -41,7 +41,8 @@ from gpu_bench import bench, exact_rows, fwd_bwd, gaussian, planted  # noqa: E40
 
 from hyperref import HyperConfig  # noqa: E402
 from hyperref.exact_set import parse_exact_set  # noqa: E402
-from hyperref.gpu.direct_flex import _draws, direct_flex_attention, make_plan  # noqa: E402
+from hyperref.gpu.direct_flex import _draws, direct_flex_attention  # noqa: E402
+from hyperref.gpu.direct_plan import make_plan  # noqa: E402
 
 DEFAULT_SET = "sinks(4) | window(256) | heavykeys(64, 256) | blocktop(128, 2)"
 SINKS = 64

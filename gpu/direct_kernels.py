@@ -1,7 +1,8 @@
 """Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, blockkeys masses, sample search.
 
-Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_flex`
-computes with dense intermediates, without them:
+Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_select`
+(the tile listing: of :mod:`hyperref.gpu.direct_plan`) computes with dense intermediates,
+without them:
 
 * ``heavykeys`` (:func:`heavy_mass`): for the sampled rows ``T`` of a head, the
   column mass ``Σ_{i∈T} P_ij`` over the keys outside the sinks and window, ``P``
@@ -226,7 +227,7 @@ def sample_search(pre, u, lo, hi, a, total, last_positive=None):
     ``a`` (B, H, T) the row-norm share of the mixture and ``total`` (B, H, T) the support's
     mass, float64; ``last_positive`` (B, H, T) int64: the ``rownorm`` sampler's last key of
     positive norm in the support (``None`` otherwise). ``F_t`` as
-    :func:`hyperref.gpu.direct_flex.sample_slots`. Returns (B, H, T, m) int64.
+    :func:`hyperref.gpu.direct_select.sample_slots`. Returns (B, H, T, m) int64.
     """
     bsz, h, n_t, m = u.shape
     nk = pre.shape[-1] - 1
@@ -365,9 +366,9 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
 
     ``reps`` (T, r) int64 rows (``r`` per row block of ``block`` rows, row block ``t``
     first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``reps_mass`` of
-    :func:`hyperref.gpu.direct_flex.block_key_candidates`:
+    :func:`hyperref.gpu.direct_select.block_key_candidates`:
     ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
-    eligibility as :func:`hyperref.gpu.direct_flex._eligible`. One pass over the keys: each
+    eligibility as :func:`hyperref.gpu.direct_select._eligible`. One pass over the keys: each
     key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
     the key axis), the mass ``exp(lse_ig − lse_i)`` after; one exponential per logit, taken
     relative to the key block's largest visible logit, so that a block whose eligible keys lie
@@ -452,7 +453,7 @@ def _block_key_fine_kernel(q_ptr, k_ptr, chosen_ptr, pi_ptr, nq, nk, offset, sca
         else:
             ok = ok & (tl.abs(cc - jj) < window)
         m, acc = _online(m, acc, tl.dot(qt, tl.trans(kt)) * scale_log2, ok)
-    # the block's eligible keys: j <= e_hi or j >= e_lo (as direct_flex._eligible)
+    # the block's eligible keys: j <= e_hi or j >= e_lo (as direct_select._eligible)
     e_hi = cf - window
     e_lo = nk
     if not CAUSAL:
@@ -487,7 +488,7 @@ def block_key_fine_mass(q, k, chosen, block, key_block, scale, causal, covered, 
     answer; slot ``c·key_block + u`` of block ``t`` is key ``chosen[t, c]·key_block + u``.
     ``π_tj = Σ_{i∈t} exp(s_ij − lse_i)``, ``lse_i`` over the candidates and the row's sinks and
     window (two passes over the keys, one program per head and row block, nothing of size
-    ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_flex.block_key_mass`.
+    ``rows × candidates`` in memory): :func:`hyperref.gpu.direct_select.block_key_mass`.
     ``block`` a power of two. ``launch``: launch parameters (``BN`` keys per tile,
     ``num_warps``, ``num_stages``) over the defaults (``benchmarks/probes/block_keys_tiles.py``).
     """
@@ -529,7 +530,7 @@ def tile_listing(marks):
     """``(num, idx)`` of boolean tile marks (P, Q, R, n), any strides: per row the marked
     columns ascending in the first ``num`` entries of ``idx`` (P, Q, R, n) int32, zeros after;
     ``num`` (P, Q, R) int32. One program per row: a running count over chunks of columns, each
-    marked column stored at its count (the torch form :func:`hyperref.gpu.direct_flex._listing`).
+    marked column stored at its count (the torch form :func:`hyperref.gpu.direct_plan._listing`).
     """
     if marks.dim() != 4 or marks.dtype != torch.bool:
         raise ValueError(f"tile_listing takes (P, Q, R, n) bool marks, got {tuple(marks.shape)} {marks.dtype}")

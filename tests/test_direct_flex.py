@@ -17,6 +17,8 @@ from hyperref.exact_set import blockkeys, blocktop, heavykeys, quest, sinks, sor
 torch = pytest.importorskip("torch")
 flex = pytest.importorskip("torch.nn.attention.flex_attention")
 from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu import direct_plan as P  # noqa: E402
+from hyperref.gpu import direct_select as S  # noqa: E402
 from hyperref.gpu.direct import direct_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -112,7 +114,7 @@ def _plan(name, bq, m, nq, nk, causal, seed=5):
     draws = make_draws(cfg, nq, nk, 16, causal=causal, batch_shape=(1, 2), rng=seed)
     qt, kt, vt = map(torch.tensor, (q, k, v))
     rows, u = F._draws(cfg, cfg.exact_set, nq, nk, 16, causal, 1, 2, qt.device, draws, None)
-    return F.make_plan(qt, kt, vt, causal=causal, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u), cfg
+    return P.make_plan(qt, kt, vt, causal=causal, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u), cfg
 
 
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256),
@@ -131,7 +133,7 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
     plan, cfg = _plan(name, bq, 16, nq, nk, causal)
     q, k, _ = _qkv(1, 2, 2, nq, nk, 16, seed=5)
     own_parts = ExactSet(tuple(p for p in cfg.exact_set.parts if not isinstance(p, HeavyKeys)))
-    n_qt, n_kt = -(-nq // F.QB), plan.nk_pad // F.KB
+    n_qt, n_kt = -(-nq // S.QB), plan.nk_pad // S.KB
     mask_mod = F._listed_mask(plan, cfg.exact_set, causal)  # what the compiled kernel reads
     full_all = F._dense_full(plan, nq)
     for hh in range(2):
@@ -140,7 +142,7 @@ def test_tile_lists_cover_the_mask(name, bq, causal):
         listed = torch.zeros(n_qt, n_kt, dtype=torch.bool)
         for t in range(n_qt):
             listed[t, at(plan.kv_idx)[t, :at(plan.kv_num)[t]].long()] = True
-        in_listed = listed.repeat_interleave(F.QB, 0)[:nq].repeat_interleave(F.KB, 1)
+        in_listed = listed.repeat_interleave(S.QB, 0)[:nq].repeat_interleave(S.KB, 1)
         kept = mask_mod(torch.tensor(0), torch.tensor(hh), torch.arange(nq)[:, None],
                         torch.arange(plan.nk_pad)[None, :]) & in_listed
         full = at(full_all)
@@ -191,9 +193,9 @@ def test_selections_match_the_reference():
     q, k = rng.standard_normal((1, 2, 300, 16)), rng.standard_normal((1, 2, 300, 16))
     part = heavykeys(8, 32).parts[0]
     rows = np.sort(np.stack([rng.choice(300, 32, replace=False) for _ in range(2)]))[None]
-    got = F.heavy_keys(part, torch.tensor(q), torch.tensor(k), torch.tensor(rows), 0.25, True, (4, 64))
+    got = S.heavy_keys(part, torch.tensor(q), torch.tensor(k), torch.tensor(rows), 0.25, True, (4, 64))
     top = blocktop(128, 3).parts[0]
-    picks = F.block_picks(top, torch.tensor(q), torch.tensor(k), True, (4, 64))
+    picks = S.block_picks(top, torch.tensor(q), torch.tensor(k), True, (4, 64))
     for hh in range(2):
         want = part.prepare(q[0, hh], k[0, hh], 0.25, Geometry(300, 300, True), rows[0, hh], (4, 64))
         np.testing.assert_array_equal(got[0, hh][got[0, hh] >= 0].numpy(), want)
@@ -269,7 +271,7 @@ def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol,
     cfg = HyperConfig(mode="direct", exact_set=exact_set, query_block=64, samples=64, min_seq_len=8)
     gen = torch.Generator("cuda").manual_seed(0)
     rows, u = F._draws(cfg, exact_set, 2048, 2048, 64, True, 1, 4, q.device, None, gen)
-    plan = F.make_plan(q, k, v, causal=True, scale=0.125, config=cfg, heavy_rows=rows, sample_u=u)
+    plan = P.make_plan(q, k, v, causal=True, scale=0.125, config=cfg, heavy_rows=rows, sample_u=u)
     out, lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True)
     ref, ref_lse = F.flex_direct(q, k, v, plan, scale=0.125, config=cfg, causal=True, dense=True)
     np.testing.assert_allclose(out.float().cpu().numpy(), ref.float().cpu().numpy(), atol=tol, rtol=0)
@@ -284,13 +286,13 @@ def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
 
     q, k, _ = (torch.tensor(x, dtype=torch.bfloat16, device="cuda") for x in _qkv(1, 4, 4, 4096, 4096, 64, seed=5))
     part, covered = CUDA_BKEYS.parts[-1], (4, 256)
-    reps = K.block_key_rep_mass(q, k, F._rep_rows(part, 4096, q.device), part.block, part.key_block, 0.125,
+    reps = K.block_key_rep_mass(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block, 0.125,
                                 causal, covered)
-    want = F.block_key_rep_mass(part, q, k, 0.125, causal, covered)
+    want = S.block_key_rep_mass(part, q, k, 0.125, causal, covered)
     np.testing.assert_allclose(reps.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
-    chosen = F.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=want)
+    chosen = S.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=want)
     pi = K.block_key_fine_mass(q, k, chosen, part.block, part.key_block, 0.125, causal, covered)
-    want = F.block_key_mass(part, q, k, 0.125, causal, covered, chosen)
+    want = S.block_key_mass(part, q, k, 0.125, causal, covered, chosen)
     np.testing.assert_allclose(pi.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
 
 
@@ -319,7 +321,7 @@ def test_compiled_gradients_match_the_dense_twin(exact_set):
 @pytest.mark.parametrize("count", [1, 3, 8, 9])
 def test_top_breaks_ties_by_the_smaller_index(count):
     score = torch.tensor([[0.0, 2.0, 2.0, -float("inf"), 1.0, 2.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
-    order, best = F._top(score, count)
+    order, best = S._top(score, count)
     want = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :count]
     np.testing.assert_array_equal(order.numpy(), want.numpy())
     np.testing.assert_array_equal(best.numpy(), torch.gather(score, -1, want).numpy())
@@ -345,7 +347,7 @@ def test_counts_are_the_reference_counts(name, bq, causal):
                                                   (100, 1000, 64, 128, (7, 300))])
 def test_blocks_with_eligible_is_the_dense_any(causal, nq, nk, blk, kb, covered):
     n_t, n_kb = -(-nq // blk), -(-nk // kb)
-    elig = F._eligible(torch.arange(n_t), blk, nq, nk, causal, covered, torch.arange(nk))
+    elig = S._eligible(torch.arange(n_t), blk, nq, nk, causal, covered, torch.arange(nk))
     want = torch.nn.functional.pad(elig, (0, n_kb * kb - nk)).unflatten(-1, (n_kb, kb)).any(-1)
-    got = F._blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, torch.device("cpu"))
+    got = S._blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, torch.device("cpu"))
     assert torch.equal(got, want)

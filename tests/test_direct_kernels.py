@@ -17,7 +17,8 @@ if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the kernels are compared in float32 under the Triton interpreter", allow_module_level=True)
 
 from hyperref.exact_set import BlockKeys, sinks, window  # noqa: E402
-from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu import direct_plan as P  # noqa: E402
+from hyperref.gpu import direct_select as S  # noqa: E402
 from hyperref.gpu import direct_kernels as K  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def test_heavy_mass_is_the_sampled_column_mass(causal, nq, nk, covered):
     q, k = _qk(1, 2, nq, nk, 16, seed=nq + nk)
     rows = torch.sort(torch.stack([torch.randperm(nq)[:40] for _ in range(2)])[None], dim=-1).values
     got = K.heavy_mass(q, k, rows, 0.3, causal, covered)
-    want = F.heavy_scores(q, k, rows, 0.3, causal, covered)
+    want = S.heavy_scores(q, k, rows, 0.3, causal, covered)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
 
 
@@ -71,12 +72,12 @@ def test_sample_search_is_the_torch_search(sampler, causal):
         return wrapped
 
     # the torch search, then the kernel on the same prefix sums and bounds
-    real_search = F._search
-    F._search = spy("torch", real_search)
+    real_search = S._search
+    S._search = spy("torch", real_search)
     try:
-        keys, logw = F.sample_slots(v, u, E, 64, sampler, causal, nq)
+        keys, logw = S.sample_slots(v, u, E, 64, sampler, causal, nq)
     finally:
-        F._search = real_search
+        S._search = real_search
     sq = (v / v.abs().amax(dim=(-1, -2), keepdim=True)).square().sum(-1)
     pre = torch.nn.functional.pad(torch.cumsum(sq, -1), (1, 0))
     t = torch.arange(u.shape[2])
@@ -121,9 +122,9 @@ UNMASKED_CASES = [
                          [(*c, None) for c in BLOCKKEY_CASES] + [(*c, {"BR": 16}) for c in UNMASKED_CASES])
 def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, launch):
     q, k = _qk(1, 2, nq, nk, 16, seed=nq + 3 * nk)
-    reps = F._rep_rows(part, nq, q.device)
+    reps = S._rep_rows(part, nq, q.device)
     got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered, launch=launch)
-    want = F.block_key_rep_mass(part, q, k, 0.3, causal, covered)
+    want = S.block_key_rep_mass(part, q, k, 0.3, causal, covered)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
 
 
@@ -131,13 +132,13 @@ def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, lau
 def test_block_key_fine_mass_is_the_dense_mass(causal, nq, nk, covered, part):
     """Over the coarse stage's candidates and over random ones (any key block, −1 for none)."""
     q, k = _qk(1, 2, nq, nk, 16, seed=nq + 5 * nk)
-    chosen = F.block_key_candidates(part, q, k, 0.3, causal, covered)
+    chosen = S.block_key_candidates(part, q, k, 0.3, causal, covered)
     n_kb = -(-nk // part.key_block)
     g = torch.Generator().manual_seed(nq)
     other = torch.randint(-1, n_kb, chosen.shape, generator=g)
     for c in (chosen, other):
         got = K.block_key_fine_mass(q, k, c, part.block, part.key_block, 0.3, causal, covered)
-        want = F.block_key_mass(part, q, k, 0.3, causal, covered, c)
+        want = S.block_key_mass(part, q, k, 0.3, causal, covered, c)
         assert torch.equal(torch.isinf(got), torch.isinf(want))
         # π sums up to `block` probabilities: float32 rounding relative to the sum
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=1e-5)
@@ -145,8 +146,8 @@ def test_block_key_fine_mass_is_the_dense_mass(causal, nq, nk, covered, part):
 
 def test_fused_plan_only_for_half_precision_on_cuda():
     q = torch.zeros(1, 1, 4, 64)
-    assert not F.fused_plan(q)
-    assert not F.fused_plan(q.half())  # not on CUDA here
+    assert not S.fused_plan(q)
+    assert not S.fused_plan(q.half())  # not on CUDA here
 
 
 def test_refusals():
@@ -177,6 +178,6 @@ def test_tile_listing_is_the_torch_listing(shape, transposed):
     if transposed:
         marks = marks.transpose(-2, -1)
     num, idx = K.tile_listing(marks)
-    want_num, want_idx = F._listing(marks)
+    want_num, want_idx = P._listing(marks)
     assert torch.equal(num, want_num)
     assert torch.equal(idx, want_idx)

@@ -8,7 +8,7 @@ import torch
 from triton.testing import do_bench
 
 from hyperref.exact_set import BlockKeys
-from hyperref.gpu import direct_flex as F
+from hyperref.gpu import direct_select as S
 from hyperref.gpu import direct_kernels as K
 
 
@@ -18,7 +18,7 @@ def setup(n):
     g = torch.Generator("cuda").manual_seed(0)
     q, k = (torch.randn(1, 32, n, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     part = BlockKeys(128, 384)
-    return q, k, part, (4, 256), 0.125, F._rep_rows(part, n, q.device)
+    return q, k, part, (4, 256), 0.125, S._rep_rows(part, n, q.device)
 
 
 def main(n):
@@ -26,14 +26,14 @@ def main(n):
     t = {}
     t["rep_mass"] = do_bench(lambda: K.block_key_rep_mass(q, k, reps, 128, 128, sc, True, cov))
     rm = K.block_key_rep_mass(q, k, reps, 128, 128, sc, True, cov)
-    t["candidates"] = do_bench(lambda: F.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm))
-    ch = F.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm)
+    t["candidates"] = do_bench(lambda: S.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm))
+    ch = S.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm)
     t["fine_mass"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov))
     pi = K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov)
     t["fine_mass_1024"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch[..., :8], 128, 128, sc, True, cov))
-    t["top_keep"] = do_bench(lambda: F._top(pi, 384))
+    t["top_keep"] = do_bench(lambda: S._top(pi, 384))
     t["topk_keep"] = do_bench(lambda: torch.topk(pi, 384, dim=-1))
-    t["whole"] = do_bench(lambda: F.block_keys(part, q, k, sc, True, cov))
+    t["whole"] = do_bench(lambda: S.block_keys(part, q, k, sc, True, cov))
     print(" | ".join(f"{a} {b:.2f} ms" for a, b in t.items()))
 
 

@@ -30,6 +30,8 @@ from hyperref import HyperConfig  # noqa: E402
 from hyperref.direct import paper_exact_set  # noqa: E402
 from hyperref.exact_set import BlockKeys, BlockTop, Geometry, HeavyKeys, parse_exact_set  # noqa: E402
 from hyperref.gpu import direct_flex as F  # noqa: E402
+from hyperref.gpu import direct_plan as P  # noqa: E402
+from hyperref.gpu import direct_select as S  # noqa: E402
 
 
 def main():
@@ -65,21 +67,21 @@ def main():
             with torch.no_grad():
                 for part in E.parts:
                     if isinstance(part, HeavyKeys):
-                        r["heavy_keys_ms"] = bench(lambda: F.heavy_keys(part, q, k, heavy_rows, scale, causal,
+                        r["heavy_keys_ms"] = bench(lambda: S.heavy_keys(part, q, k, heavy_rows, scale, causal,
                                                                         covered))
                     if isinstance(part, BlockTop):
-                        r["block_picks_ms"] = bench(lambda: F.block_picks(part, q, k, causal, covered))
+                        r["block_picks_ms"] = bench(lambda: S.block_picks(part, q, k, causal, covered))
                     if isinstance(part, BlockKeys):
                         part = part.within(Geometry(n, n, causal))
-                        if F.routes_tiles(part, n):
-                            r["block_key_chosen_ms"] = bench(lambda: F.block_key_chosen(part, q, k, scale, causal,
+                        if S.routes_tiles(part, n):
+                            r["block_key_chosen_ms"] = bench(lambda: S.block_key_chosen(part, q, k, scale, causal,
                                                                                         covered))
                         else:
-                            r["block_keys_ms"] = bench(lambda: F.block_keys(part, q, k, scale, causal, covered))
+                            r["block_keys_ms"] = bench(lambda: S.block_keys(part, q, k, scale, causal, covered))
                 if cfg.samples:
-                    r["sample_slots_ms"] = bench(lambda: F.sample_slots(v, u, E, cfg.query_block, cfg.sampler,
+                    r["sample_slots_ms"] = bench(lambda: S.sample_slots(v, u, E, cfg.query_block, cfg.sampler,
                                                                         causal, n))
-                plan_fn = lambda: F.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
+                plan_fn = lambda: P.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
                                               heavy_rows=heavy_rows, sample_u=u)
                 r["plan_ms"] = bench(plan_fn)
                 plan = plan_fn()
@@ -101,12 +103,12 @@ def main():
                 q_t = k_g = v_g = o2 = None
                 if plan.slots:
                     g_mask, g_score = F._gathered_mods(plan, E, cfg.query_block, causal)
-                    n_g = plan.slots // F.GB
+                    n_g = plan.slots // S.GB
                     g_num = torch.full((1, 1, 1), n_g, dtype=torch.int32, device="cuda")
                     g_idx = torch.arange(n_g, dtype=torch.int32, device="cuda")[None, None, None]
-                    g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(F.QB, F.GB), mask_mod=g_mask,
-                                                    seq_lengths=(F.QB, plan.slots))
-                    q_t = F._by_tile(q, plan.n_qt, F.QB)
+                    g_bm = BlockMask.from_kv_blocks(g_num, g_idx, BLOCK_SIZE=(S.QB, S.GB), mask_mod=g_mask,
+                                                    seq_lengths=(S.QB, plan.slots))
+                    q_t = F._by_tile(q, plan.n_qt, S.QB)
                     k_g, v_g = F._gather_slots(k, plan), F._gather_slots(v, plan)
                     r["gather_ms"] = bench(lambda: (F._gather_slots(k, plan), F._gather_slots(v, plan)))
 
