@@ -240,6 +240,32 @@ def test_refusals():
         F.direct_flex_attention(q, q, q, config=cfg, draws=wrong)
 
 
+
+@pytest.mark.parametrize("options, message", [
+    ([("BLOCK_M", 64)], "must be a dict"),
+    ({"BLOCK_MM": 64}, "unknown kernel option 'BLOCK_MM'"),
+    ({"fwd_BLOCK_N": 256}, "power of two from 16 to 128"),
+    ({"BLOCK_M": 48}, "power of two"),
+    ({"BLOCK_M": True}, "power of two"),
+    ({"num_warps": 3}, "1, 2, 4, 8 or 16"),
+    ({"bwd_num_stages": 0}, "from 1 to 8"),
+    ({"ROWS_GUARANTEED_SAFE": True}, "wrong numbers"),
+    ({"BLOCKS_ARE_CONTIGUOUS": True}, "wrong numbers"),
+])
+def test_kernel_options_are_checked(options, message):
+    q = torch.zeros(1, 1, 256, 16)
+    cfg = HyperConfig(mode="direct", exact_set=sinks(4) | window(32), min_seq_len=8)
+    with pytest.raises(InputError, match=message):
+        F.direct_flex_attention(q, q, q, config=cfg, kernel_options=options)
+
+
+def test_valid_kernel_options_pass_unchanged():
+    options = {"BLOCK_M": 64, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 16, "num_warps": 4, "num_stages": 2,
+               "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False}
+    checked = F.check_kernel_options(options)
+    assert checked == options and checked is not options
+    assert F.check_kernel_options(None) is None
+
 CUDA_SET = sinks(4) | window(256) | heavykeys(64, 256) | blocktop(128, 2)
 
 
