@@ -567,6 +567,9 @@ class BlockKeys(ExactPart):
             chosen = np.argsort(-sigma, kind="stable")[:n_pick]
             chosen = chosen[np.isfinite(sigma[chosen])]
             cand = np.flatnonzero(elig & np.isin(j // kb, chosen))
+            if len(cand) <= part.keep:  # every candidate is kept: the fine stage has no choice
+                out[t, :len(cand)] = cand
+                continue
             rows = np.arange(lo, hi)
             # the rows' own sinks and window keys (disjoint from the eligible ones)
             if geom.causal:

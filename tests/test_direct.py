@@ -238,15 +238,16 @@ def test_heavykeys_and_blocktop_select_what_they_promise():
         assert (chosen >= 0).sum() == min(2, len(allowed))
 
 
+@pytest.mark.parametrize("keep", [10, 48])  # 48: every candidate kept, whole key blocks
 @pytest.mark.parametrize("causal", [True, False])
-def test_blockkeys_selects_what_it_promises(causal):
+def test_blockkeys_selects_what_it_promises(causal, keep):
     from hyperref.exact_set import BlockKeys, _eligible_keys
 
     rng = np.random.default_rng(11)
     n, d, s, w = 300, 8, 3, 20
     q, k = rng.standard_normal((2, n, d))
     geom = Geometry(n, n, causal)
-    part = BlockKeys(block=64, keep=10, reps=2, candidates=48, key_block=16)
+    part = BlockKeys(block=64, keep=keep, reps=2, candidates=48, key_block=16)
     picked = part.prepare(q, k, 0.5, geom, None, covered=(s, w))
     j = np.arange(n)
     for t, chosen in enumerate(picked):
@@ -256,7 +257,7 @@ def test_blockkeys_selects_what_it_promises(causal):
         assert elig[keys].all() and (np.diff(keys) > 0).all()
         # at most `candidates/key_block` key blocks, and all of `keep` when the candidates hold them
         assert len(np.unique(keys // 16)) <= 3
-        assert len(keys) == min(10, elig.sum()) or len(keys) < 10 and elig.sum() > len(keys)
+        assert len(keys) == min(keep, elig.sum()) or len(keys) < keep and elig.sum() > len(keys)
         # the fine stage by brute force: every row of the block, all its keys scored
         reps = np.minimum(lo + np.array([31, 63]), hi - 1)
         logits = q[reps] @ k.T * 0.5
@@ -274,7 +275,7 @@ def test_blockkeys_selects_what_it_promises(causal):
         lg = np.where(allowed, q[rows] @ k.T * 0.5, -np.inf)
         lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
         pi = np.exp(lg[:, cand] - lse[:, None]).sum(0)
-        want = np.sort(cand[np.argsort(-pi, kind="stable")[:10]])
+        want = np.sort(cand[np.argsort(-pi, kind="stable")[:keep]])
         np.testing.assert_array_equal(keys, want)
 
 
