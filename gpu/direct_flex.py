@@ -45,7 +45,6 @@ boundary of the cumulative distribution (probability about ``1e-16`` a draw).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 
@@ -56,6 +55,7 @@ from hyperref.exact_set import BlockKeys, BlockTop, ExactSet, HeavyKeys, Sinks, 
 
 from .direct_plan import NONE, DirectPlan, make_plan
 from .direct_select import GB, KB, QB
+from .options import flex_kernel_options
 
 SUPPORTED = (Sinks, Window, BlockTop, BlockKeys, HeavyKeys)
 
@@ -395,59 +395,6 @@ def _math(q, k, v, mask_mod, score_mod, scale):
     return (p @ v.to(work)).to(q.dtype), lse
 
 
-#: tile-size options of FlexAttention (optionally ``fwd_``/``bwd_``-prefixed)
-_TILE_OPTIONS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
-#: promises about the mask that this engine's masks do not keep: every row has a key (the
-#: gathered call has rows with no slot of theirs) and contiguous block lists
-_BROKEN_PROMISES = ("ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS")
-
-
-def check_kernel_options(kernel_options) -> dict | None:
-    """A validated copy of ``kernel_options`` for this engine's FlexAttention calls.
-
-    Keys are FlexAttention's (``torch.nn.attention.flex_attention.FlexKernelOptions`` of the
-    installed torch), optionally prefixed ``fwd_`` or ``bwd_``. Tile sizes must be powers of two
-    from 16 to 128 (they tile the plan's 128-row, 128-key blocks), ``num_warps`` a power of two
-    ≤ 16, ``num_stages`` from 1 to 8; ``ROWS_GUARANTEED_SAFE`` and ``BLOCKS_ARE_CONTIGUOUS``
-    cannot be promised (rows without keys and scattered block lists occur here).
-
-    Raises
-    ------
-    InputError
-        Anything else: a typo would otherwise be ignored, a broken promise give wrong numbers.
-    """
-    if kernel_options is None:
-        return None
-    if not isinstance(kernel_options, Mapping):
-        raise InputError(f"kernel_options must be a dict, got {type(kernel_options).__name__}")
-    try:
-        from torch.nn.attention.flex_attention import FlexKernelOptions
-
-        known = set(FlexKernelOptions.__annotations__)
-    except ImportError:  # a torch without the typed options: names are not checked
-        known = None
-    out = {}
-    for key, value in kernel_options.items():
-        if not isinstance(key, str):
-            raise InputError(f"kernel_options keys must be strings, got {key!r}")
-        base = key.removeprefix("fwd_").removeprefix("bwd_")
-        if known is not None and base not in known:
-            raise InputError(f"unknown kernel option {key!r}; FlexAttention's are {', '.join(sorted(known))} "
-                             "(optionally prefixed fwd_ or bwd_)")
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if base in _TILE_OPTIONS and not (is_int and 16 <= value <= min(QB, KB) and value & (value - 1) == 0):
-            raise InputError(f"kernel option {key} must be a power of two from 16 to {min(QB, KB)}, got {value!r}")
-        if base == "num_warps" and not (is_int and value in (1, 2, 4, 8, 16)):
-            raise InputError(f"kernel option {key} must be 1, 2, 4, 8 or 16, got {value!r}")
-        if base == "num_stages" and not (is_int and 1 <= value <= 8):
-            raise InputError(f"kernel option {key} must be an integer from 1 to 8, got {value!r}")
-        if base in _BROKEN_PROMISES and value:
-            raise InputError(f"kernel option {key}=True promises what this engine's masks do not keep "
-                             "(rows without keys, scattered key tiles): it would give wrong numbers")
-        out[key] = value
-    return out
-
-
 def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: HyperConfig, draws=None,
                           generator=None, kernel_options=None, return_lse: bool = False,
                           return_counts: bool = False):
@@ -472,7 +419,7 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
         Source of the draws when ``draws`` is not given.
     kernel_options : dict, optional
         FlexAttention's tuning options (tile sizes, stages, warps) for both calls on CUDA,
-        checked by :func:`check_kernel_options`.
+        checked by :func:`hyperref.gpu.options.flex_kernel_options`.
     return_lse : bool
         Also return the log normalizer ``lse`` (B, H, nq): float32, float64 for float64 input.
     return_counts : bool
@@ -509,7 +456,7 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
         raise InputError("k and v are empty: attention needs at least one key")
     exact_set, bq = paper_exact_set(config), config.query_block
     check_supported(exact_set, bq)
-    kernel_options = check_kernel_options(kernel_options)
+    kernel_options = flex_kernel_options(kernel_options, max_tile=min(QB, KB))
     scale = check_scale(scale, d)
     heavy_rows, sample_u = _draws(config, exact_set, nq, nk, d, causal, bsz, h, q.device, draws, generator)
     if h != hk:

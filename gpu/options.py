@@ -157,6 +157,60 @@ def as_kernel_options(value: KernelOptions | Mapping | None) -> KernelOptions:
     return KernelOptions(**value)
 
 
+#: tile-size options of FlexAttention (optionally ``fwd_``/``bwd_``-prefixed)
+_FLEX_TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")
+#: promises about the mask that the direct engine's masks do not keep: every row has a key (its
+#: gathered call has rows with no slot of theirs) and contiguous block lists
+_FLEX_BROKEN_PROMISES = ("ROWS_GUARANTEED_SAFE", "BLOCKS_ARE_CONTIGUOUS")
+
+
+def flex_kernel_options(value: Mapping | None, max_tile: int) -> dict | None:
+    """A checked copy of the FlexAttention ``kernel_options`` of the block-sparse direct engine.
+
+    Keys are FlexAttention's (``torch.nn.attention.flex_attention.FlexKernelOptions`` of the
+    installed torch), optionally prefixed ``fwd_`` or ``bwd_``. Tile sizes must be powers of two
+    from 16 to ``max_tile`` (they tile the plan's blocks), ``num_warps`` one of
+    {1, 2, 4, 8, 16}, ``num_stages`` from 1 to 8; ``ROWS_GUARANTEED_SAFE`` and
+    ``BLOCKS_ARE_CONTIGUOUS`` cannot be promised (rows without keys and scattered block lists
+    occur there).
+
+    Raises
+    ------
+    hyperref.InputError
+        Anything else: a typo would otherwise be ignored, a broken promise give wrong numbers.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InputError(f"kernel_options must be a dict, got {type(value).__name__}")
+    try:
+        from torch.nn.attention.flex_attention import FlexKernelOptions
+
+        known = set(FlexKernelOptions.__annotations__)
+    except ImportError:  # a torch without the typed options: names are not checked
+        known = None
+    out = {}
+    for key, option in value.items():
+        if not isinstance(key, str):
+            raise InputError(f"kernel_options keys must be strings, got {key!r}")
+        base = key.removeprefix("fwd_").removeprefix("bwd_")
+        if known is not None and base not in known:
+            raise InputError(f"unknown kernel option {key!r}; FlexAttention's are {', '.join(sorted(known))} "
+                             "(optionally prefixed fwd_ or bwd_)")
+        whole = _is_int(option)
+        if base in _FLEX_TILES and not (whole and 16 <= option <= max_tile and option & (option - 1) == 0):
+            raise InputError(f"kernel option {key} must be a power of two from 16 to {max_tile}, got {option!r}")
+        if base == "num_warps" and not (whole and option in _WARPS):
+            raise InputError(f"kernel option {key} must be 1, 2, 4, 8 or 16, got {option!r}")
+        if base == "num_stages" and not (whole and option in _STAGES):
+            raise InputError(f"kernel option {key} must be an integer from 1 to 8, got {option!r}")
+        if base in _FLEX_BROKEN_PROMISES and option:
+            raise InputError(f"kernel option {key}=True promises what the direct engine's masks do not keep "
+                             "(rows without keys, scattered key tiles): it would give wrong numbers")
+        out[key] = int(option) if whole else option
+    return out
+
+
 def _flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise InputError(f"kernel_options: {name} must be a bool, got {type(value).__name__}")

@@ -20,6 +20,7 @@ from hyperref.gpu import direct_flex as F  # noqa: E402
 from hyperref.gpu import direct_plan as P  # noqa: E402
 from hyperref.gpu import direct_select as S  # noqa: E402
 from hyperref.gpu.direct import direct_attention  # noqa: E402
+from hyperref.gpu.options import flex_kernel_options  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -262,9 +263,9 @@ def test_kernel_options_are_checked(options, message):
 def test_valid_kernel_options_pass_unchanged():
     options = {"BLOCK_M": 64, "fwd_BLOCK_N": 32, "bwd_BLOCK_M1": 16, "num_warps": 4, "num_stages": 2,
                "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False}
-    checked = F.check_kernel_options(options)
+    checked = flex_kernel_options(options, max_tile=128)
     assert checked == options and checked is not options
-    assert F.check_kernel_options(None) is None
+    assert flex_kernel_options(None, max_tile=128) is None
 
 CUDA_SET = sinks(4) | window(256) | heavykeys(64, 256) | blocktop(128, 2)
 
