@@ -16,7 +16,10 @@ without them:
 * ``blockkeys`` (:func:`block_key_rep_mass`, :func:`block_key_fine_mass`): the
   representatives' softmax mass per key block over their row block's eligible keys
   (the ``lse`` pass of :func:`heavy_mass`, then one program per head, representative
-  tile and key block), and the fine stage's ``π_tj`` over each row block's candidates
+  tile and key block; :func:`block_key_rep_lse` its log normalizers, and
+  :func:`block_key_top` the coarse choice from them: per row block the sum over its
+  representatives and the best key blocks, in registers), and the fine stage's ``π_tj``
+  over each row block's candidates
   (one program per head and row block: the rows' ``lse`` over sinks, window and
   candidates, then the column sums; the dense forms hold ``rows × candidates``
   logits);
@@ -368,13 +371,27 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
     first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``reps_mass`` of
     :func:`hyperref.gpu.direct_select.block_key_candidates`:
     ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
-    eligibility as :func:`hyperref.gpu.direct_select._eligible`. One pass over the keys: each
-    key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
-    the key axis), the mass ``exp(lse_ig − lse_i)`` after; one exponential per logit, taken
-    relative to the key block's largest visible logit, so that a block whose eligible keys lie
-    more than 126 (base 2) below it counts mass 0. ``launch``: launch parameters
-    (``BR`` rows per program, ``num_warps``, ``num_stages``) over the defaults.
+    eligibility as :func:`hyperref.gpu.direct_select._eligible`; ``exp2`` of the two log
+    normalizers of :func:`block_key_rep_lse`.
     """
+    block_lse, lse = block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch)
+    return torch.exp2(block_lse - lse[..., None])
+
+
+def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch=None):
+    """Base-2 log normalizers of the representatives: per eligible key block and per row.
+
+    ``reps`` (T, r) int64 rows as :func:`block_key_rep_mass`; returns ``block_lse`` (B, H,
+    T·r, ⌈nk/key_block⌉) fp32, ``log2 Σ_{j ∈ g, j eligible for t} 2^{s_ij log2 e}`` (−inf for
+    none), and ``lse`` (B, H, T·r) fp32 over the row's visible keys (+inf for a row that sees
+    none, so that its mass ``2^{block_lse − lse}`` is 0). One pass over the keys: each
+    key block's log-sum-exp over its eligible keys and the row's running ``lse`` (in splits of
+    the key axis, merged after); one exponential per logit, taken relative to the key block's
+    largest visible logit, so that a block whose eligible keys lie more than 126 (base 2) below
+    it counts mass 0. ``launch``: launch parameters (``BR`` rows per program, ``num_warps``,
+    ``num_stages``) over the defaults.
+    """
+
     _check_block_key_inputs(q, k, key_block)
     if key_block > 128:
         raise ValueError(f"the blockkeys coarse kernel takes key_block <= 128, got {key_block}")
@@ -396,8 +413,61 @@ def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, lau
         q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
         int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, **opts)
     lse = torch.logsumexp(parts * LN2, dim=2) * LOG2E  # base 2
-    lse = torch.where(torch.isfinite(lse), lse, float("inf"))  # a row that sees nothing: mass 0
-    return torch.exp2(block_lse - lse[..., None])
+    return block_lse, torch.where(torch.isfinite(lse), lse, float("inf"))
+
+
+@triton.jit
+def _block_key_top_kernel(blse_ptr, lse_ptr, out_ptr, T, reps, n_kb, count, nq, nk, offset, blk, kb, sinks, window,
+                          CAUSAL: tl.constexpr, NB: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (batch·head, row block) per program
+    bh, t = pid // T, pid % T
+    g = tl.arange(0, NB)
+    live = g < n_kb
+    sigma = tl.zeros((NB,), tl.float32)
+    for m in range(reps):
+        row = bh * T * reps + t * reps + m
+        lse = tl.load(lse_ptr + row)
+        sigma += tl.exp2(tl.load(blse_ptr + row * n_kb + g, mask=live, other=float("-inf")) - lse)
+    # key blocks holding an eligible key of row block t (direct_select._blocks_with_eligible)
+    lo = tl.maximum(g * kb, sinks)
+    hi = tl.minimum((g + 1) * kb, nk) - 1
+    ok = lo <= tl.minimum(hi, t * blk + offset - window)
+    if not CAUSAL:
+        after = tl.maximum(lo, tl.minimum((t + 1) * blk, nq) - 1 + offset + window) <= hi
+        ok = tl.where(window == 0, lo <= hi, ok | after)
+    x = tl.where(ok & live, sigma, float("-inf"))
+    chosen = tl.zeros((NB,), tl.int32)
+    for _ in range(count):  # the largest left, ties by the smaller block (as direct_select._top)
+        top = tl.max(x, 0)
+        first = tl.min(tl.where(x == top, g, NB), 0)
+        chosen = tl.where((g == first) & (x > float("-inf")), 1, chosen)
+        x = tl.where(g == first, float("-inf"), x)
+    slot = tl.cumsum(chosen, 0) - 1
+    tl.store(out_ptr + pid * count + slot, g.to(tl.int64), mask=chosen != 0)
+
+
+def block_key_top(block_lse, lse, n_reps, block, key_block, count, nq, nk, causal, covered):
+    """The coarse stage's choice from :func:`block_key_rep_lse`'s normalizers: (B, H, T, count) int64.
+
+    Per row block ``t`` the ``count`` key blocks of largest ``σ_tg = Σ_m 2^{block_lse − lse}``
+    over its ``n_reps`` representatives among the blocks that hold a key eligible for it, ties
+    by the smaller block, ascending, −1 for none: the answer of
+    :func:`hyperref.gpu.direct_select.block_key_candidates` given the masses
+    :func:`block_key_rep_mass`, with ``σ`` summed in registers (one program per head and row
+    block, ``count`` rounds of a maximum) instead of the dense masses, their sum, mask and ranking.
+    """
+    bsz, h, n_rows, n_kb = block_lse.shape
+    if n_rows % n_reps or lse.shape != block_lse.shape[:3]:
+        raise ValueError(f"block_key_top takes (B, H, T·reps, key blocks) and (B, H, T·reps) normalizers, got "
+                         f"{tuple(block_lse.shape)} and {tuple(lse.shape)} with n_reps={n_reps}")
+    n_t = n_rows // n_reps
+    out = torch.full((bsz, h, n_t, count), -1, dtype=torch.int64, device=block_lse.device)
+    if out.numel():
+        _block_key_top_kernel[(bsz * h * n_t,)](
+            block_lse.contiguous(), lse.contiguous(), out, n_t, n_reps, n_kb, count, nq, nk, nk - nq, block, key_block,
+            int(covered[0]), int(covered[1]), CAUSAL=bool(causal), NB=triton.next_power_of_2(n_kb),
+            num_warps=4 if n_kb <= 2048 else 8)
+    return out
 
 
 @triton.jit

@@ -288,16 +288,22 @@ def _fused_block_keys(part: BlockKeys, q) -> bool:
 
 
 def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
-    """The coarse stage's chosen key blocks (B, H, T, C′), ascending, −1 for none: the
-    representatives' masses from the Triton kernel where :func:`_fused_block_keys`, else
-    :func:`block_key_rep_mass`."""
+    """The coarse stage's chosen key blocks (B, H, T, C′), ascending, −1 for none.
+
+    Where :func:`_fused_block_keys`, the Triton kernels: the representatives' log normalizers
+    (:func:`~hyperref.gpu.direct_kernels.block_key_rep_lse`), then their sum per row block and
+    the ranking (:func:`~hyperref.gpu.direct_kernels.block_key_top`); else
+    :func:`block_key_candidates` over :func:`block_key_rep_mass`.
+    """
     from . import direct_kernels as kern
 
-    reps = None
-    if _fused_block_keys(part, q):
-        reps = kern.block_key_rep_mass(q, k, _rep_rows(part, q.shape[2], q.device), part.block, part.key_block,
-                                       scale, causal, covered)
-    return block_key_candidates(part, q, k, scale, causal, covered, reps_mass=reps)
+    if not _fused_block_keys(part, q):
+        return block_key_candidates(part, q, k, scale, causal, covered)
+    nq, nk = q.shape[2], k.shape[2]
+    block_lse, lse = kern.block_key_rep_lse(q, k, _rep_rows(part, nq, q.device), part.block, part.key_block,
+                                            scale, causal, covered)
+    count = min(part.candidates // part.key_block, -(-nk // part.key_block))
+    return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered)
 
 
 def routes_tiles(part: BlockKeys, nk: int) -> bool:

@@ -318,6 +318,13 @@ def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
     want = S.block_key_rep_mass(part, q, k, 0.125, causal, covered)
     np.testing.assert_allclose(reps.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
     chosen = S.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=want)
+    # the ranking kernel on the kernel's normalizers: the torch ranking of the same masses
+    block_lse, lse = K.block_key_rep_lse(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block,
+                                         0.125, causal, covered)
+    top = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, chosen.shape[-1], 4096, 4096,
+                          causal, covered)
+    same = S.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=torch.exp2(block_lse - lse[..., None]))
+    assert torch.equal(top, same)
     pi = K.block_key_fine_mass(q, k, chosen, part.block, part.key_block, 0.125, causal, covered)
     want = S.block_key_mass(part, q, k, 0.125, causal, covered, chosen)
     np.testing.assert_allclose(pi.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)

@@ -128,6 +128,33 @@ def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, lau
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
 
 
+TOP_CASES = BLOCKKEY_CASES + [  # more candidates than key blocks; rows with no eligible block
+    (True, 256, 256, (4, 200), BlockKeys(64, 40, 4, 512, 16)),
+    (False, 100, 700, (0, 0), BlockKeys(16, 20, 2, 16 * 20, 16)),
+]
+
+
+@pytest.mark.parametrize("causal,nq,nk,covered,part", TOP_CASES)
+def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, part):
+    """The same key blocks as the dense sum, mask and ranking of the same masses."""
+    q, k = _qk(2, 2, nq, nk, 16, seed=nq + 7 * nk)
+    reps = S._rep_rows(part, nq, q.device)
+    block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered)
+    mass = torch.exp2(block_lse - lse[..., None])
+    want = S.block_key_candidates(part, q, k, 0.3, causal, covered, reps_mass=mass)
+    count = min(part.candidates // part.key_block, -(-nk // part.key_block))
+    got = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+def test_block_key_top_refuses_mismatched_normalizers():
+    with pytest.raises(ValueError, match="normalizers"):
+        K.block_key_top(torch.zeros(1, 1, 6, 4), torch.zeros(1, 1, 6), 4, 16, 16, 2, 96, 64, True, (0, 0))
+    with pytest.raises(ValueError, match="normalizers"):
+        K.block_key_top(torch.zeros(1, 1, 6, 4), torch.zeros(1, 1, 5), 2, 16, 16, 2, 96, 64, True, (0, 0))
+
+
 @pytest.mark.parametrize("causal,nq,nk,covered,part", BLOCKKEY_CASES)
 def test_block_key_fine_mass_is_the_dense_mass(causal, nq, nk, covered, part):
     """Over the coarse stage's candidates and over random ones (any key block, −1 for none)."""
