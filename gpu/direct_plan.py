@@ -163,12 +163,35 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
         full = full | (routed & whole)
         partial = (partial | routed) & ~full
         # the routed tiles left partial: the one holding c_first − w (and, non-causal, c_last + w)
-        straddle = routed & ~whole
-        at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
-        lo, hi = rf - w, rl + w
-        edges = torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
-                           torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
+        if _ends_inside_tiles(nq, nk, causal, w, part.block):
+            straddle = routed & ~whole
+            at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
+            lo, hi = rf - w, rl + w
+            edges = torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
+                               torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
     return partial, full, picked, routed, edges
+
+
+def _ends_inside_tiles(nq, nk, causal, w, block):
+    """Whether some row block's eligible key range ends inside a key tile (host arithmetic).
+
+    The range of row block ``t`` ends at ``c_first − w`` (keys ``j <= c_first − w``) and,
+    non-causal with a window, starts at ``c_last + w``; a routed tile can straddle it only
+    where that end is not a tile boundary. When none does (``w ≡ nk − nq + 1 mod 128``
+    with row blocks of whole tiles, e.g. ``w = 513`` at ``nq = nk``) every routed tile is
+    full and the own-key call's mask is index arithmetic alone (no ``edges``).
+    """
+    if not causal and not w:
+        return False  # every key past the sinks is eligible: a routed tile is whole
+    tq = torch.arange(-(-nq // QB))
+    rb = (tq * QB) // block
+    rf = rb * block + (nk - nq)
+    lo = rf - w
+    inside = ((lo >= 0) & (lo % KB != KB - 1)).any()
+    if not causal:
+        hi = torch.clamp((rb + 1) * block, max=nq) - 1 + (nk - nq) + w
+        inside = inside | ((hi < nk) & (hi % KB != 0)).any()
+    return bool(inside)
 
 
 def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:

@@ -38,6 +38,8 @@ SETS = {
     # every candidate kept, whole key tiles: the chosen blocks are own-key tiles
     "sw_route": sinks(4) | window(40) | blockkeys(128, 256, 2, 256, 128),
     "sw_heavy_route": sinks(3) | window(100) | heavykeys(8, 32) | blockkeys(256, 300, 3, 256, 128),
+    # w ≡ 1 (mod 128): at nk − nq ≡ 0 the eligible ranges end on tile boundaries (no edge lookup)
+    "sw_route_aligned": sinks(4) | window(129) | blockkeys(128, 256, 2, 256, 128),
 }
 
 
@@ -73,7 +75,7 @@ TOL = 1e-12
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy", 64), ("sw_heavy_top", 32), ("top128", 128),
                                      ("top256", 256), ("heavy_only", 128), ("sw_bkeys", 64),
                                      ("sw_heavy_bkeys", 32), ("bkeys256_top", 128), ("sw_route", 64),
-                                     ("sw_heavy_route", 256)])
+                                     ("sw_heavy_route", 256), ("sw_route_aligned", 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_same_draws_same_answer(name, bq, causal):
     q, k, v = _qkv(1, 2, 2, 300, 300, 16)
@@ -118,20 +120,24 @@ def _plan(name, bq, m, nq, nk, causal, seed=5):
     return P.make_plan(qt, kt, vt, causal=causal, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u), cfg
 
 
-@pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy_top", 32), ("top128", 128), ("top256", 256),
-                                     ("sw_route", 64)])
+@pytest.mark.parametrize("name,bq,nk", [("sw", 64, 700), ("sw_heavy_top", 32, 700), ("top128", 128, 700),
+                                        ("top256", 256, 700), ("sw_route", 64, 700), ("sw_route_aligned", 64, 700),
+                                        ("sw_route_aligned", 64, 648)])
 @pytest.mark.parametrize("causal", [True, False])
-def test_tile_lists_cover_the_mask(name, bq, causal):
+def test_tile_lists_cover_the_mask(name, bq, nk, causal):
     """The own-key call computes exactly the exact set's sinks, window and picked blocks.
 
     Its entries (the mask function on the listed tiles, full tiles whole) against the
     reference's membership of those parts (:meth:`hyperref.exact_set.ExactSet.member_rows`),
-    row by row, head by head; heavy keys go to the gathered call.
+    row by row, head by head; heavy keys go to the gathered call. The aligned window at
+    ``nk − nq = 128`` has no straddling routed tile, so no edge table.
     """
     from hyperref.exact_set import ExactSet, Geometry, HeavyKeys
 
-    nq, nk = 520, 700
+    nq = 520
     plan, cfg = _plan(name, bq, 16, nq, nk, causal)
+    if name.startswith("sw_route"):
+        assert (plan.edges is None) == (name == "sw_route_aligned" and nk == 648)
     q, k, _ = _qkv(1, 2, 2, nq, nk, 16, seed=5)
     own_parts = ExactSet(tuple(p for p in cfg.exact_set.parts if not isinstance(p, HeavyKeys)))
     n_qt, n_kt = -(-nq // S.QB), plan.nk_pad // S.KB
