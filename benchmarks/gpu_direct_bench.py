@@ -19,6 +19,7 @@ the queries point at one key with logit ≈ 12). Prints one JSON line per row an
 Usage::
 
     python benchmarks/gpu_direct_bench.py [--n 16384 32768 65536 131072] [--d 64 128] [--causal both]
+        [--kernel-options '{"bwd_BLOCK_M1": 64, ...}']
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main():
     parser.add_argument("--query-block", type=int, default=128)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--kernel-options", type=json.loads, default=None,
+                        help="FlexAttention kernel_options of the direct calls, a JSON object")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64  # one compiled kernel per shape and mask
@@ -94,7 +97,7 @@ def main():
     meta = {"date": datetime.date.today().isoformat(), "device": props.name, "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-            "config": cfg.as_dict(), "heads": args.heads}
+            "config": cfg.as_dict(), "heads": args.heads, "kernel_options": args.kernel_options}
     print(json.dumps(meta), flush=True)
     h = args.heads
     rows = []
@@ -105,7 +108,7 @@ def main():
                 q, k, v = gaussian(n, d, h, n + d)
                 gen = torch.Generator("cuda").manual_seed(0)
                 direct = lambda q_, k_, v_: direct_flex_attention(q_, k_, v_, causal=causal, config=cfg,
-                                                                  generator=gen)
+                                                                  generator=gen, kernel_options=args.kernel_options)
                 budget = keys_per_query(cfg, n, causal)
                 sw = sink_window(n, budget, causal)
                 row = {"d": d, "causal": causal, "n": n, "keys_per_query": budget}
@@ -161,7 +164,8 @@ def main():
     print(f"{meta['device']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"cuDNN {meta['cudnn']}; {meta['date']}; B = 1, H = {h}, bf16; direct: {args.exact_set}, "
           f"{args.samples} samples per {args.query_block}-row query block; sink + window: {SINKS} sinks + "
-          "the window that gives the same keys per query.")
+          "the window that gives the same keys per query."
+          + (f" Direct kernel_options: {json.dumps(args.kernel_options)}." if args.kernel_options else ""))
     print()
     print("| d | causal | n | keys/query | direct fwd (ms) | plan (ms) | sink+window fwd | flash fwd | cudnn fwd "
           "| direct × best exact | sink+window × | direct f+b | sink+window f+b | best exact f+b | direct f+b × "

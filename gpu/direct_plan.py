@@ -106,7 +106,7 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
     (``routed``, else ``None``): full where every key is eligible for the tile's row block
     (or a sink), partial where the block straddles the eligible range's end (``edges`` (B, H,
     NT, 2): whether the tile holding ``c_first − w``, and the one holding ``c_last + w``, is
-    such a tile). A short last
+    such a tile; ``None`` where no range ends inside a tile, :func:`_ends_inside_tiles`). A short last
     tile may be full: FlexAttention cuts the positions beyond the sequence.
     """
     s, w = covered
