@@ -391,7 +391,6 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     it counts mass 0. ``launch``: launch parameters (``BR`` rows per program, ``num_warps``,
     ``num_stages``) over the defaults.
     """
-
     _check_block_key_inputs(q, k, key_block)
     if key_block > 128:
         raise ValueError(f"the blockkeys coarse kernel takes key_block <= 128, got {key_block}")

@@ -177,9 +177,10 @@ def _ends_inside_tiles(nq, nk, causal, w, block):
 
     The range of row block ``t`` ends at ``c_first − w`` (keys ``j <= c_first − w``) and,
     non-causal with a window, starts at ``c_last + w``; a routed tile can straddle it only
-    where that end is not a tile boundary. When none does (``w ≡ nk − nq + 1 mod 128``
-    with row blocks of whole tiles, e.g. ``w = 513`` at ``nq = nk``) every routed tile is
-    full and the own-key call's mask is index arithmetic alone (no ``edges``).
+    where that end is not a tile boundary. When none does (causal: ``w ≡ nk − nq + 1 mod
+    128``, the row blocks being whole tiles; non-causal besides every ``c_last + w`` on a
+    boundary; e.g. ``w = 513`` at ``nq = nk``) every routed tile is full and the own-key
+    call's mask is index arithmetic alone (no ``edges``).
     """
     if not causal and not w:
         return False  # every key past the sinks is eligible: a routed tile is whole
