@@ -152,7 +152,7 @@ def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mas
         reps_mass = block_key_rep_mass(part, q, k, scale, causal, covered)
     sigma = reps_mass.unflatten(2, (n_t, part.reps)).sum(3)  # (B, H, T, n_kb)
     sigma = sigma.masked_fill(~_blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, q.device), -math.inf)
-    order, best = _top(sigma, min(part.candidates // kb, n_kb))
+    order, best = _top(sigma, coarse_count(part, nk))
     chosen = torch.where(torch.isfinite(best), order, n_kb)
     chosen = torch.sort(chosen, dim=-1).values
     return torch.where(chosen < n_kb, chosen, -1)
@@ -302,8 +302,13 @@ def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
     nq, nk = q.shape[2], k.shape[2]
     block_lse, lse = kern.block_key_rep_lse(q, k, _rep_rows(part, nq, q.device), part.block, part.key_block,
                                             scale, causal, covered)
-    count = min(part.candidates // part.key_block, -(-nk // part.key_block))
-    return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered)
+    return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, coarse_count(part, nk), nq, nk,
+                              causal, covered)
+
+
+def coarse_count(part: BlockKeys, nk: int) -> int:
+    """Key blocks the coarse stage chooses per row block: ``min(⌊candidates/key_block⌋, ⌈nk/key_block⌉)``."""
+    return min(part.candidates // part.key_block, -(-nk // part.key_block))
 
 
 def routes_tiles(part: BlockKeys, nk: int) -> bool:

@@ -142,8 +142,8 @@ def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, 
     block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered)
     mass = torch.exp2(block_lse - lse[..., None])
     want = S.block_key_candidates(part, q, k, 0.3, causal, covered, reps_mass=mass)
-    count = min(part.candidates // part.key_block, -(-nk // part.key_block))
-    got = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered)
+    got = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, S.coarse_count(part, nk), nq, nk,
+                          causal, covered)
     assert got.dtype == torch.int64 and got.shape == want.shape
     assert torch.equal(got, want)
 
