@@ -118,7 +118,8 @@ def main():
                 def plan_only():
                     rows_, u = _draws(cfg, cfg.exact_set, n, n, d, causal, 1, h, q.device, None, gen)
                     with torch.no_grad():
-                        make_plan(q, k, v, causal=causal, scale=scale, config=cfg, heavy_rows=rows_, sample_u=u)
+                        make_plan(q, k, v, causal=causal, scale=scale, config=cfg, heavy_rows=rows_, sample_u=u,
+                                  backward=False)
                 row["plan_ms"] = bench(plan_only)
                 row["sinkwindow_fwd_ms"] = bench(lambda: sw(q, k, v))
                 for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):

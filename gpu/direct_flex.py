@@ -345,6 +345,8 @@ def own_block_mask(plan: DirectPlan, mask_mod, grad: bool):
     where a backward follows)."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    if grad and plan.q_num is None:
+        raise ValueError("a backward needs the plan's key-to-query lists: make it with backward=True")
     back = (plan.q_num, plan.q_idx, plan.full_q_num, plan.full_q_idx) if grad else (None,) * 4
     return BlockMask(seq_lengths=(plan.nq, plan.nk), kv_num_blocks=plan.kv_num, kv_indices=plan.kv_idx,
                      full_kv_num_blocks=plan.full_num, full_kv_indices=plan.full_idx, q_num_blocks=back[0],
@@ -468,9 +470,10 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
             c = torch.arange(nq, device=q.device) + (nk - nq)
             counts = (torch.clamp(c + 1, 0, nk) if causal else torch.full_like(c, nk)).expand(bsz, h, nq)
     else:
+        backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         with torch.no_grad():
             plan = make_plan(q.detach(), k.detach(), v.detach(), causal=causal, scale=scale, config=config,
-                             heavy_rows=heavy_rows, sample_u=sample_u)
+                             heavy_rows=heavy_rows, sample_u=sample_u, backward=backward)
             counts = plan_counts(plan, exact_set, bq, causal) if return_counts else None
         out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
                                kernel_options=kernel_options)

@@ -1,4 +1,5 @@
-"""Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, blockkeys masses, sample search.
+"""Triton kernels of the direct mode's plan: heavy-key column mass, block-pick scores, blockkeys masses, sample
+search, tile lists.
 
 Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_select`
 (the tile listing: of :mod:`hyperref.gpu.direct_plan`) computes with dense intermediates,
@@ -29,7 +30,11 @@ without them:
   them, each a gather);
 * tile lists (:func:`tile_listing`): the marked columns of each row of tile marks, in
   order, by a running count (the torch form a cumulative sum and a scatter over the
-  whole array).
+  whole array);
+* own-key tiles (:func:`own_tile_lists`): per query tile its partial and full key tiles
+  (sinks and window by index arithmetic, the picked and routed blocks from their tables)
+  and their lists in one pass (the torch form :func:`hyperref.gpu.direct_plan.own_tiles`
+  some twenty dense operations on (B, H, NT, NKT) marks, then two listings).
 
 Logits in fp32 from the inputs' dtype (tensor-core products, fp32 accumulation).
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, float32 inputs).
@@ -613,3 +618,123 @@ def tile_listing(marks):
     if num.numel():
         _listing_kernel[(p * q * r,)](flat, num, idx, r, n, s_bh, flat.stride(2), flat.stride(3), BN=1024)
     return num, idx
+
+
+# ---------------------------------------------------------------- own-key tiles: marks and lists
+
+@triton.jit
+def _chosen_hit(g, tab_ptr, row, n, per):
+    """Whether tile ``g`` lies in one of the ``n`` blocks (of ``per`` tiles) listed at ``row``."""
+    hit = g < 0
+    for c in range(n):
+        blk = tl.load(tab_ptr + row * n + c)
+        hit = hit | ((g // per == blk) & (blk >= 0))
+    return hit != 0
+
+
+@triton.jit
+def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, pick_ptr, route_ptr, kvn_ptr, kvi_ptr, fn_ptr,
+                      fi_ptr, NT, n_kt, nq, nk, offset, sinks, window, pick_block, n_pick_rb, n_pick, per_p,
+                      route_block, n_route_rb, n_route, per_r, TILE: tl.constexpr, CAUSAL: tl.constexpr,
+                      PICKS: tl.constexpr, ROUTES: tl.constexpr, BN: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64)
+    row = (bh * NT + t) * n_kt
+    c_first = t * TILE + offset
+    c_last = tl.minimum((t + 1) * TILE, nq) - 1 + offset
+    rp = (t * TILE) // pick_block
+    rr = (t * TILE) // route_block
+    rf = rr * route_block + offset  # the route block's first and last aligned rows
+    rl = tl.minimum((rr + 1) * route_block, nq) - 1 + offset
+    n_part = t * 0
+    n_full = t * 0
+    for c0 in range(0, n_kt, BN):
+        g = c0 + tl.arange(0, BN)
+        live = g < n_kt
+        g_lo = g * TILE
+        g_hi = tl.minimum((g + 1) * TILE, nk) - 1
+        if CAUSAL:
+            seen = g_lo <= c_last
+        else:
+            seen = live
+        partial = (g_lo < sinks) & seen
+        full = g < 0
+        if window > 0:
+            if CAUSAL:
+                partial = partial | ((g_hi > c_first - window) & seen)
+                full = (g_lo > c_last - window) & (g_hi <= c_first)
+            else:
+                partial = partial | ((g_hi > c_first - window) & (g_lo < c_last + window))
+                full = (g_lo > c_last - window) & (g_hi < c_first + window)
+        full = full & live
+        partial = partial & live & ~full
+        if PICKS:  # picked blocks: whole tiles every row of the tile sees
+            picked = _chosen_hit(g, picks_ptr, bh * n_pick_rb + rp, n_pick, per_p) & live
+            full = full | picked
+            partial = partial & ~full
+            tl.store(pick_ptr + row + g, picked.to(tl.int8), mask=live)
+        if ROUTES:  # routed blocks: full where every key is eligible for the route block
+            routed = _chosen_hit(g, chosen_ptr, bh * n_route_rb + rr, n_route, per_r) & live
+            whole = g_hi <= rf - window
+            if not CAUSAL:
+                if window > 0:
+                    whole = whole | (g_lo >= rl + window)
+                else:
+                    whole = live
+            full = full | (routed & whole)
+            partial = (partial | routed) & ~full
+            tl.store(route_ptr + row + g, routed.to(tl.int8), mask=live)
+        tl.store(part_ptr + row + g, partial.to(tl.int8), mask=live)
+        tl.store(full_ptr + row + g, full.to(tl.int8), mask=live)
+        mp = partial.to(tl.int32)
+        mf = full.to(tl.int32)
+        tl.store(kvi_ptr + row + n_part + tl.cumsum(mp, 0) - 1, g.to(tl.int32), mask=live & partial)
+        tl.store(fi_ptr + row + n_full + tl.cumsum(mf, 0) - 1, g.to(tl.int32), mask=live & full)
+        n_part += tl.sum(mp, 0)
+        n_full += tl.sum(mf, 0)
+    for c0 in range(0, n_kt, BN):  # the lists' tails are zeros
+        g = c0 + tl.arange(0, BN)
+        tl.store(kvi_ptr + row + g, tl.zeros((BN,), tl.int32), mask=(g < n_kt) & (g >= n_part))
+        tl.store(fi_ptr + row + g, tl.zeros((BN,), tl.int32), mask=(g < n_kt) & (g >= n_full))
+    tl.store(kvn_ptr + bh * NT + t, n_part.to(tl.int32))
+    tl.store(fn_ptr + bh * NT + t, n_full.to(tl.int32))
+
+
+def own_tile_lists(nq, nk, tile, causal, covered, device, picks=None, pick_block=0, chosen=None, route_block=0,
+                   route_key_block=0):
+    """The own-key call's tile marks and their lists in one pass (one program per query tile).
+
+    Computes what :func:`hyperref.gpu.direct_plan.own_tiles` computes with dense torch
+    operations, and the lists :func:`tile_listing` would make of its partial and full marks.
+    ``tile`` is the square tile size; ``covered = (sinks, window)``; ``picks`` (B, H, row
+    blocks of ``pick_block`` rows, count) and ``chosen`` (B, H, row blocks of
+    ``route_block`` rows, C′) list blocks of ``pick_block`` and ``route_key_block`` keys
+    (−1: none), ``None`` where the part is absent. Returns ``(partial, full, picked, routed,
+    kv_num, kv_idx, full_num, full_idx)``: bool marks (P, Q, NT, NKT) (``picked``,
+    ``routed`` ``None`` without their part) and int32 lists as :func:`tile_listing`; ``(P,
+    Q) = (B, H)`` where a part is given, else (1, 1).
+    """
+    dev = device
+    heads = next((tuple(x.shape[:2]) for x in (picks, chosen) if x is not None), (1, 1))
+    n_qt, n_kt = -(-nq // tile), -(-max(nk, 1) // tile)
+    shape = (*heads, n_qt, n_kt)
+    marks = [torch.empty(shape, dtype=torch.bool, device=dev) for _ in range(2)]
+    picked = torch.empty(shape, dtype=torch.bool, device=dev) if picks is not None else None
+    routed = torch.empty(shape, dtype=torch.bool, device=dev) if chosen is not None else None
+    kv_num, full_num = (torch.empty(shape[:3], dtype=torch.int32, device=dev) for _ in range(2))
+    kv_idx, full_idx = (torch.empty(shape, dtype=torch.int32, device=dev) for _ in range(2))
+    if n_qt == 0:
+        return (*marks, picked, routed, kv_num, kv_idx, full_num, full_idx)
+    dummy = kv_num  # an unread pointer where a part is absent
+    pk = picks.contiguous() if picks is not None else dummy
+    ck = chosen.contiguous() if chosen is not None else dummy
+    _own_tiles_kernel[(heads[0] * heads[1], n_qt)](
+        pk, ck, marks[0].view(torch.int8), marks[1].view(torch.int8),
+        picked.view(torch.int8) if picked is not None else marks[0].view(torch.int8),
+        routed.view(torch.int8) if routed is not None else marks[0].view(torch.int8),
+        kv_num, kv_idx, full_num, full_idx, n_qt, n_kt, nq, nk, nk - nq, int(covered[0]), int(covered[1]),
+        max(pick_block, 1), pk.shape[2] if picks is not None else 0, pk.shape[3] if picks is not None else 0,
+        max(pick_block // tile, 1), max(route_block, 1), ck.shape[2] if chosen is not None else 0,
+        ck.shape[3] if chosen is not None else 0, max(route_key_block // tile, 1), TILE=tile, CAUSAL=bool(causal),
+        PICKS=picks is not None, ROUTES=chosen is not None, BN=1024)
+    return (*marks, picked, routed, kv_num, kv_idx, full_num, full_idx)

@@ -33,7 +33,7 @@ class DirectPlan:
     (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
     ``(1, 1, NT, ·)`` when no part picks tiles head by head; its backward reads the same lists
     transposed, per key tile the query tiles (``q_num``/``q_idx``, ``full_q_num``/``full_q_idx``,
-    (·, ·, NKT, ·)). Its mask is index arithmetic and,
+    (·, ·, NKT, ·); ``None`` in a plan made with ``backward=False``). Its mask is index arithmetic and,
     where a ``blocktop`` part picks tiles, a lookup in ``picked`` (B, H, NT, NKT) bool (``None``
     without one), where a ``blockkeys`` part routes tiles (:func:`routes_tiles`), a lookup in
     ``routed`` (B, H, NT, NKT) bool and the eligibility of the key for the row's block of
@@ -55,10 +55,10 @@ class DirectPlan:
     kv_idx: torch.Tensor
     full_num: torch.Tensor
     full_idx: torch.Tensor
-    q_num: torch.Tensor
-    q_idx: torch.Tensor
-    full_q_num: torch.Tensor
-    full_q_idx: torch.Tensor
+    q_num: torch.Tensor | None
+    q_idx: torch.Tensor | None
+    full_q_num: torch.Tensor | None
+    full_q_idx: torch.Tensor | None
     gpos: torch.Tensor
     owner: torch.Tensor | None
     logw: torch.Tensor
@@ -155,21 +155,63 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
         routed = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=device)
         routed.scatter_(-1, tiles, True)
         routed = routed[..., :n_kt]
-        rf = row_block * part.block + offset  # the row block's first and last aligned rows
-        rl = torch.clamp((row_block + 1) * part.block, max=nq) - 1 + offset
-        whole = g_hi[None, :] <= (rf - w)[:, None]
-        if not causal:
-            whole = (whole | (g_lo[None, :] >= (rl + w)[:, None])) if w else torch.ones_like(whole)
-        full = full | (routed & whole)
+        full = full | (routed & _route_whole(nq, nk, causal, w, part.block, device))
         partial = (partial | routed) & ~full
-        # the routed tiles left partial: the one holding c_first − w (and, non-causal, c_last + w)
-        if _ends_inside_tiles(nq, nk, causal, w, part.block):
-            straddle = routed & ~whole
-            at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
-            lo, hi = rf - w, rl + w
-            edges = torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
-                               torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
+        edges = _route_edges(routed, nq, nk, causal, w, part.block)
     return partial, full, picked, routed, edges
+
+
+def _route_rows(nq, nk, block, device):
+    """Per query tile, the first and last aligned rows of the route block it lies in: (NT,) each."""
+    rb = (torch.arange(-(-nq // QB), device=device) * QB) // block
+    return rb * block + (nk - nq), torch.clamp((rb + 1) * block, max=nq) - 1 + (nk - nq)
+
+
+def _route_whole(nq, nk, causal, w, block, device):
+    """(NT, NKT) bool: whether every key of tile ``g`` is eligible for query tile ``t``'s route block."""
+    n_kt = -(-max(nk, 1) // KB)
+    g = torch.arange(n_kt, device=device)
+    g_lo, g_hi = g * KB, torch.clamp((g + 1) * KB, max=nk) - 1
+    rf, rl = _route_rows(nq, nk, block, device)
+    whole = g_hi[None, :] <= (rf - w)[:, None]
+    if not causal:
+        whole = (whole | (g_lo[None, :] >= (rl + w)[:, None])) if w else torch.ones_like(whole)
+    return whole
+
+
+def _route_edges(routed, nq, nk, causal, w, block):
+    """The routed tiles left partial, (B, H, NT, 2) bool: the one holding ``c_first − w`` and (non-causal)
+    the one holding ``c_last + w``, where they straddle; ``None`` where no range ends inside a tile."""
+    if not _ends_inside_tiles(nq, nk, causal, w, block):
+        return None
+    bsz, h, _, n_kt = routed.shape
+    straddle = routed & ~_route_whole(nq, nk, causal, w, block, routed.device)
+    rf, rl = _route_rows(nq, nk, block, routed.device)
+    at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
+    lo, hi = rf - w, rl + w
+    return torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
+                      torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
+
+
+def own_layout(nq, nk, causal, covered, picks, pick_block, device, routes=None):
+    """:func:`own_tiles` and the lists of its partial and full marks: ``(partial, full, picked,
+    routed, edges, (kv_num, kv_idx, full_num, full_idx))``.
+
+    On CUDA one Triton pass computes the marks and lists them
+    (:func:`hyperref.gpu.direct_kernels.own_tile_lists`); elsewhere the torch form and
+    :func:`_listing`.
+    """
+    if device.type != "cuda":
+        partial, full, picked, routed, edges = own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes)
+        return partial, full, picked, routed, edges, (*_listing(partial), *_listing(full))
+    from . import direct_kernels as kern
+
+    chosen, part = routes if routes is not None else (None, None)
+    out = kern.own_tile_lists(nq, nk, KB, causal, covered, device, picks, pick_block, chosen,
+                              part.block if part else 0, part.key_block if part else 0)
+    partial, full, picked, routed = out[:4]
+    edges = None if part is None else _route_edges(routed, nq, nk, causal, covered[1], part.block)
+    return partial, full, picked, routed, edges, out[4:]
 
 
 def _ends_inside_tiles(nq, nk, causal, w, block):
@@ -195,7 +237,7 @@ def _ends_inside_tiles(nq, nk, causal, w, block):
     return bool(inside)
 
 
-def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u) -> DirectPlan:
+def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample_u, backward=True) -> DirectPlan:
     """Selections, samples and the block-sparse layout of one call (no gradient).
 
     Parameters
@@ -210,6 +252,9 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
         The sampled rows of the ``heavykeys`` column mass (the draws').
     sample_u : tensor ``(B, H, T, m)`` float64
         The uniforms of the ``m`` samples of each of the ``T`` query blocks.
+    backward : bool
+        Whether to list the key-to-query tiles a backward reads (the transposed lists);
+        ``False`` leaves them ``None`` (a forward alone: two listings fewer).
 
     Returns
     -------
@@ -238,7 +283,7 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
                 routes = (block_key_chosen(part, q, k, scale, causal, covered), part)
             else:
                 bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
-    partial, full, picked, routed, edges = own_tiles(nq, nk, causal, covered, picks, pick_block, dev, routes)
+    partial, full, picked, routed, edges, lists = own_layout(nq, nk, causal, covered, picks, pick_block, dev, routes)
     n_qt = partial.shape[2]
     tq = torch.arange(n_qt, device=dev)
     # ---- gathered slots: heavy keys, then m samples per query block inside the tile
@@ -294,23 +339,23 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
         in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
         gpos = torch.where(in_pick, -1, gpos)
     if routed is not None:  # nor are the eligible keys of the tile's routed blocks
-        gpos = torch.where(_in_routed(routed, routes[1].block, gpos, nq, nk, causal, covered, tq), -1, gpos)
+        gpos = torch.where(_in_routed(routed, routes[1].block, gpos, nq, nk, causal, covered), -1, gpos)
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
-    kv_num, kv_idx = _listing(partial)
-    full_num, full_idx = _listing(full)
-    q_num, q_idx = _listing(partial.transpose(-2, -1))
-    full_q_num, full_q_idx = _listing(full.transpose(-2, -1))
+    kv_num, kv_idx, full_num, full_idx = lists
+    q_num = q_idx = full_q_num = full_q_idx = None
+    if backward:
+        q_num, q_idx = _listing(partial.transpose(-2, -1))
+        full_q_num, full_q_idx = _listing(full.transpose(-2, -1))
     return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
                       full_num=full_num, full_idx=full_idx, q_num=q_num, q_idx=q_idx, full_q_num=full_q_num,
                       full_q_idx=full_q_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
                       routed=routed, route_block=0 if routes is None else routes[1].block, edges=edges)
 
 
-def _in_routed(routed, block, keys, nq, nk, causal, covered, tq):
+def _in_routed(routed, block, keys, nq, nk, causal, covered):
     """Whether each key (B, H, NT, ·) of a query tile is an eligible key of a routed tile of it."""
     n_kt = routed.shape[-1]
-    rb = (tq * QB) // block
-    rf, rl = rb * block + (nk - nq), torch.clamp((rb + 1) * block, max=nq) - 1 + (nk - nq)
+    rf, rl = _route_rows(nq, nk, block, keys.device)
     tile = torch.clamp(keys, 0, nk - 1) // KB
     hit = torch.gather(routed.to(torch.int8).expand(*keys.shape[:2], -1, -1), -1,
                        torch.clamp(tile, max=n_kt - 1)).bool()

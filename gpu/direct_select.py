@@ -212,7 +212,8 @@ def _rep_rows(part: BlockKeys, nq: int, device):
     """The representatives ``t·b + ⌈(m+1)·b/reps⌉ − 1`` of every row block, clamped: (T, reps) int64."""
     blk = part.block
     n_t = -(-nq // blk)
-    off = torch.tensor([-(-(m + 1) * blk // part.reps) - 1 for m in range(part.reps)], device=device)
+    # on the device (a host tensor copied there would wait for the stream)
+    off = -torch.div(-(torch.arange(part.reps, device=device) + 1) * blk, part.reps, rounding_mode="floor") - 1
     return torch.clamp(torch.arange(n_t, device=device)[:, None] * blk + off[None, :], max=nq - 1)
 
 

@@ -164,6 +164,25 @@ def test_tile_lists_cover_the_mask(name, bq, nk, causal):
             np.testing.assert_array_equal(cols.T, rows)
 
 
+def test_a_forward_plan_has_no_key_to_query_lists():
+    """``backward=False``: the same forward lists, no transposed ones, and a backward refused."""
+    q, k, v = _qkv(1, 2, 2, 300, 300, 16, seed=5)
+    cfg = _config("sw_route", 64, 16)
+    draws = make_draws(cfg, 300, 300, 16, causal=True, batch_shape=(1, 2), rng=5)
+    qt, kt, vt = map(torch.tensor, (q, k, v))
+    rows, u = F._draws(cfg, cfg.exact_set, 300, 300, 16, True, 1, 2, qt.device, draws, None)
+    both = [P.make_plan(qt, kt, vt, causal=True, scale=0.25, config=cfg, heavy_rows=rows, sample_u=u,
+                        backward=b) for b in (True, False)]
+    for name in ("kv_num", "kv_idx", "full_num", "full_idx", "gpos", "logw"):
+        assert torch.equal(getattr(both[0], name), getattr(both[1], name)), name
+    assert both[0].q_num is not None
+    assert all(getattr(both[1], x) is None for x in ("q_num", "q_idx", "full_q_num", "full_q_idx"))
+    mask_mod = F._listed_mask(both[1], cfg.exact_set, True)
+    F.own_block_mask(both[1], mask_mod, grad=False)
+    with pytest.raises(ValueError, match="backward=True"):
+        F.own_block_mask(both[1], mask_mod, grad=True)
+
+
 def _listed_tiles(num, idx, n_cols):
     """Dense (rows, n_cols) marks of a tile listing, checking each row's list is ascending."""
     out = np.zeros((num.shape[0], n_cols), dtype=bool)

@@ -208,3 +208,48 @@ def test_tile_listing_is_the_torch_listing(shape, transposed):
     want_num, want_idx = P._listing(marks)
     assert torch.equal(num, want_num)
     assert torch.equal(idx, want_idx)
+
+
+def _blocks(bsz, h, n_rb, count, n_blocks, seed):
+    """Random block tables (B, H, row blocks, count): distinct blocks ascending, −1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.full((bsz, h, n_rb, count), -1, dtype=torch.int64)
+    for idx in np.ndindex(bsz, h, n_rb):
+        take = int(torch.randint(0, count + 1, (1,), generator=g))
+        out[idx][:min(take, n_blocks)] = torch.sort(torch.randperm(n_blocks, generator=g)[:min(take, n_blocks)]).values
+    return out
+
+
+# (nq, nk, covered, picks as (block, count) or None, routes as (block, key block, count) or None);
+# nk ≥ 1025 puts a row past one chunk of 1024 tiles
+OWN_CASES = [(520, 700, (4, 100), None, None), (300, 300, (0, 0), None, None),
+             (520, 700, (4, 129), (128, 2), None), (520, 648, (4, 129), None, (128, 128, 3)),
+             (700, 900, (1, 300), (256, 1), (256, 256, 2)), (260, 1200, (0, 64), None, (128, 128, 4)),
+             (128, 131200, (4, 513), None, (128, 128, 3))]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk,covered,picks,routes", OWN_CASES)
+def test_own_tile_lists_are_the_torch_marks_and_lists(causal, nq, nk, covered, picks, routes):
+    """Marks bit for bit (partial, full, picked, routed) and their lists, with the torch form's shapes."""
+    from types import SimpleNamespace
+
+    pk = pick_block = ck = part = None
+    if picks is not None:
+        pick_block = picks[0]
+        pk = _blocks(2, 3, -(-nq // pick_block), picks[1], -(-nk // pick_block), seed=nq + 1)
+    if routes is not None:
+        part = SimpleNamespace(block=routes[0], key_block=routes[1])
+        ck = _blocks(2, 3, -(-nq // routes[0]), routes[2], -(-nk // routes[1]), seed=nk + 2)
+    want = P.own_tiles(nq, nk, causal, covered, pk, pick_block or 128, torch.device("cpu"),
+                       None if ck is None else (ck, part))
+    got = K.own_tile_lists(nq, nk, S.KB, causal, covered, torch.device("cpu"), pk, pick_block or 0, ck,
+                           0 if part is None else part.block, 0 if part is None else part.key_block)
+    for name, w, g in zip(("partial", "full", "picked", "routed"), want[:4], got[:4]):
+        if w is None:
+            assert g is None, name
+            continue
+        w = w.expand(g.shape) if w.shape != g.shape else w
+        assert g.shape == w.shape and torch.equal(g, w), name
+    for w, g in zip((*P._listing(want[0]), *P._listing(want[1])), got[4:]):
+        assert torch.equal(g, w.expand(g.shape))

@@ -34,6 +34,19 @@ from hyperref.gpu import direct_plan as P  # noqa: E402
 from hyperref.gpu import direct_select as S  # noqa: E402
 
 
+def kernel_table(fn, calls=5, top=30):
+    """The CUDA kernels of ``calls`` calls of ``fn`` (after one warm-up), by total CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=70)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[32768, 131072])
@@ -43,6 +56,8 @@ def main():
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--query-block", type=int, default=128)
     parser.add_argument("--json")
+    parser.add_argument("--trace", help="also write the CUDA kernels of the plan and of the whole forward "
+                                         "(torch.profiler, sorted by CUDA time) to this file")
     args = parser.parse_args()
     torch._dynamo.config.cache_size_limit = 64
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -84,6 +99,8 @@ def main():
                 plan_fn = lambda: P.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
                                               heavy_rows=heavy_rows, sample_u=u)
                 r["plan_ms"] = bench(plan_fn)
+                r["plan_fwd_ms"] = bench(lambda: P.make_plan(q, k, v, causal=causal, scale=scale, config=cfg,
+                                                             heavy_rows=heavy_rows, sample_u=u, backward=False))
                 plan = plan_fn()
                 own_mask = F._listed_mask(plan, E, causal)
                 r["own_tiles_partial"] = float(plan.kv_num.float().mean())  # per query tile
@@ -139,6 +156,11 @@ def main():
             r["cudnn_fwdbwd_ms"] = bench(fwd_bwd(cudnn, q, k, v))
             r["speedup_fwd"] = r["cudnn_fwd_ms"] / r["direct_fwd_ms"]
             r["speedup_fwdbwd"] = r["cudnn_fwdbwd_ms"] / r["direct_fwdbwd_ms"]
+            if args.trace:
+                with torch.no_grad(), open(args.trace, "a") as fh:
+                    for name, fn in (("plan", plan_fn), ("forward", lambda: direct(q, k, v))):
+                        fh.write(f"\n## {name}, causal {causal}, n {n} (5 calls after warm-up)\n\n")
+                        fh.write(kernel_table(fn) + "\n")
             rows.append(r)
             print(json.dumps(r), flush=True)
             del q, k, v, plan, k_g, v_g, q_t, o2
