@@ -311,7 +311,7 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
     r0 = tl.program_id(1) * BR
     r = r0 + tl.arange(0, BR)
     live = r < R
-    rows = tl.load(rows_ptr + bh * R + r, mask=live, other=0)
+    rows = tl.load(rows_ptr + r, mask=live, other=0)  # the same rows for every head
     t = r // reps
     c = rows + offset
     cf = t * blk + offset
@@ -404,7 +404,7 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     n_t, r = reps.shape
     n_rows = n_t * r
     n_kb = triton.cdiv(nk, key_block)
-    rows = reps.reshape(1, 1, n_rows).expand(bsz, h, n_rows).contiguous()
+    rows = reps.reshape(n_rows).contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3])
     opts = {"BR": 64, "num_warps": 4, "num_stages": 3, **(launch or {})}
     br = opts["BR"]
@@ -416,8 +416,26 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
         q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
         int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, **opts)
-    lse = torch.logsumexp(parts * LN2, dim=2) * LOG2E  # base 2
-    return block_lse, torch.where(torch.isfinite(lse), lse, float("inf"))
+    lse = torch.empty(bsz, h, n_rows, dtype=torch.float32, device=q.device)
+    if lse.numel():
+        _merge_splits_kernel[(bsz * h, triton.cdiv(n_rows, 128))](parts, lse, n_rows, n_split, BR=128)
+    return block_lse, lse
+
+
+@triton.jit
+def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, BR: tl.constexpr):
+    """The rows' base-2 lse from their per-split partial ones; +inf where no split saw a key."""
+    bh = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    live = r < R
+    m = tl.full((BR,), float("-inf"), tl.float32)
+    for sp in range(n_split):
+        m = tl.maximum(m, tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")))
+    safe = tl.where(m > float("-inf"), m, 0.0)
+    acc = tl.zeros((BR,), tl.float32)
+    for sp in range(n_split):
+        acc += tl.exp2(tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")) - safe)
+    tl.store(lse_ptr + bh * R + r, tl.where(m > float("-inf"), safe + tl.log2(acc), float("inf")), mask=live)
 
 
 @triton.jit

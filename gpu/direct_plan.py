@@ -333,12 +333,12 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     gpos = pad_slots(pos_parts, -1, torch.int64)
     logw = pad_slots(logw_parts, 0.0, work)
     owner = pad_slots(owner_parts, -1, torch.int32) if bq < QB else None
-    if picked is not None:  # keys of the tile's picked blocks are exact: not a gathered term
+    if picked is not None and slots:  # keys of the tile's picked blocks are exact: not a gathered term
         n_kt = picked.shape[-1]
         tile_of_key = torch.clamp(gpos, min=0) // KB
         in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
         gpos = torch.where(in_pick, -1, gpos)
-    if routed is not None:  # nor are the eligible keys of the tile's routed blocks
+    if routed is not None and slots:  # nor are the eligible keys of the tile's routed blocks
         gpos = torch.where(_in_routed(routed, routes[1].block, gpos, nq, nk, causal, covered), -1, gpos)
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
     kv_num, kv_idx, full_num, full_idx = lists

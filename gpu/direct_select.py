@@ -212,9 +212,10 @@ def _rep_rows(part: BlockKeys, nq: int, device):
     """The representatives ``t·b + ⌈(m+1)·b/reps⌉ − 1`` of every row block, clamped: (T, reps) int64."""
     blk = part.block
     n_t = -(-nq // blk)
-    # on the device (a host tensor copied there would wait for the stream)
-    off = -torch.div(-(torch.arange(part.reps, device=device) + 1) * blk, part.reps, rounding_mode="floor") - 1
-    return torch.clamp(torch.arange(n_t, device=device)[:, None] * blk + off[None, :], max=nq - 1)
+    off = torch.tensor([-(-(m + 1) * blk // part.reps) - 1 for m in range(part.reps)])
+    rows = torch.clamp(torch.arange(n_t)[:, None] * blk + off[None, :], max=nq - 1)
+    # made on the host, copied from pinned memory: a pageable copy would wait for the stream
+    return (rows.pin_memory() if device.type == "cuda" else rows).to(device, non_blocking=True)
 
 
 def block_key_mass(part: BlockKeys, q, k, scale, causal, covered, chosen):

@@ -118,8 +118,15 @@ UNMASKED_CASES = [
 ]
 
 
+# more than 4096 keys: the rows' lse in several splits of the key axis, merged after
+SPLIT_CASES = [
+    (True, 300, 9000, (4, 32), BlockKeys(64, 40, 2, 256, 128)),
+    (False, 200, 12500, (1, 0), BlockKeys(128, 40, 3, 256, 64)),
+]
+
+
 @pytest.mark.parametrize("causal,nq,nk,covered,part,launch",
-                         [(*c, None) for c in BLOCKKEY_CASES] + [(*c, {"BR": 16}) for c in UNMASKED_CASES])
+                         [(*c, None) for c in BLOCKKEY_CASES + SPLIT_CASES] + [(*c, {"BR": 16}) for c in UNMASKED_CASES])
 def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, launch):
     q, k = _qk(1, 2, nq, nk, 16, seed=nq + 3 * nk)
     reps = S._rep_rows(part, nq, q.device)
