@@ -303,7 +303,8 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
     ``k``, ``v`` (B, H, nk, ·) have the query heads' count (expanded for GQA). ``dense``:
     the same mask and score functions on dense scores (:func:`_math`; the default off CUDA,
     FlexAttention having no CPU backward); ``False``: FlexAttention, compiled on CUDA, its
-    eager path elsewhere.
+    eager path elsewhere. A call that needs gradients through FlexAttention needs a plan made
+    with ``backward=True`` (:func:`~hyperref.gpu.direct_plan.make_plan`; refused otherwise).
     """
     from torch.nn.attention.flex_attention import BlockMask
 

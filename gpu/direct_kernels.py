@@ -2,8 +2,8 @@
 search, tile lists.
 
 Each kernel computes on the GPU what a torch function of :mod:`hyperref.gpu.direct_select`
-(the tile listing: of :mod:`hyperref.gpu.direct_plan`) computes with dense intermediates,
-without them:
+(the tile listing and the own-key tiles: of :mod:`hyperref.gpu.direct_plan`) computes with
+dense intermediates, without them:
 
 * ``heavykeys`` (:func:`heavy_mass`): for the sampled rows ``T`` of a head, the
   column mass ``Σ_{i∈T} P_ij`` over the keys outside the sinks and window, ``P``
@@ -305,7 +305,7 @@ def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, w
 def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
                           H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
                           CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # (bh·R + r)·n_kb passes 2³¹ at long sequences
     b, h = bh // H, bh % H
     split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
     r0 = tl.program_id(1) * BR
@@ -424,7 +424,8 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
 
 @triton.jit
 def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, BR: tl.constexpr):
-    """The rows' base-2 lse from their per-split partial ones; +inf where no split saw a key."""
+    """The rows' base-2 lse from their per-split partial ones; +inf where no split saw a key
+    (or where non-finite logits make it NaN), so that the rows' masses are 0."""
     bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     live = r < R
@@ -435,7 +436,8 @@ def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, BR: tl.constexpr):
     acc = tl.zeros((BR,), tl.float32)
     for sp in range(n_split):
         acc += tl.exp2(tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")) - safe)
-    tl.store(lse_ptr + bh * R + r, tl.where(m > float("-inf"), safe + tl.log2(acc), float("inf")), mask=live)
+    lse = tl.where(m > float("-inf"), safe + tl.log2(acc), float("inf"))
+    tl.store(lse_ptr + bh * R + r, tl.where(lse == lse, lse, float("inf")), mask=live)  # NaN (inf logits): mass 0
 
 
 @triton.jit
@@ -655,8 +657,8 @@ def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, pick_ptr, route
                       fi_ptr, NT, n_kt, nq, nk, offset, sinks, window, pick_block, n_pick_rb, n_pick, per_p,
                       route_block, n_route_rb, n_route, per_r, TILE: tl.constexpr, CAUSAL: tl.constexpr,
                       PICKS: tl.constexpr, ROUTES: tl.constexpr, BN: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # one (batch·head, query tile); one grid axis: no 65535 limit
+    bh, t = pid // NT, pid % NT
     row = (bh * NT + t) * n_kt
     c_first = t * TILE + offset
     c_last = tl.minimum((t + 1) * TILE, nq) - 1 + offset
@@ -746,7 +748,7 @@ def own_tile_lists(nq, nk, tile, causal, covered, device, picks=None, pick_block
     dummy = kv_num  # an unread pointer where a part is absent
     pk = picks.contiguous() if picks is not None else dummy
     ck = chosen.contiguous() if chosen is not None else dummy
-    _own_tiles_kernel[(heads[0] * heads[1], n_qt)](
+    _own_tiles_kernel[(heads[0] * heads[1] * n_qt,)](
         pk, ck, marks[0].view(torch.int8), marks[1].view(torch.int8),
         picked.view(torch.int8) if picked is not None else marks[0].view(torch.int8),
         routed.view(torch.int8) if routed is not None else marks[0].view(torch.int8),
