@@ -263,10 +263,11 @@ def _online(m, acc, s, ok):
 
 @triton.jit
 def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2, skn, dd,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, KB: tl.constexpr):
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, KB: tl.constexpr, PEAKS: tl.constexpr):
     """One key block ``g`` of the coarse kernel: the rows' running (max, sum) and the block's
-    base-2 log-sum-exp over its eligible keys, stored at ``part_row + g``. ``MASKED=False``:
-    a block every key of which is visible and eligible for every row (no masks)."""
+    base-2 log-sum-exp over its eligible keys, stored at ``part_row + g`` (``PEAKS``: the
+    running max alone and the block's largest eligible logit, base 2, no exponential).
+    ``MASKED=False``: a block every key of which is visible and eligible for every row (no masks)."""
     j = g * KB + tl.arange(0, KB)
     if MASKED:
         kt = tl.load(kbase + j[:, None] * skn + dd[None, :], mask=(j < nk)[:, None], other=0.0)
@@ -282,21 +283,28 @@ def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, w
             seen = seen & (jj <= c[:, None])
         s = tl.where(seen, s, _NEG)
         mb = tl.max(s, 1) * scale_log2
-        p = tl.where(seen, tl.exp2(s * scale_log2 - mb[:, None]), 0.0)
         elig = seen & (jj >= sinks)
         if CAUSAL:
             elig = elig & (jj <= cf[:, None] - window)
         else:
             elig = elig & ((jj <= cf[:, None] - window) | (jj >= cl[:, None] + window) | (window == 0))
-        lb = mb + tl.log2(tl.sum(tl.where(elig, p, 0.0), 1))  # base 2; −inf: no eligible key
-        total = tl.sum(p, 1)
+        if PEAKS:
+            pk = tl.max(tl.where(elig, s, _NEG), 1)
+            lb = tl.where(pk == _NEG, float("-inf"), pk * scale_log2)  # −inf: no eligible key
+        else:
+            p = tl.where(seen, tl.exp2(s * scale_log2 - mb[:, None]), 0.0)
+            lb = mb + tl.log2(tl.sum(tl.where(elig, p, 0.0), 1))  # base 2; −inf: no eligible key
+            total = tl.sum(p, 1)
     else:
         mb = tl.max(s, 1) * scale_log2
-        p = tl.exp2(s * scale_log2 - mb[:, None])
-        total = tl.sum(p, 1)
-        lb = mb + tl.log2(total)
+        lb = mb
+        if not PEAKS:
+            p = tl.exp2(s * scale_log2 - mb[:, None])
+            total = tl.sum(p, 1)
+            lb = mb + tl.log2(total)
     m_new = tl.maximum(m, mb)
-    acc = acc * tl.exp2(m - m_new) + total * tl.exp2(mb - m_new)
+    if not PEAKS:
+        acc = acc * tl.exp2(m - m_new) + total * tl.exp2(mb - m_new)
     tl.store(part_row + g, lb, mask=live)
     return m_new, acc
 
@@ -304,7 +312,8 @@ def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, w
 @triton.jit
 def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
                           H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
-                          CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr):
+                          CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr,
+                          PEAKS: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)  # (bh·R + r)·n_kb passes 2³¹ at long sequences
     b, h = bh // H, bh % H
     split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
@@ -346,21 +355,25 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
         a_hi = tl.maximum(tl.minimum(whole_end, g_end), a_lo)
     for g in range(g0, lo):
         m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB)
+                                skn, dd, CAUSAL, True, KB, PEAKS)
     for g in range(lo, hi):
         m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, False, KB)
+                                skn, dd, CAUSAL, False, KB, PEAKS)
     for g in range(hi, a_lo):
         m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB)
+                                skn, dd, CAUSAL, True, KB, PEAKS)
     for g in range(a_lo, a_hi):
         m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, False, KB)
+                                skn, dd, CAUSAL, False, KB, PEAKS)
     for g in range(a_hi, g_end):
         m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB)
+                                skn, dd, CAUSAL, True, KB, PEAKS)
     n_split = tl.num_programs(2)
-    tl.store(lse_ptr + (bh * n_split + split) * R + r, m + tl.log2(acc), mask=live)
+    if PEAKS:  # the rows' largest visible logit (−inf: none in this split)
+        part = tl.where(m == _NEG, float("-inf"), m)
+    else:
+        part = m + tl.log2(acc)
+    tl.store(lse_ptr + (bh * n_split + split) * R + r, part, mask=live)
 
 
 def _check_block_key_inputs(q, k, key_block):
@@ -369,21 +382,23 @@ def _check_block_key_inputs(q, k, key_block):
         raise ValueError(f"the blockkeys kernels take a power-of-two key_block >= 16, got {key_block}")
 
 
-def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, launch=None):
-    """The representatives' softmax mass per key block over their block's eligible keys.
+def block_key_rep_mass(q, k, reps, block, key_block, scale, causal, covered, launch=None, peaks=False):
+    """The representatives' softmax mass per key block over their block's eligible keys
+    (``peaks``: their largest eligible logit per key block minus their largest visible one,
+    the ``rep_scores`` of the ``peaks`` rule).
 
     ``reps`` (T, r) int64 rows (``r`` per row block of ``block`` rows, row block ``t``
-    first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``reps_mass`` of
+    first); returns (B, H, T·r, ⌈nk/key_block⌉) fp32, the ``rep_scores`` of
     :func:`hyperref.gpu.direct_select.block_key_candidates`:
     ``Σ_{j ∈ g, j eligible for t} exp(s_ij − lse_i)``, ``lse_i`` over the row's visible keys,
     eligibility as :func:`hyperref.gpu.direct_select._eligible`; ``exp2`` of the two log
     normalizers of :func:`block_key_rep_lse`.
     """
-    block_lse, lse = block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch)
-    return torch.exp2(block_lse - lse[..., None])
+    block_lse, lse = block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch, peaks)
+    return (block_lse - lse[..., None]) * LN2 if peaks else torch.exp2(block_lse - lse[..., None])
 
 
-def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch=None):
+def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, launch=None, peaks=False):
     """Base-2 log normalizers of the representatives: per eligible key block and per row.
 
     ``reps`` (T, r) int64 rows as :func:`block_key_rep_mass`; returns ``block_lse`` (B, H,
@@ -394,7 +409,9 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     the key axis, merged after); one exponential per logit, taken relative to the key block's
     largest visible logit, so that a block whose eligible keys lie more than 126 (base 2) below
     it counts mass 0. ``launch``: launch parameters (``BR`` rows per program, ``num_warps``,
-    ``num_stages``) over the defaults.
+    ``num_stages``) over the defaults. ``peaks``: maxima instead of log-sum-exps (the key
+    block's largest eligible logit and the row's largest visible one, base 2, −inf / +inf
+    for none), no exponential per logit.
     """
     _check_block_key_inputs(q, k, key_block)
     if key_block > 128:
@@ -415,17 +432,19 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     block_lse = torch.full((bsz, h, n_rows, n_kb), float("-inf"), dtype=torch.float32, device=q.device)
     _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
         q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
-        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, **opts)
+        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, PEAKS=bool(peaks),
+        **opts)
     lse = torch.empty(bsz, h, n_rows, dtype=torch.float32, device=q.device)
     if lse.numel():
-        _merge_splits_kernel[(bsz * h, triton.cdiv(n_rows, 128))](parts, lse, n_rows, n_split, BR=128)
+        _merge_splits_kernel[(bsz * h, triton.cdiv(n_rows, 128))](parts, lse, n_rows, n_split, PEAKS=bool(peaks),
+                                                                   BR=128)
     return block_lse, lse
 
 
 @triton.jit
-def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, BR: tl.constexpr):
-    """The rows' base-2 lse from their per-split partial ones; +inf where no split saw a key
-    (or where non-finite logits make it NaN), so that the rows' masses are 0."""
+def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, PEAKS: tl.constexpr, BR: tl.constexpr):
+    """The rows' base-2 lse from their per-split partial ones (``PEAKS``: their maximum); +inf
+    where no split saw a key (or where non-finite logits make it NaN), so that the rows' masses are 0."""
     bh = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1) * BR + tl.arange(0, BR)
     live = r < R
@@ -433,25 +452,35 @@ def _merge_splits_kernel(parts_ptr, lse_ptr, R, n_split, BR: tl.constexpr):
     for sp in range(n_split):
         m = tl.maximum(m, tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")))
     safe = tl.where(m > float("-inf"), m, 0.0)
-    acc = tl.zeros((BR,), tl.float32)
-    for sp in range(n_split):
-        acc += tl.exp2(tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")) - safe)
-    lse = tl.where(m > float("-inf"), safe + tl.log2(acc), float("inf"))
+    if PEAKS:
+        lse = tl.where(m > float("-inf"), m, float("inf"))
+    else:
+        acc = tl.zeros((BR,), tl.float32)
+        for sp in range(n_split):
+            acc += tl.exp2(tl.load(parts_ptr + (bh * n_split + sp) * R + r, mask=live, other=float("-inf")) - safe)
+        lse = tl.where(m > float("-inf"), safe + tl.log2(acc), float("inf"))
     tl.store(lse_ptr + bh * R + r, tl.where(lse == lse, lse, float("inf")), mask=live)  # NaN (inf logits): mass 0
 
 
 @triton.jit
 def _block_key_top_kernel(blse_ptr, lse_ptr, out_ptr, T, reps, n_kb, count, nq, nk, offset, blk, kb, sinks, window,
-                          CAUSAL: tl.constexpr, NB: tl.constexpr):
+                          CAUSAL: tl.constexpr, PEAKS: tl.constexpr, NB: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # one (batch·head, row block) per program
     bh, t = pid // T, pid % T
     g = tl.arange(0, NB)
     live = g < n_kb
-    sigma = tl.zeros((NB,), tl.float32)
+    if PEAKS:
+        sigma = tl.full((NB,), float("-inf"), tl.float32)
+    else:
+        sigma = tl.zeros((NB,), tl.float32)
     for m in range(reps):
         row = bh * T * reps + t * reps + m
         lse = tl.load(lse_ptr + row)
-        sigma += tl.exp2(tl.load(blse_ptr + row * n_kb + g, mask=live, other=float("-inf")) - lse)
+        score = tl.load(blse_ptr + row * n_kb + g, mask=live, other=float("-inf")) - lse
+        if PEAKS:
+            sigma = tl.maximum(sigma, score)
+        else:
+            sigma += tl.exp2(score)
     # key blocks holding an eligible key of row block t (direct_select._blocks_with_eligible)
     lo = tl.maximum(g * kb, sinks)
     hi = tl.minimum((g + 1) * kb, nk) - 1
@@ -470,11 +499,11 @@ def _block_key_top_kernel(blse_ptr, lse_ptr, out_ptr, T, reps, n_kb, count, nq, 
     tl.store(out_ptr + pid * count + slot, g.to(tl.int64), mask=chosen != 0)
 
 
-def block_key_top(block_lse, lse, n_reps, block, key_block, count, nq, nk, causal, covered):
+def block_key_top(block_lse, lse, n_reps, block, key_block, count, nq, nk, causal, covered, peaks=False):
     """The coarse stage's choice from :func:`block_key_rep_lse`'s normalizers: (B, H, T, count) int64.
 
     Per row block ``t`` the ``count`` key blocks of largest ``σ_tg = Σ_m 2^{block_lse − lse}``
-    over its ``n_reps`` representatives among the blocks that hold a key eligible for it, ties
+    (``peaks``: ``max_m (block_lse − lse)``) over its ``n_reps`` representatives among the blocks that hold a key eligible for it, ties
     by the smaller block, ascending, −1 for none: the answer of
     :func:`hyperref.gpu.direct_select.block_key_candidates` given the masses
     :func:`block_key_rep_mass`, with ``σ`` summed in registers (one program per head and row
@@ -489,7 +518,7 @@ def block_key_top(block_lse, lse, n_reps, block, key_block, count, nq, nk, causa
     if out.numel():
         _block_key_top_kernel[(bsz * h * n_t,)](
             block_lse.contiguous(), lse.contiguous(), out, n_t, n_reps, n_kb, count, nq, nk, nk - nq, block, key_block,
-            int(covered[0]), int(covered[1]), CAUSAL=bool(causal), NB=triton.next_power_of_2(n_kb),
+            int(covered[0]), int(covered[1]), CAUSAL=bool(causal), PEAKS=bool(peaks), NB=triton.next_power_of_2(n_kb),
             num_warps=4 if n_kb <= 2048 else 8)
     return out
 

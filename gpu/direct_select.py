@@ -138,19 +138,21 @@ def _eligible(tq, blk, nq, nk, causal, covered, j):
     return (j >= s) & ((j <= (c_first - w)[:, None]) | (j >= (c_last + w)[:, None]))
 
 
-def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, reps_mass=None):
+def block_key_candidates(part: BlockKeys, q, k, scale, causal, covered, rep_scores=None):
     """The coarse stage of :class:`hyperref.exact_set.BlockKeys`: chosen key blocks (B, H, T, C′).
 
-    Ascending, −1 for none. ``reps_mass`` (B, H, T·reps, key blocks): the representatives'
-    softmax mass per key block over the eligible keys (:func:`block_key_rep_mass`, or a
-    kernel's); computed here when not given.
+    Ascending, −1 for none. ``rep_scores`` (B, H, T·reps, key blocks): the representatives'
+    softmax mass per key block over the eligible keys (:func:`block_key_rep_mass`), with
+    ``part.peaks`` their relative peaks (:func:`block_key_rep_peaks`), or a kernel's;
+    computed here when not given. The block's score is their sum (``peaks``: maximum).
     """
     nq, nk = q.shape[2], k.shape[2]
     blk, kb = part.block, part.key_block
     n_t, n_kb = -(-nq // blk), -(-nk // kb)
-    if reps_mass is None:
-        reps_mass = block_key_rep_mass(part, q, k, scale, causal, covered)
-    sigma = reps_mass.unflatten(2, (n_t, part.reps)).sum(3)  # (B, H, T, n_kb)
+    if rep_scores is None:
+        rep_scores = (block_key_rep_peaks if part.peaks else block_key_rep_mass)(part, q, k, scale, causal, covered)
+    per_rep = rep_scores.unflatten(2, (n_t, part.reps))
+    sigma = per_rep.amax(3) if part.peaks else per_rep.sum(3)  # (B, H, T, n_kb)
     sigma = sigma.masked_fill(~_blocks_with_eligible(n_t, blk, nq, nk, kb, causal, covered, q.device), -math.inf)
     order, best = _top(sigma, coarse_count(part, nk))
     chosen = torch.where(torch.isfinite(best), order, n_kb)
@@ -184,6 +186,18 @@ def block_key_rep_mass(part: BlockKeys, q, k, scale, causal, covered):
     (B, H, T·reps, key blocks), representatives :func:`_rep_rows` (row block ``t`` first);
     dense torch form: the logits of a chunk of row blocks' representatives at a time.
     """
+    return _rep_block_scores(part, q, k, scale, causal, covered, peaks=False)
+
+
+def block_key_rep_peaks(part: BlockKeys, q, k, scale, causal, covered):
+    """The representatives' largest eligible logit per key block minus their largest visible
+    logit (−inf for a block without an eligible key): (B, H, T·reps, key blocks), as
+    :func:`block_key_rep_mass` (the ``peaks`` rule)."""
+    return _rep_block_scores(part, q, k, scale, causal, covered, peaks=True)
+
+
+def _rep_block_scores(part: BlockKeys, q, k, scale, causal, covered, peaks):
+    """The dense torch form of :func:`block_key_rep_mass` (``peaks=False``) and :func:`block_key_rep_peaks`."""
     bsz, h, nq, d = q.shape
     nk, blk, kb = k.shape[2], part.block, part.key_block
     n_t, n_kb, r = -(-nq // blk), -(-nk // kb), part.reps
@@ -200,8 +214,14 @@ def block_key_rep_mass(part: BlockKeys, q, k, scale, causal, covered):
         logits = (q[:, :, rr].to(work) @ k.to(work).transpose(-1, -2)) * scale  # (B, H, tc·r, nk)
         if causal:
             logits = logits.masked_fill(j[None, :] > (rr + nk - nq)[:, None], -math.inf)
-        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         elig = _eligible(tq[t0:t1], blk, nq, nk, causal, covered, j).repeat_interleave(r, dim=0)
+        if peaks:
+            top = logits.amax(-1, keepdim=True)
+            rel = torch.where(elig, logits - torch.where(torch.isfinite(top), top, 0.0), -math.inf)
+            rel = torch.nn.functional.pad(rel, (0, n_kb * kb - nk), value=-math.inf)
+            sums.append(rel.unflatten(-1, (n_kb, kb)).amax(-1))
+            continue
+        p = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         p = torch.where(elig, p, 0.0)
         p = torch.nn.functional.pad(p, (0, n_kb * kb - nk))
         sums.append(p.unflatten(-1, (n_kb, kb)).sum(-1))
@@ -303,9 +323,9 @@ def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
         return block_key_candidates(part, q, k, scale, causal, covered)
     nq, nk = q.shape[2], k.shape[2]
     block_lse, lse = kern.block_key_rep_lse(q, k, _rep_rows(part, nq, q.device), part.block, part.key_block,
-                                            scale, causal, covered)
+                                            scale, causal, covered, peaks=part.peaks)
     return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, coarse_count(part, nk), nq, nk,
-                              causal, covered)
+                              causal, covered, peaks=part.peaks)
 
 
 def coarse_count(part: BlockKeys, nk: int) -> int:

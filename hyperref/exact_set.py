@@ -506,7 +506,12 @@ class BlockKeys(ExactPart):
        .. math:: \sigma_{tg} = \sum_m \sum_{j \in g \cap E_t} p_{r_m j},
 
        and the ``⌊candidates/B⌋`` best blocks holding an eligible key (ties by
-       smaller ``g``) give the candidates ``C_t`` (their eligible keys).
+       smaller ``g``) give the candidates ``C_t`` (their eligible keys). With
+       ``peaks=True`` a block scores its largest eligible logit instead, relative to
+       the representative's largest visible one (no exponential per logit):
+
+       .. math:: \sigma_{tg} = \max_m \Big(\max_{j \in g \cap E_t} s_{r_m j}
+                 - \max_{j \le c_{r_m}} s_{r_m j}\Big).
     2. **Fine.** Every row ``i`` of the block scores the candidates exactly, with
        ``lse_i`` the log normalizer over ``C_t`` and the row's own sinks and window
        keys, and key ``j ∈ C_t`` gets the block's attention mass
@@ -526,6 +531,7 @@ class BlockKeys(ExactPart):
     reps: int = 2
     candidates: int = 2048
     key_block: int = 128
+    peaks: bool = False
     kind: ClassVar[str] = "blockkeys"
 
     def __post_init__(self):
@@ -534,6 +540,7 @@ class BlockKeys(ExactPart):
         check_count(self.reps, "blockkeys reps", least=1)
         check_count(self.candidates, "blockkeys candidates", least=1)
         check_count(self.key_block, "blockkeys key_block", least=1)
+        check_bool(self.peaks, "blockkeys peaks")
         if self.candidates < self.key_block:
             raise InputError(f"blockkeys candidates ({self.candidates}) must hold at least one key block "
                              f"({self.key_block} keys)")
@@ -561,8 +568,12 @@ class BlockKeys(ExactPart):
             if not elig.any():
                 continue
             reps = np.minimum(lo + _spread(b, part.reps), hi - 1)
-            p = _softmax_rows(np.where(geom.visible(reps, nk), (qs[reps] @ kt) * scale, -np.inf))
-            sigma = np.add.reduceat(np.where(elig, p.sum(axis=0), 0.0), starts)
+            logits = np.where(geom.visible(reps, nk), (qs[reps] @ kt) * scale, -np.inf)
+            if part.peaks:  # every representative sees the eligible keys: a finite peak
+                rel = np.where(elig, logits - logits.max(axis=1, keepdims=True), -np.inf)
+                sigma = np.maximum.reduceat(rel, starts, axis=1).max(axis=0)
+            else:
+                sigma = np.add.reduceat(np.where(elig, _softmax_rows(logits).sum(axis=0), 0.0), starts)
             sigma = np.where(np.add.reduceat(elig.astype(np.int64), starts) > 0, sigma, -np.inf)
             chosen = np.argsort(-sigma, kind="stable")[:n_pick]
             chosen = chosen[np.isfinite(sigma[chosen])]
@@ -599,8 +610,9 @@ class BlockKeys(ExactPart):
         return out[:, :nkeys]
 
     def describe(self) -> str:
+        peaks = ", peaks=True" if self.peaks else ""
         return (f"blockkeys(block={self.block}, keep={self.keep}, reps={self.reps}, "
-                f"candidates={self.candidates}, key_block={self.key_block})")
+                f"candidates={self.candidates}, key_block={self.key_block}{peaks})")
 
 
 def _softmax_rows(logits: np.ndarray) -> np.ndarray:
@@ -725,9 +737,10 @@ def quest(block: int = 16, candidates: int = 1024, keep: int = 128) -> ExactSet:
 
 
 def blockkeys(block: int = 128, keep: int = 384, reps: int = 2, candidates: int = 2048,
-              key_block: int = 128) -> ExactSet:
-    """Per row block, the ``keep`` keys of largest block attention among two-stage candidates."""
-    return ExactSet((BlockKeys(block, keep, reps, candidates, key_block),))
+              key_block: int = 128, *, peaks: bool = False) -> ExactSet:
+    """Per row block, the ``keep`` keys of largest block attention among two-stage candidates
+    (``peaks``: candidate blocks by their largest logit instead of their mass)."""
+    return ExactSet((BlockKeys(block, keep, reps, candidates, key_block, peaks),))
 
 
 def topk(k: int) -> ExactSet:

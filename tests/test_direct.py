@@ -238,16 +238,17 @@ def test_heavykeys_and_blocktop_select_what_they_promise():
         assert (chosen >= 0).sum() == min(2, len(allowed))
 
 
+@pytest.mark.parametrize("peaks", [False, True])
 @pytest.mark.parametrize("keep", [10, 48])  # 48: every candidate kept, whole key blocks
 @pytest.mark.parametrize("causal", [True, False])
-def test_blockkeys_selects_what_it_promises(causal, keep):
+def test_blockkeys_selects_what_it_promises(causal, keep, peaks):
     from hyperref.exact_set import BlockKeys, _eligible_keys
 
     rng = np.random.default_rng(11)
     n, d, s, w = 300, 8, 3, 20
     q, k = rng.standard_normal((2, n, d))
     geom = Geometry(n, n, causal)
-    part = BlockKeys(block=64, keep=keep, reps=2, candidates=48, key_block=16)
+    part = BlockKeys(block=64, keep=keep, reps=2, candidates=48, key_block=16, peaks=peaks)
     picked = part.prepare(q, k, 0.5, geom, None, covered=(s, w))
     j = np.arange(n)
     for t, chosen in enumerate(picked):
@@ -262,10 +263,14 @@ def test_blockkeys_selects_what_it_promises(causal, keep):
         reps = np.minimum(lo + np.array([31, 63]), hi - 1)
         logits = q[reps] @ k.T * 0.5
         logits[~geom.visible(reps, n)] = -np.inf
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        sigma = np.array([np.where(elig, p.sum(0), 0)[g * 16:g * 16 + 16].sum()
-                          if elig[g * 16:g * 16 + 16].any() else -np.inf for g in range(-(-n // 16))])
+        if peaks:  # the largest eligible logit of a block relative to the representative's largest
+            rel = np.where(elig, logits - logits.max(1, keepdims=True), -np.inf)
+            sigma = np.array([rel[:, g * 16:g * 16 + 16].max() for g in range(-(-n // 16))])
+        else:
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            sigma = np.array([np.where(elig, p.sum(0), 0)[g * 16:g * 16 + 16].sum()
+                              if elig[g * 16:g * 16 + 16].any() else -np.inf for g in range(-(-n // 16))])
         blocks = np.argsort(-sigma, kind="stable")[:3]
         cand = np.flatnonzero(elig & np.isin(j // 16, blocks[np.isfinite(sigma[blocks])]))
         rows = np.arange(lo, hi)
@@ -295,6 +300,9 @@ def test_parse_exact_set_round_trips_and_refuses():
 
     E = causal_lm().exact_set
     assert parse_exact_set(E.describe()) == E
+    E = sinks(4) | window(513) | blockkeys(128, 1024, candidates=1024, peaks=True)
+    assert parse_exact_set(E.describe()) == E and "peaks=True" in E.describe()
+    assert "peaks" not in blockkeys(128, 1024).describe()
     for bad in ("", "window(x)", "windows(3)", "sinks(4) | quest(block=8, nope=1)", "sinks(-1)"):
         with pytest.raises(InputError):
             parse_exact_set(bad)

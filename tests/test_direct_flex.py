@@ -8,6 +8,8 @@ kernel reads against the mask. On CUDA the compiled kernel runs (tolerances
 from bf16/fp32 rounding of one softmax).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -40,6 +42,9 @@ SETS = {
     "sw_heavy_route": sinks(3) | window(100) | heavykeys(8, 32) | blockkeys(256, 300, 3, 256, 128),
     # w ≡ 1 (mod 128): at nk − nq ≡ 0 the eligible ranges end on tile boundaries (no edge lookup)
     "sw_route_aligned": sinks(4) | window(129) | blockkeys(128, 256, 2, 256, 128),
+    # the coarse stage by relative peaks instead of masses (with and without the fine stage)
+    "sw_route_peaks": sinks(4) | window(40) | blockkeys(128, 128, 2, 128, 128, peaks=True),
+    "sw_bkeys_peaks": sinks(4) | window(40) | blockkeys(128, 24, 3, 64, 16, peaks=True),
 }
 
 
@@ -75,7 +80,8 @@ TOL = 1e-12
 @pytest.mark.parametrize("name,bq", [("sw", 64), ("sw_heavy", 64), ("sw_heavy_top", 32), ("top128", 128),
                                      ("top256", 256), ("heavy_only", 128), ("sw_bkeys", 64),
                                      ("sw_heavy_bkeys", 32), ("bkeys256_top", 128), ("sw_route", 64),
-                                     ("sw_heavy_route", 256), ("sw_route_aligned", 64)])
+                                     ("sw_heavy_route", 256), ("sw_route_aligned", 64), ("sw_route_peaks", 64),
+                                     ("sw_bkeys_peaks", 64)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_same_draws_same_answer(name, bq, causal):
     q, k, v = _qkv(1, 2, 2, 300, 300, 16)
@@ -342,13 +348,26 @@ def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
                                 causal, covered)
     want = S.block_key_rep_mass(part, q, k, 0.125, causal, covered)
     np.testing.assert_allclose(reps.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
-    chosen = S.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=want)
+    chosen = S.block_key_candidates(part, q, k, 0.125, causal, covered, rep_scores=want)
     # the ranking kernel on the kernel's normalizers: the torch ranking of the same masses
     block_lse, lse = K.block_key_rep_lse(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block,
                                          0.125, causal, covered)
     top = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, chosen.shape[-1], 4096, 4096,
                           causal, covered)
-    same = S.block_key_candidates(part, q, k, 0.125, causal, covered, reps_mass=torch.exp2(block_lse - lse[..., None]))
+    same = S.block_key_candidates(part, q, k, 0.125, causal, covered, rep_scores=torch.exp2(block_lse - lse[..., None]))
+    assert torch.equal(top, same)
+    # the peaks rule: relative peaks against the dense form, the ranking against the torch one
+    peaks = K.block_key_rep_mass(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block, 0.125,
+                                 causal, covered, peaks=True)
+    want_peaks = S.block_key_rep_peaks(part, q, k, 0.125, causal, covered)
+    assert torch.equal(torch.isinf(peaks), torch.isinf(want_peaks))
+    np.testing.assert_allclose(peaks.cpu().numpy(), want_peaks.cpu().numpy(), atol=1e-4, rtol=0)
+    block_pk, row_max = K.block_key_rep_lse(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block,
+                                            0.125, causal, covered, peaks=True)
+    top = K.block_key_top(block_pk, row_max, part.reps, part.block, part.key_block, chosen.shape[-1], 4096, 4096,
+                          causal, covered, peaks=True)
+    same = S.block_key_candidates(replace(part, peaks=True), q, k, 0.125, causal, covered,
+                                  rep_scores=block_pk - row_max[..., None])
     assert torch.equal(top, same)
     pi = K.block_key_fine_mass(q, k, chosen, part.block, part.key_block, 0.125, causal, covered)
     want = S.block_key_mass(part, q, k, 0.125, causal, covered, chosen)

@@ -133,6 +133,12 @@ def test_block_key_rep_mass_is_the_dense_mass(causal, nq, nk, covered, part, lau
     got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered, launch=launch)
     want = S.block_key_rep_mass(part, q, k, 0.3, causal, covered)
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=MASS_TOL, rtol=0)
+    # the peaks rule: relative logits of size ~10, a few float32 ulps through base 2 and back
+    got = K.block_key_rep_mass(q, k, reps, part.block, part.key_block, 0.3, causal, covered, launch=launch,
+                               peaks=True)
+    want = S.block_key_rep_peaks(part, q, k, 0.3, causal, covered)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, rtol=0)
 
 
 TOP_CASES = BLOCKKEY_CASES + [  # more candidates than key blocks; rows with no eligible block
@@ -141,16 +147,20 @@ TOP_CASES = BLOCKKEY_CASES + [  # more candidates than key blocks; rows with no 
 ]
 
 
+@pytest.mark.parametrize("peaks", [False, True])
 @pytest.mark.parametrize("causal,nq,nk,covered,part", TOP_CASES)
-def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, part):
-    """The same key blocks as the dense sum, mask and ranking of the same masses."""
+def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, part, peaks):
+    """The same key blocks as the dense sum (``peaks``: maximum), mask and ranking of the same scores."""
+    from dataclasses import replace
+
+    part = replace(part, peaks=peaks)
     q, k = _qk(2, 2, nq, nk, 16, seed=nq + 7 * nk)
     reps = S._rep_rows(part, nq, q.device)
-    block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered)
-    mass = torch.exp2(block_lse - lse[..., None])
-    want = S.block_key_candidates(part, q, k, 0.3, causal, covered, reps_mass=mass)
+    block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered, peaks=peaks)
+    score = block_lse - lse[..., None] if peaks else torch.exp2(block_lse - lse[..., None])
+    want = S.block_key_candidates(part, q, k, 0.3, causal, covered, rep_scores=score)
     got = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, S.coarse_count(part, nk), nq, nk,
-                          causal, covered)
+                          causal, covered, peaks=peaks)
     assert got.dtype == torch.int64 and got.shape == want.shape
     assert torch.equal(got, want)
 

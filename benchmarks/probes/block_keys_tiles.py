@@ -28,7 +28,7 @@ for launch in [{}, {"BR": 128}, {"BR": 128, "num_warps": 4}, {"num_warps": 4}, {
         print(f"rep {launch}: {ms:.2f} ms, max diff {(out - base).abs().max().item():.2e}", flush=True)
     except Exception as exc:  # a setting that does not compile or fit
         print(f"rep {launch}: {type(exc).__name__} {str(exc)[:80]}", flush=True)
-ch = S.block_key_candidates(part, q, k, sc, True, cov, reps_mass=base)
+ch = S.block_key_candidates(part, q, k, sc, True, cov, rep_scores=base)
 base = K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov)
 for launch in [{}, {"BN": 128}, {"BN": 128, "num_warps": 4}, {"num_warps": 4}, {"num_stages": 2},
                {"BN": 32}, {"BN": 128, "num_stages": 2}, {"num_stages": 4}]:

@@ -26,8 +26,8 @@ def main(n):
     t = {}
     t["rep_mass"] = do_bench(lambda: K.block_key_rep_mass(q, k, reps, 128, 128, sc, True, cov))
     rm = K.block_key_rep_mass(q, k, reps, 128, 128, sc, True, cov)
-    t["candidates"] = do_bench(lambda: S.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm))
-    ch = S.block_key_candidates(part, q, k, sc, True, cov, reps_mass=rm)
+    t["candidates"] = do_bench(lambda: S.block_key_candidates(part, q, k, sc, True, cov, rep_scores=rm))
+    ch = S.block_key_candidates(part, q, k, sc, True, cov, rep_scores=rm)
     t["fine_mass"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov))
     pi = K.block_key_fine_mass(q, k, ch, 128, 128, sc, True, cov)
     t["fine_mass_1024"] = do_bench(lambda: K.block_key_fine_mass(q, k, ch[..., :8], 128, 128, sc, True, cov))
