@@ -19,7 +19,8 @@ dense intermediates, without them:
   (the ``lse`` pass of :func:`heavy_mass`, then one program per head, representative
   tile and key block; :func:`block_key_rep_lse` its log normalizers, and
   :func:`block_key_top` the coarse choice from them: per row block the sum over its
-  representatives and the best key blocks, in registers), and the fine stage's ``π_tj``
+  representatives and the best key blocks, in registers; with ``peaks`` maxima in place of
+  the log-sum-exps and of the sum, no exponential per logit), and the fine stage's ``π_tj``
   over each row block's candidates
   (one program per head and row block: the rows' ``lse`` over sinks, window and
   candidates, then the column sums; the dense forms hold ``rows × candidates``
