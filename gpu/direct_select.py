@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from hyperref.exact_set import BlockKeys, BlockTop, ExactSet, HeavyKeys
+from hyperref.exact_set import BlockKeys, BlockTop, ExactSet, HeavyKeys, _spread
 
 #: query rows per kernel tile, key positions per own-key tile, slots per gathered tile
 QB = 128
@@ -232,7 +232,7 @@ def _rep_rows(part: BlockKeys, nq: int, device):
     """The representatives ``t·b + ⌈(m+1)·b/reps⌉ − 1`` of every row block, clamped: (T, reps) int64."""
     blk = part.block
     n_t = -(-nq // blk)
-    off = torch.tensor([-(-(m + 1) * blk // part.reps) - 1 for m in range(part.reps)])
+    off = torch.from_numpy(_spread(blk, part.reps))  # the reference's offsets
     rows = torch.clamp(torch.arange(n_t)[:, None] * blk + off[None, :], max=nq - 1)
     # made on the host, copied from pinned memory: a pageable copy would wait for the stream
     return (rows.pin_memory() if device.type == "cuda" else rows).to(device, non_blocking=True)
