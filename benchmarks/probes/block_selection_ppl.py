@@ -163,6 +163,16 @@ def make(spec: str, seed: int):
     raise SystemExit(f"unknown config {spec!r}")
 
 
+def text_ids(tok, spec: str, n: int):
+    """``(text, ids)`` of a ``copy:FILE`` or ``plain:FILE`` spec (FILE a path or a stdlib file)."""
+    kind, _, fname = spec.partition(":")
+    path = pathlib.Path(fname)
+    if not path.is_file():
+        path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / fname
+    text = path.read_text(encoding="utf-8")
+    return text, lm.token_ids(tok, text, n, kind == "copy")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--text", action="append", required=True, help="copy:FILE or plain:FILE")
@@ -173,14 +183,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tok = lm.load_model("cpu")
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     sink = open(args.json, "a") if args.json else None
     say = lambda line: print(f"[block_selection_ppl] {line}", file=sys.stderr, flush=True)  # noqa: E731
     for spec in args.text:
-        kind, _, fname = spec.partition(":")
-        path = pathlib.Path(fname) if pathlib.Path(fname).is_file() else stdlib / fname
-        text = path.read_text(encoding="utf-8")
-        ids = lm.token_ids(tok, text, args.n, kind == "copy")
+        kind = spec.partition(":")[0]
+        text, ids = text_ids(tok, spec, args.n)
         rows = []
         exact_done = False
         for c in args.configs.split(","):

@@ -33,18 +33,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
-import sysconfig
 import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from block_selection_ppl import run_restricted  # noqa: E402
+from block_selection_ppl import run_restricted, text_ids  # noqa: E402
 
 from hyperref import lm  # noqa: E402
+from hyperref.exact_set import _spread  # noqa: E402
 
 BLK = 128
 SINKS = 4
@@ -61,7 +60,7 @@ class CoarseRule:
     def scores(self, S: torch.Tensor, n: int) -> torch.Tensor:
         """``σ`` (T, G) of one head from its scaled logits ``S`` (n, n), −inf where a block holds no eligible key."""
         T, G = -(-n // BLK), -(-n // BLK)
-        off = torch.tensor([-(-(m + 1) * BLK // self.reps) - 1 for m in range(self.reps)])
+        off = torch.from_numpy(_spread(BLK, self.reps))
         rows = torch.clamp(torch.arange(T)[:, None] * BLK + off[None, :], max=n - 1)  # (T, r)
         s = S[rows]  # (T, r, n), −inf off the visible keys
         j = torch.arange(n)
@@ -133,12 +132,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="append one JSON object per run to this file")
     args = ap.parse_args(argv)
     model, tok = lm.load_model("cpu")
-    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     sink = open(args.json, "a") if args.json else None
     for spec in args.text:
-        kind, _, fname = spec.partition(":")
-        path = pathlib.Path(fname) if pathlib.Path(fname).is_file() else stdlib / fname
-        ids = lm.token_ids(tok, path.read_text(encoding="utf-8"), args.n, kind == "copy")
+        ids = text_ids(tok, spec, args.n)[1]
         print(f"### {spec}, n = {args.n}, sinks 4 + window {args.window} + {args.blocks} blocks of 128, "
               f"{args.reps} representatives\n\n| rule | keys/row | ppl2 |\n| --- | ---: | ---: |", flush=True)
         for rule in args.rules.split(","):
