@@ -314,15 +314,11 @@ def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, w
 def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
                           H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
                           CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr,
-                          PEAKS: tl.constexpr, ROWS_FIRST: tl.constexpr):
-    if ROWS_FIRST:  # the row groups of one head and split run side by side and share its keys in L2
-        bh = tl.program_id(1).to(tl.int64)
-        r0 = tl.program_id(0) * BR
-    else:
-        bh = tl.program_id(0).to(tl.int64)  # (bh·R + r)·n_kb passes 2³¹ at long sequences
-        r0 = tl.program_id(1) * BR
+                          PEAKS: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)  # (bh·R + r)·n_kb passes 2³¹ at long sequences
     b, h = bh // H, bh % H
     split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
+    r0 = tl.program_id(1) * BR
     r = r0 + tl.arange(0, BR)
     live = r < R
     rows = tl.load(rows_ptr + r, mask=live, other=0)  # the same rows for every head
@@ -428,19 +424,15 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     n_kb = triton.cdiv(nk, key_block)
     rows = reps.reshape(n_rows).contiguous()
     strides = (*q.stride()[:3], *k.stride()[:3])
-    opts = {"BR": 64, "num_warps": 4, "num_stages": 3, "ROWS_FIRST": False, **(launch or {})}
+    # 128 rows per program for the peaks rule, 64 for the mass rule (probes/results/coarse_launch.md)
+    opts = {"BR": 128 if peaks else 64, "num_warps": 4, "num_stages": 3, **(launch or {})}
     br = opts["BR"]
-    if opts["ROWS_FIRST"] and bsz * h > 65535:
-        opts["ROWS_FIRST"] = False
     n_split = max(1, min(32, triton.cdiv(nk, 4096)))
     chunk_blocks = triton.cdiv(n_kb, n_split)
     n_split = triton.cdiv(n_kb, chunk_blocks)
     parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
     block_lse = torch.full((bsz, h, n_rows, n_kb), float("-inf"), dtype=torch.float32, device=q.device)
-    grid = (bsz * h, triton.cdiv(n_rows, br), n_split)
-    if opts["ROWS_FIRST"]:
-        grid = (grid[1], grid[0], n_split)
-    _block_key_rep_kernel[grid](
+    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
         q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
         int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, PEAKS=bool(peaks),
         **opts)

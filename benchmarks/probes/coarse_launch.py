@@ -3,8 +3,7 @@
 A script, not a test. B = 1, H = 32, bf16, d = 64, Gaussian inputs, key blocks of 128,
 row blocks of 128: :func:`hyperref.gpu.direct_kernels.block_key_rep_lse` (the coarse
 kernel and its split merge) timed with each candidate launch (rows per program ``BR``,
-warps, pipeline stages, and ``ROWS_FIRST``: whether the row groups of one head are the
-grid's fastest axis, so that the programs reading the same keys run side by side), for
+warps, pipeline stages), for
 the mass and the peaks rule and for 2 and 4 representatives per row block. Every
 candidate's normalizers are compared with the default launch's (largest absolute
 difference over the finite entries, and whether the −inf pattern is the same).
@@ -46,8 +45,8 @@ def main():
     parser.add_argument("--window", type=int, default=513)
     parser.add_argument("--json")
     args = parser.parse_args()
-    launches = [{"BR": br, "num_warps": w, "num_stages": st, "ROWS_FIRST": rf}
-                for br, w, st, rf in itertools.product([64, 128], [4, 8], [2, 3, 4], [False, True])]
+    launches = [{"BR": br, "num_warps": w, "num_stages": st}
+                for br, w, st in itertools.product([64, 128], [4, 8], [2, 3, 4])]
     rows = []
     for n in args.n:
         q, k, _ = gaussian(n, 64, args.heads, n)
