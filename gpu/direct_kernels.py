@@ -20,7 +20,9 @@ dense intermediates, without them:
   tile and key block; :func:`block_key_rep_lse` its log normalizers, and
   :func:`block_key_top` the coarse choice from them: per row block the sum over its
   representatives and the best key blocks, in registers; with ``peaks`` maxima in place of
-  the log-sum-exps and of the sum, no exponential per logit), and the fine stage's ``π_tj``
+  the log-sum-exps and of the sum, no exponential per logit, and :func:`block_key_peak_top`
+  the same choice from each representative's running list of its best blocks, without the
+  per-block table), and the fine stage's ``π_tj``
   over each row block's candidates
   (one program per head and row block: the rows' ``lse`` over sinks, window and
   candidates, then the column sums; the dense forms hold ``rows × candidates``
@@ -263,11 +265,27 @@ def _online(m, acc, s, ok):
 
 
 @triton.jit
-def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2, skn, dd,
-                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, KB: tl.constexpr, PEAKS: tl.constexpr):
+def _keep_top(tv, ti, v, g):
+    """Key block ``g`` of value ``v`` (BR,) into each row's running list of its ``CNT`` best
+    blocks (``tv`` values, ``ti`` blocks, (BR, CNT)), by value, ties by the smaller block.
+
+    The blocks come in ascending order, so a new one enters only above the list's smallest
+    value, and evicts, among the entries of that value, the one of the largest block (placeholder
+    entries hold −inf and distinct negative blocks)."""
+    low = tv == tl.min(tv, 1)[:, None]
+    evict = tl.max(tl.where(low, ti, -(2 ** 30)), 1)
+    put = low & (ti == evict[:, None]) & (v > tl.min(tv, 1))[:, None]
+    return tl.where(put, v[:, None], tv), tl.where(put, g, ti)
+
+
+@triton.jit
+def _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window, scale_log2, skn, dd,
+                   CAUSAL: tl.constexpr, MASKED: tl.constexpr, KB: tl.constexpr, PEAKS: tl.constexpr,
+                   TOP: tl.constexpr):
     """One key block ``g`` of the coarse kernel: the rows' running (max, sum) and the block's
     base-2 log-sum-exp over its eligible keys, stored at ``part_row + g`` (``PEAKS``: the
-    running max alone and the block's largest eligible logit, base 2, no exponential).
+    running max alone and the block's largest eligible logit, base 2, no exponential; ``TOP``:
+    that logit kept in the rows' running lists of their best blocks instead of stored).
     ``MASKED=False``: a block every key of which is visible and eligible for every row (no masks)."""
     j = g * KB + tl.arange(0, KB)
     if MASKED:
@@ -306,15 +324,20 @@ def _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, w
     m_new = tl.maximum(m, mb)
     if not PEAKS:
         acc = acc * tl.exp2(m - m_new) + total * tl.exp2(mb - m_new)
-    tl.store(part_row + g, lb, mask=live)
-    return m_new, acc
+    if TOP:
+        tv, ti = _keep_top(tv, ti, lb, g)
+    else:
+        tl.store(part_row + g, lb, mask=live)
+    return m_new, acc, tv, ti
 
 
 @triton.jit
-def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, reps, blk, offset, scale_log2,
-                          H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
+def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, tv_ptr, ti_ptr, nq, nk, R, reps, blk, offset,
+                          scale_log2, H, n_kb, chunk_blocks, sinks, window, sqb, sqh, sqn, skb, skh, skn,
                           CAUSAL: tl.constexpr, D: tl.constexpr, BR: tl.constexpr, KB: tl.constexpr,
-                          PEAKS: tl.constexpr):
+                          PEAKS: tl.constexpr, TOP: tl.constexpr, CNT: tl.constexpr):
+    """``TOP`` (peaks rule): per row and split the ``CNT`` best key blocks, at
+    ``tv_ptr``/``ti_ptr`` ((bh·n_split + split)·R + r)·CNT, instead of every block's peak."""
     bh = tl.program_id(0).to(tl.int64)  # (bh·R + r)·n_kb passes 2³¹ at long sequences
     b, h = bh // H, bh % H
     split = tl.program_id(2)  # key blocks [split·chunk_blocks, …): a partial lse of the rows per split
@@ -332,6 +355,8 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
     part_row = part_ptr + (bh * R + r) * n_kb
     m = tl.full((BR,), _NEG, tl.float32)
     acc = tl.zeros((BR,), tl.float32)
+    tv = tl.full((BR, CNT), float("-inf"), tl.float32)  # TOP: the running lists (else unused)
+    ti = tl.zeros((BR, CNT), tl.int32) - 1 - tl.arange(0, CNT)[None, :]
     g0 = split * chunk_blocks
     g_end = tl.minimum(n_kb, (split + 1) * chunk_blocks)
     if CAUSAL:  # no visible key beyond the last row's position
@@ -355,21 +380,25 @@ def _block_key_rep_kernel(q_ptr, k_ptr, rows_ptr, lse_ptr, part_ptr, nq, nk, R, 
         a_lo = tl.where(window == 0, g_end, tl.minimum(tl.maximum((cl_max + window + KB - 1) // KB, hi), g_end))
         a_hi = tl.maximum(tl.minimum(whole_end, g_end), a_lo)
     for g in range(g0, lo):
-        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB, PEAKS)
+        m, acc, tv, ti = _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window,
+                                        scale_log2, skn, dd, CAUSAL, True, KB, PEAKS, TOP)
     for g in range(lo, hi):
-        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, False, KB, PEAKS)
+        m, acc, tv, ti = _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window,
+                                        scale_log2, skn, dd, CAUSAL, False, KB, PEAKS, TOP)
     for g in range(hi, a_lo):
-        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB, PEAKS)
+        m, acc, tv, ti = _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window,
+                                        scale_log2, skn, dd, CAUSAL, True, KB, PEAKS, TOP)
     for g in range(a_lo, a_hi):
-        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, False, KB, PEAKS)
+        m, acc, tv, ti = _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window,
+                                        scale_log2, skn, dd, CAUSAL, False, KB, PEAKS, TOP)
     for g in range(a_hi, g_end):
-        m, acc = _rep_key_block(qt, kbase, g, m, acc, part_row, live, c, cf, cl, nk, sinks, window, scale_log2,
-                                skn, dd, CAUSAL, True, KB, PEAKS)
+        m, acc, tv, ti = _rep_key_block(qt, kbase, g, m, acc, part_row, tv, ti, live, c, cf, cl, nk, sinks, window,
+                                        scale_log2, skn, dd, CAUSAL, True, KB, PEAKS, TOP)
     n_split = tl.num_programs(2)
+    if TOP:
+        at = ((bh * n_split + split) * R + r)[:, None] * CNT + tl.arange(0, CNT)[None, :]
+        tl.store(tv_ptr + at, tv, mask=live[:, None])
+        tl.store(ti_ptr + at, ti, mask=live[:, None])
     if PEAKS:  # the rows' largest visible logit (−inf: none in this split)
         part = tl.where(m == _NEG, float("-inf"), m)
     else:
@@ -414,6 +443,24 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     block's largest eligible logit and the row's largest visible one, base 2, −inf / +inf
     for none), no exponential per logit.
     """
+    bsz, h, _, _ = q.shape
+    n_kb = triton.cdiv(k.shape[2], key_block)
+    block_lse = torch.full((bsz, h, reps.numel(), n_kb), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = _coarse_pass(q, k, reps, block, key_block, scale, causal, covered, launch, peaks, block_lse=block_lse)
+    return block_lse, lse
+
+
+def _splits(nk, key_block):
+    """The coarse kernel's splits of the key axis, at most 32 of about 4096 keys: (splits, key blocks per split)."""
+    n_kb = triton.cdiv(nk, key_block)
+    chunk_blocks = triton.cdiv(n_kb, max(1, min(32, triton.cdiv(nk, 4096))))
+    return triton.cdiv(n_kb, chunk_blocks), chunk_blocks
+
+
+def _coarse_pass(q, k, reps, block, key_block, scale, causal, covered, launch, peaks, block_lse=None, tops=None):
+    """One launch of the coarse kernel and the merge of its splits: the rows' base-2 lse (peaks: max)
+    (B, H, T·r); the per-block normalizers go to ``block_lse``, or (peaks rule) each row's and
+    split's best blocks to ``tops`` = (values, blocks) (B, H, splits, T·r, CNT)."""
     _check_block_key_inputs(q, k, key_block)
     if key_block > 128:
         raise ValueError(f"the blockkeys coarse kernel takes key_block <= 128, got {key_block}")
@@ -426,21 +473,83 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     strides = (*q.stride()[:3], *k.stride()[:3])
     # 128 rows per program for the peaks rule, 64 for the mass rule (probes/results/coarse_launch.md)
     opts = {"BR": 128 if peaks else 64, "num_warps": 4, "num_stages": 3, **(launch or {})}
-    br = opts["BR"]
-    n_split = max(1, min(32, triton.cdiv(nk, 4096)))
-    chunk_blocks = triton.cdiv(n_kb, n_split)
-    n_split = triton.cdiv(n_kb, chunk_blocks)
+    n_split, chunk_blocks = _splits(nk, key_block)
     parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
-    block_lse = torch.full((bsz, h, n_rows, n_kb), float("-inf"), dtype=torch.float32, device=q.device)
-    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, br), n_split)](
-        q, k, rows, parts, block_lse, nq, nk, n_rows, r, block, nk - nq, scale * LOG2E, h, n_kb, chunk_blocks,
-        int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d, KB=key_block, PEAKS=bool(peaks),
-        **opts)
+    tv, ti = tops if tops is not None else (parts, parts)
+    _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, opts["BR"]), n_split)](
+        q, k, rows, parts, parts if block_lse is None else block_lse, tv, ti, nq, nk, n_rows, r, block, nk - nq,
+        scale * LOG2E, h, n_kb, chunk_blocks, int(covered[0]), int(covered[1]), *strides, CAUSAL=bool(causal), D=d,
+        KB=key_block, PEAKS=bool(peaks), TOP=tops is not None, CNT=1 if tops is None else tv.shape[-1], **opts)
     lse = torch.empty(bsz, h, n_rows, dtype=torch.float32, device=q.device)
     if lse.numel():
         _merge_splits_kernel[(bsz * h, triton.cdiv(n_rows, 128))](parts, lse, n_rows, n_split, PEAKS=bool(peaks),
                                                                    BR=128)
-    return block_lse, lse
+    return lse
+
+
+#: the most key blocks per row block that the peaks rule chooses from running lists
+#: (:func:`block_key_peak_top`); more go through the normalizer table (:func:`block_key_top`)
+PEAK_TOP_MAX = 16
+
+
+def block_key_peak_top(q, k, reps, block, key_block, count, scale, causal, covered, launch=None):
+    """The coarse stage's choice by the peaks rule without the per-block table: (B, H, T, count) int64.
+
+    The same blocks as :func:`block_key_top` over :func:`block_key_rep_lse` (``peaks=True``):
+    per row block ``t`` the ``count`` key blocks of largest ``σ_tg = max_m (p_mg − M_m)``,
+    ``p_mg`` representative ``m``'s largest eligible logit in block ``g`` and ``M_m`` its
+    largest visible one, ties by the smaller block, ascending, −1 for none. The coarse kernel
+    keeps, per representative and split of the key axis, its ``CNT = 2^⌈log2 count⌉`` blocks
+    of largest ``p_mg`` (a shift by ``M_m`` keeps each representative's order); a block among
+    the ``count`` best by ``σ`` is among the best ``count`` of the representative that attains
+    its maximum, so the union of those lists holds the answer, and one program per head and
+    row block takes it from there. Memory ``O(T·r·splits·CNT)`` (at most 32 splits), where
+    the table holds ``T·r·⌈nk/key_block⌉`` entries. ``count ≤`` :data:`PEAK_TOP_MAX`.
+    """
+    if not 1 <= count <= PEAK_TOP_MAX:
+        raise ValueError(f"block_key_peak_top takes 1 <= count <= {PEAK_TOP_MAX}, got {count}")
+    bsz, h, nq, _ = q.shape
+    nk = k.shape[2]
+    n_t, r = reps.shape
+    cnt = triton.next_power_of_2(count)
+    n_split, _ = _splits(nk, key_block)
+    shape = (bsz, h, n_split, n_t * r, cnt)
+    tops = (torch.empty(shape, dtype=torch.float32, device=q.device),
+            torch.empty(shape, dtype=torch.int32, device=q.device))
+    lse = _coarse_pass(q, k, reps, block, key_block, scale, causal, covered, launch, True, tops=tops)
+    out = torch.full((bsz, h, n_t, count), -1, dtype=torch.int64, device=q.device)
+    if out.numel():
+        _peak_select_kernel[(bsz * h * n_t,)](*tops, lse, out, n_t, r, n_split, count, CNT=cnt,
+                                              NE=triton.next_power_of_2(r * n_split * cnt),
+                                              NC=triton.next_power_of_2(count))
+    return out
+
+
+@triton.jit
+def _peak_select_kernel(tv_ptr, ti_ptr, lse_ptr, out_ptr, T, reps, n_split, count, CNT: tl.constexpr,
+                        NE: tl.constexpr, NC: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)  # one (batch·head, row block) per program
+    bh, t = pid // T, pid % T
+    R = T * reps
+    e = tl.arange(0, NE)  # entry (representative m, split, slot)
+    live = e < reps * n_split * CNT
+    m = e // (n_split * CNT)
+    sp = (e // CNT) % n_split
+    row = t * reps + m
+    at = ((bh * n_split + sp) * R + row) * CNT + e % CNT
+    g = tl.load(ti_ptr + at, mask=live, other=-1)
+    x = tl.load(tv_ptr + at, mask=live, other=float("-inf")) - tl.load(lse_ptr + bh * R + row, mask=live, other=0.0)
+    x = tl.where(live & (g >= 0) & (x == x), x, float("-inf"))
+    slot = tl.arange(0, NC)
+    chosen = tl.full((NC,), -1, tl.int32)
+    for i in range(count):  # the largest left, ties by the smaller block; a block's σ is its best entry
+        top = tl.max(x, 0)
+        first = tl.min(tl.where(x == top, g, 2 ** 30), 0)
+        chosen = tl.where(slot == i, tl.where(top > float("-inf"), first, -1), chosen)
+        x = tl.where(g == first, float("-inf"), x)
+    # ascending, the −1s last: each chosen block's place is the number of chosen blocks below it
+    below = tl.sum(((chosen[None, :] < chosen[:, None]) & (chosen[None, :] >= 0)).to(tl.int32), 1)
+    tl.store(out_ptr + pid * count + below, chosen.to(tl.int64), mask=chosen >= 0)
 
 
 @triton.jit

@@ -314,7 +314,10 @@ def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
 
     Where :func:`_fused_block_keys`, the Triton kernels: the representatives' log normalizers
     (:func:`~hyperref.gpu.direct_kernels.block_key_rep_lse`), then their sum per row block and
-    the ranking (:func:`~hyperref.gpu.direct_kernels.block_key_top`); else
+    the ranking (:func:`~hyperref.gpu.direct_kernels.block_key_top`); for the peaks rule with
+    at most :data:`~hyperref.gpu.direct_kernels.PEAK_TOP_MAX` blocks per row block, the same
+    choice from the representatives' running lists of their best blocks
+    (:func:`~hyperref.gpu.direct_kernels.block_key_peak_top`, no per-block table); else
     :func:`block_key_candidates` over :func:`block_key_rep_mass`.
     """
     from . import direct_kernels as kern
@@ -322,10 +325,13 @@ def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
     if not _fused_block_keys(part, q):
         return block_key_candidates(part, q, k, scale, causal, covered)
     nq, nk = q.shape[2], k.shape[2]
-    block_lse, lse = kern.block_key_rep_lse(q, k, _rep_rows(part, nq, q.device), part.block, part.key_block,
-                                            scale, causal, covered, peaks=part.peaks)
-    return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, coarse_count(part, nk), nq, nk,
-                              causal, covered, peaks=part.peaks)
+    reps, count = _rep_rows(part, nq, q.device), coarse_count(part, nk)
+    if part.peaks and count <= kern.PEAK_TOP_MAX:
+        return kern.block_key_peak_top(q, k, reps, part.block, part.key_block, count, scale, causal, covered)
+    block_lse, lse = kern.block_key_rep_lse(q, k, reps, part.block, part.key_block, scale, causal, covered,
+                                            peaks=part.peaks)
+    return kern.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered,
+                              peaks=part.peaks)
 
 
 def coarse_count(part: BlockKeys, nk: int) -> int:

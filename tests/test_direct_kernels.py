@@ -165,6 +165,58 @@ def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, 
     assert torch.equal(got, want)
 
 
+PEAK_TOP_CASES = [(*c, None) for c in TOP_CASES + SPLIT_CASES if S.coarse_count(c[4], c[2]) <= K.PEAK_TOP_MAX] + [
+    (*c, {"BR": 16}) for c in UNMASKED_CASES]
+
+
+@pytest.mark.parametrize("causal,nq,nk,covered,part,launch", PEAK_TOP_CASES)
+def test_block_key_peak_top_is_the_choice_of_the_table(causal, nq, nk, covered, part, launch):
+    """The running lists of the best blocks choose what the per-block table and its ranking choose."""
+    from dataclasses import replace
+
+    part = replace(part, peaks=True)
+    q, k = _qk(2, 2, nq, nk, 16, seed=nq + 7 * nk)
+    reps = S._rep_rows(part, nq, q.device)
+    count = S.coarse_count(part, nk)
+    block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered, peaks=True)
+    want = K.block_key_top(block_lse, lse, part.reps, part.block, part.key_block, count, nq, nk, causal, covered,
+                           peaks=True)
+    got = K.block_key_peak_top(q, k, reps, part.block, part.key_block, count, 0.3, causal, covered, launch=launch)
+    assert got.dtype == torch.int64 and got.shape == want.shape
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nk,covered,part", [(300, 320, (4, 32), BlockKeys(64, 40, 2, 96, 32)),
+                                                (256, 512, (0, 16), BlockKeys(32, 40, 3, 128, 16))])
+def test_block_key_peak_top_breaks_ties_by_the_smaller_block(causal, nq, nk, covered, part):
+    """Key blocks that repeat one block's keys tie exactly: the smaller blocks win, as in the ranking
+    of the table (a list that lets an equal later block in, or evicts the smaller of two equal
+    entries, chooses otherwise)."""
+    from dataclasses import replace
+
+    part = replace(part, peaks=True)
+    gen = torch.Generator().manual_seed(nq)
+    q = torch.randn(2, 2, nq, 16, generator=gen)
+    base = torch.randn(2, 2, part.key_block, 16, generator=gen)
+    k = base.repeat(1, 1, -(-nk // part.key_block), 1)[:, :, :nk].clone()
+    k[:, :, ::7] += 0.5 * torch.randn(k[:, :, ::7].shape, generator=gen)  # a few keys differ, most blocks tie
+    reps = S._rep_rows(part, nq, q.device)
+    count = S.coarse_count(part, nk)
+    block_lse, lse = K.block_key_rep_lse(q, k, reps, part.block, part.key_block, 0.3, causal, covered, peaks=True)
+    want = S.block_key_candidates(part, q, k, 0.3, causal, covered, rep_scores=block_lse - lse[..., None])
+    for launch in (None, {"BR": 16}):
+        got = K.block_key_peak_top(q, k, reps, part.block, part.key_block, count, 0.3, causal, covered, launch=launch)
+        assert torch.equal(got, want)
+
+
+def test_block_key_peak_top_refuses_too_many_blocks():
+    q, k = _qk(1, 1, 64, 64, 16, seed=1)
+    reps = S._rep_rows(BlockKeys(16, 16, 1, 16, 16), 64, q.device)
+    with pytest.raises(ValueError, match="count"):
+        K.block_key_peak_top(q, k, reps, 16, 16, K.PEAK_TOP_MAX + 1, 0.3, True, (0, 0))
+
+
 def test_block_key_top_refuses_mismatched_normalizers():
     with pytest.raises(ValueError, match="normalizers"):
         K.block_key_top(torch.zeros(1, 1, 6, 4), torch.zeros(1, 1, 6), 4, 16, 16, 2, 96, 64, True, (0, 0))
