@@ -275,7 +275,7 @@ def _keep_top(tv, ti, v, g):
     low = tv == tl.min(tv, 1)[:, None]
     evict = tl.max(tl.where(low, ti, -(2 ** 30)), 1)
     put = low & (ti == evict[:, None]) & (v > tl.min(tv, 1))[:, None]
-    return tl.where(put, v[:, None], tv), tl.where(put, g, ti)
+    return tl.where(put, v[:, None], tv), tl.where(put, g, ti).to(tl.int32)  # g: int64 when compiled
 
 
 @triton.jit

@@ -317,11 +317,13 @@ def test_compiled_kernel_matches_the_reference():
 
 CUDA_BKEYS = sinks(4) | window(256) | blockkeys(128, 384, 2, 1024)
 CUDA_ROUTE = sinks(4) | window(256) | blockkeys(128, 512, 2, 512)  # the chosen blocks as own-key tiles
+CUDA_PEAKS = sinks(4) | window(257) | blockkeys(128, 768, 4, 768, peaks=True)
 
 
 @pytest.mark.skipif(not CUDA, reason="the compiled kernel needs CUDA")
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("exact_set", [CUDA_SET, CUDA_BKEYS, CUDA_ROUTE], ids=["blocktop", "blockkeys", "routed"])
+@pytest.mark.parametrize("exact_set", [CUDA_SET, CUDA_BKEYS, CUDA_ROUTE, CUDA_PEAKS],
+                         ids=["blocktop", "blockkeys", "routed", "peaks"])
 def test_compiled_half_kernel_matches_the_dense_function_of_its_plan(dtype, tol, exact_set):
     """Half inputs: selections in half precision may differ from the float64 reference's, so the
     kernel is checked against the same function of the same plan on dense float32 scores."""
@@ -369,6 +371,10 @@ def test_blockkeys_kernels_on_cuda_are_the_dense_masses(causal):
     same = S.block_key_candidates(replace(part, peaks=True), q, k, 0.125, causal, covered,
                                   rep_scores=block_pk - row_max[..., None])
     assert torch.equal(top, same)
+    # the running lists of the best blocks: the table's choice
+    listed = K.block_key_peak_top(q, k, S._rep_rows(part, 4096, q.device), part.block, part.key_block,
+                                  chosen.shape[-1], 0.125, causal, covered)
+    assert torch.equal(listed, top)
     pi = K.block_key_fine_mass(q, k, chosen, part.block, part.key_block, 0.125, causal, covered)
     want = S.block_key_mass(part, q, k, 0.125, causal, covered, chosen)
     np.testing.assert_allclose(pi.cpu().numpy(), want.cpu().numpy(), atol=1e-5, rtol=1e-4)
