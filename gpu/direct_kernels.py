@@ -21,8 +21,8 @@ dense intermediates, without them:
   :func:`block_key_top` the coarse choice from them: per row block the sum over its
   representatives and the best key blocks, in registers; with ``peaks`` maxima in place of
   the log-sum-exps and of the sum, no exponential per logit, and :func:`block_key_peak_top`
-  the same choice from each representative's running list of its best blocks, without the
-  per-block table), and the fine stage's ``π_tj``
+  the same choice (up to ties that float32 rounding makes) from each representative's running
+  list of its best blocks, without the per-block table), and the fine stage's ``π_tj``
   over each row block's candidates
   (one program per head and row block: the rows' ``lse`` over sinks, window and
   candidates, then the column sums; the dense forms hold ``rows × candidates``
@@ -275,7 +275,7 @@ def _keep_top(tv, ti, v, g):
     low = tv == tl.min(tv, 1)[:, None]
     evict = tl.max(tl.where(low, ti, -(2 ** 30)), 1)
     put = low & (ti == evict[:, None]) & (v > tl.min(tv, 1))[:, None]
-    return tl.where(put, v[:, None], tv), tl.where(put, g, ti).to(tl.int32)  # g: int64 when compiled
+    return tl.where(put, v[:, None], tv), tl.where(put, g, ti).to(tl.int32)  # g: int64 in the causal kernel
 
 
 @triton.jit
@@ -495,16 +495,19 @@ PEAK_TOP_MAX = 16
 def block_key_peak_top(q, k, reps, block, key_block, count, scale, causal, covered, launch=None):
     """The coarse stage's choice by the peaks rule without the per-block table: (B, H, T, count) int64.
 
-    The same blocks as :func:`block_key_top` over :func:`block_key_rep_lse` (``peaks=True``):
-    per row block ``t`` the ``count`` key blocks of largest ``σ_tg = max_m (p_mg − M_m)``,
+    The blocks of :func:`block_key_top` over :func:`block_key_rep_lse` (``peaks=True``) but
+    where float32 rounding makes two different peaks tie (``p_mB < p_mC`` with
+    ``fl(p_mB − M_m) = fl(p_mC − M_m)``: the table takes the smaller block, the lists the larger
+    peak; both are blocks of the same rounded ``σ``): per row block ``t`` the ``count`` key
+    blocks of largest ``σ_tg = max_m (p_mg − M_m)``,
     ``p_mg`` representative ``m``'s largest eligible logit in block ``g`` and ``M_m`` its
     largest visible one, ties by the smaller block, ascending, −1 for none. The coarse kernel
     keeps, per representative and split of the key axis, its ``CNT = 2^⌈log2 count⌉`` blocks
     of largest ``p_mg`` (a shift by ``M_m`` keeps each representative's order); a block among
     the ``count`` best by ``σ`` is among the best ``count`` of the representative that attains
-    its maximum, so the union of those lists holds the answer, and one program per head and
-    row block takes it from there. Memory ``O(T·r·splits·CNT)`` (at most 32 splits), where
-    the table holds ``T·r·⌈nk/key_block⌉`` entries. ``count ≤`` :data:`PEAK_TOP_MAX`.
+    its maximum, so the union of those lists holds the answer, and one program per (batch·head,
+    row block) takes it from there. Memory per head ``O(T·r·splits·CNT)`` (at most 32 splits),
+    where the table holds ``T·r·⌈nk/key_block⌉`` entries. ``1 ≤ count ≤`` :data:`PEAK_TOP_MAX`.
     """
     if not 1 <= count <= PEAK_TOP_MAX:
         raise ValueError(f"block_key_peak_top takes 1 <= count <= {PEAK_TOP_MAX}, got {count}")
@@ -521,7 +524,8 @@ def block_key_peak_top(q, k, reps, block, key_block, count, scale, causal, cover
     if out.numel():
         _peak_select_kernel[(bsz * h * n_t,)](*tops, lse, out, n_t, r, n_split, count, CNT=cnt,
                                               NE=triton.next_power_of_2(r * n_split * cnt),
-                                              NC=triton.next_power_of_2(count))
+                                              NC=triton.next_power_of_2(count),
+                                              num_warps=4 if r * n_split * cnt <= 2048 else 8)
     return out
 
 

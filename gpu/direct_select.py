@@ -316,8 +316,9 @@ def block_key_chosen(part: BlockKeys, q, k, scale, causal, covered):
     (:func:`~hyperref.gpu.direct_kernels.block_key_rep_lse`), then their sum per row block and
     the ranking (:func:`~hyperref.gpu.direct_kernels.block_key_top`); for the peaks rule with
     at most :data:`~hyperref.gpu.direct_kernels.PEAK_TOP_MAX` blocks per row block, the same
-    choice from the representatives' running lists of their best blocks
-    (:func:`~hyperref.gpu.direct_kernels.block_key_peak_top`, no per-block table); else
+    choice (up to ties that float32 rounding makes) from the representatives' running lists of
+    their best blocks (:func:`~hyperref.gpu.direct_kernels.block_key_peak_top`, no per-block
+    table); else
     :func:`block_key_candidates` over :func:`block_key_rep_mass`.
     """
     from . import direct_kernels as kern

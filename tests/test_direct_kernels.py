@@ -210,6 +210,32 @@ def test_block_key_peak_top_breaks_ties_by_the_smaller_block(causal, nq, nk, cov
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("causal,covered,nq,count,want_table,want_lists", [
+    (False, (0, 0), 16, 2, [0, 2], [1, 2]),
+    (True, (0, 16), 48, 1, [-1, 0, 0], [-1, 0, 1]),  # the row's largest logit in its window
+])
+def test_block_key_peak_top_ranks_by_the_peak_where_rounding_ties(causal, covered, nq, count, want_table,
+                                                                  want_lists):
+    """Peaks one float32 ulp apart (−10 and its upper neighbour) whose differences from the row's
+    largest logit (+10) round to the same value: the table's ranking sees a tie and takes the
+    smaller block, the lists keep the larger peak (the documented difference)."""
+    pb = np.float32(-10.0)
+    vals = [pb, np.nextafter(pb, np.float32(0)), np.float32(10.0)]
+    part = BlockKeys(16, 16, 1, count * 16, 16, peaks=True)
+    q = torch.zeros(1, 1, nq, 16)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 48, 16)
+    for g, x in enumerate(vals):
+        k[0, 0, g * 16:(g + 1) * 16, 0] = float(x)
+    scale = 1 / K.LOG2E  # logits in base 2 are the keys' first coordinates
+    reps = S._rep_rows(part, nq, q.device)
+    block_pk, row_max = K.block_key_rep_lse(q, k, reps, 16, 16, scale, causal, covered, peaks=True)
+    table = K.block_key_top(block_pk, row_max, 1, 16, 16, count, nq, 48, causal, covered, peaks=True)
+    lists = K.block_key_peak_top(q, k, reps, 16, 16, count, scale, causal, covered)
+    assert table.flatten().tolist() == want_table
+    assert lists.flatten().tolist() == want_lists
+
+
 def test_block_key_peak_top_refuses_too_many_blocks():
     q, k = _qk(1, 1, 64, 64, 16, seed=1)
     reps = S._rep_rows(BlockKeys(16, 16, 1, 16, 16), 64, q.device)
