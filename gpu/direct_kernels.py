@@ -272,9 +272,10 @@ def _keep_top(tv, ti, v, g):
     The blocks come in ascending order, so a new one enters only above the list's smallest
     value, and evicts, among the entries of that value, the one of the largest block (placeholder
     entries hold −inf and distinct negative blocks)."""
-    low = tv == tl.min(tv, 1)[:, None]
+    least = tl.min(tv, 1)
+    low = tv == least[:, None]
     evict = tl.max(tl.where(low, ti, -(2 ** 30)), 1)
-    put = low & (ti == evict[:, None]) & (v > tl.min(tv, 1))[:, None]
+    put = low & (ti == evict[:, None]) & (v > least)[:, None]
     return tl.where(put, v[:, None], tv), tl.where(put, g, ti).to(tl.int32)  # g: int64 in the causal kernel
 
 

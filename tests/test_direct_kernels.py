@@ -7,6 +7,7 @@ tests run the kernels on the CPU or not at all (the compiled engine's tests in
 """
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,8 +152,6 @@ TOP_CASES = BLOCKKEY_CASES + [  # more candidates than key blocks; rows with no 
 @pytest.mark.parametrize("causal,nq,nk,covered,part", TOP_CASES)
 def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, part, peaks):
     """The same key blocks as the dense sum (``peaks``: maximum), mask and ranking of the same scores."""
-    from dataclasses import replace
-
     part = replace(part, peaks=peaks)
     q, k = _qk(2, 2, nq, nk, 16, seed=nq + 7 * nk)
     reps = S._rep_rows(part, nq, q.device)
@@ -172,8 +171,6 @@ PEAK_TOP_CASES = [(*c, None) for c in TOP_CASES + SPLIT_CASES if S.coarse_count(
 @pytest.mark.parametrize("causal,nq,nk,covered,part,launch", PEAK_TOP_CASES)
 def test_block_key_peak_top_is_the_choice_of_the_table(causal, nq, nk, covered, part, launch):
     """The running lists of the best blocks choose what the per-block table and its ranking choose."""
-    from dataclasses import replace
-
     part = replace(part, peaks=True)
     q, k = _qk(2, 2, nq, nk, 16, seed=nq + 7 * nk)
     reps = S._rep_rows(part, nq, q.device)
@@ -193,8 +190,6 @@ def test_block_key_peak_top_breaks_ties_by_the_smaller_block(causal, nq, nk, cov
     """Key blocks that repeat one block's keys tie exactly: the smaller blocks win, as in the ranking
     of the table (a list that lets an equal later block in, or evicts the smaller of two equal
     entries, chooses otherwise)."""
-    from dataclasses import replace
-
     part = replace(part, peaks=True)
     gen = torch.Generator().manual_seed(nq)
     q = torch.randn(2, 2, nq, 16, generator=gen)
