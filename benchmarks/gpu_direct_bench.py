@@ -12,7 +12,8 @@ In one run, B = 1, H = 32, bf16, per length n and head dim d:
   128-row query block), the whole call timed: selections, samples, plan and kernel.
 
 Forward and forward+backward medians (``triton.testing.do_bench``); the plan alone; extra memory of
-a forward; accuracy as the relative Frobenius error against exact attention (float32) on
+a forward (and its workspace: the extra memory beyond the output, for the direct mode and for sink
++ window); accuracy as the relative Frobenius error against exact attention (float32) on
 ``--rows`` random query rows, on Gaussian inputs and on inputs with planted heavy entries (half of
 the queries point at one key with logit ≈ 12). Prints one JSON line per row and a markdown table.
 
@@ -146,8 +147,18 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
                 with torch.no_grad():
-                    direct(q, k, v)
-                row["extra_mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+                    out = direct(q, k, v)
+                peak = torch.cuda.max_memory_allocated() - base
+                row["extra_mem_gib"] = peak / 2**30
+                row["workspace_gib"] = (peak - out.nbytes) / 2**30  # beyond the output itself
+                del out
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.no_grad():
+                    out = sw(q, k, v)
+                row["sinkwindow_workspace_gib"] = (torch.cuda.max_memory_allocated() - base - out.nbytes) / 2**30
+                del out
                 sel = torch.randint(0, n, (args.rows,), device="cuda", generator=gen)
                 for label in ("gaussian", "planted"):
                     qq, kk, vv = (q, k, v) if label == "gaussian" else planted(n, d, h, 7)
@@ -170,8 +181,9 @@ def main():
     print()
     print("| d | causal | n | keys/query | direct fwd (ms) | plan (ms) | sink+window fwd | flash fwd | cudnn fwd "
           "| direct × best exact | sink+window × | direct f+b | sink+window f+b | best exact f+b | direct f+b × "
-          "| rel.err direct gauss / planted | rel.err sink+window gauss / planted | extra mem (GiB) |")
-    print("|" + "---|" * 18)
+          "| rel.err direct gauss / planted | rel.err sink+window gauss / planted | extra mem (GiB) "
+          "| workspace direct / sink+window (GiB) |")
+    print("|" + "---|" * 19)
     for r in rows:
         best_fb = min((r[x] for x in ("flash_fwdbwd_ms", "cudnn_fwdbwd_ms") if x in r), default=None)
         print(f"| {r['d']} | {r['causal']} | {r['n']} | {r['keys_per_query']} | {f(r, 'direct_fwd_ms')} | "
@@ -181,7 +193,8 @@ def main():
               f"{'-' if best_fb is None else f'{best_fb:.2f}'} | {f(r, 'speedup_fwdbwd', '{:.1f}')} | "
               f"{f(r, 'relerr_direct_gaussian', '{:.3f}')} / {f(r, 'relerr_direct_planted', '{:.3f}')} | "
               f"{f(r, 'relerr_sinkwindow_gaussian', '{:.3f}')} / {f(r, 'relerr_sinkwindow_planted', '{:.3f}')} | "
-              f"{f(r, 'extra_mem_gib')} |")
+              f"{f(r, 'extra_mem_gib')} | {f(r, 'workspace_gib', '{:.3f}')} / "
+              f"{f(r, 'sinkwindow_workspace_gib', '{:.3f}')} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)

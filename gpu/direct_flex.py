@@ -163,32 +163,40 @@ def _listed_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
 
 def _own_mask(plan: DirectPlan, exact_set: ExactSet, causal: bool):
     """Mask function of the own-key call alone (without tile lists): :func:`_window_mask`, a key of
-    a picked tile or an eligible key of a routed tile.
+    a picked block or an eligible key of a routed block.
 
     What FlexAttention's unfused path and the dense form need (they ignore the tile lists);
-    a lookup per entry, which the compiled kernel avoids with :func:`_listed_mask`.
+    a lookup in the block tables per entry, which the compiled kernel avoids with
+    :func:`_listed_mask`.
     """
     base = _window_mask(plan, exact_set, causal)
-    picked, routed, nk, nq = plan.picked, plan.routed, plan.nk, plan.nq
-    if picked is None and routed is None:
+    picks, chosen, nk, nq = plan.picks, plan.chosen, plan.nk, plan.nq
+    if picks is None and chosen is None:
         return base
     s, w, blk, offset = exact_set.sink_count, exact_set.window_width, plan.route_block, plan.nk - plan.nq
 
-    def lookup(tiles, b, h, i, kv):
-        return tiles[b, 0 if tiles.shape[1] == 1 else h, i // QB, torch.clamp(kv // KB, max=tiles.shape[-1] - 1)]
+    def member(table, rows, keys, b, h, i, kv):
+        """Whether key ``kv`` lies in a block of ``keys`` keys that ``table`` lists for row ``i``."""
+        hh = 0 if table.shape[1] == 1 else h
+        r = torch.clamp(i // rows, max=table.shape[2] - 1)
+        hit = kv < 0
+        for c in range(table.shape[-1]):
+            blk_c = table[b, hh, r, c]
+            hit = hit | ((blk_c >= 0) & (kv // keys == blk_c))
+        return hit
 
     def mask_mod(b, h, i, kv):
         keep = base(b, h, i, kv)
-        if picked is not None:
-            keep = keep | (lookup(picked, b, h, i, kv) & (kv < nk))
-        if routed is not None:  # an eligible key of the row block (as _eligible_of)
+        if picks is not None:
+            keep = keep | (member(picks, plan.pick_block, plan.pick_block, b, h, i, kv) & (kv < nk))
+        if chosen is not None:  # an eligible key of the row block (as _eligible_of)
             rb = i // blk
             cf = rb * blk + offset
             elig = (kv >= s) & (kv < nk) & (kv <= cf - w)
             if not causal:
                 cl = torch.clamp((rb + 1) * blk, max=nq) - 1 + offset
                 elig = ((kv >= s) & (kv < nk) & ((kv <= cf - w) | (kv >= cl + w))) if w else (kv >= s) & (kv < nk)
-            keep = keep | (lookup(routed, b, h, i, kv) & elig)
+            keep = keep | (member(chosen, blk, plan.route_key_block, b, h, i, kv) & elig)
         return keep
 
     return mask_mod

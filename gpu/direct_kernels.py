@@ -36,8 +36,10 @@ dense intermediates, without them:
   whole array);
 * own-key tiles (:func:`own_tile_lists`): per query tile its partial and full key tiles
   (sinks and window by index arithmetic, the picked and routed blocks from their tables)
-  and their lists in one pass (the torch form :func:`hyperref.gpu.direct_plan.own_tiles`
-  some twenty dense operations on (B, H, NT, NKT) marks, then two listings).
+  listed in one pass, in lists as wide as the most tiles a query tile can list, the
+  (B, H, NT, NKT) marks written only where a backward transposes them (the torch form
+  :func:`hyperref.gpu.direct_plan.own_tiles` some twenty dense operations on the marks,
+  then two listings).
 
 Logits in fp32 from the inputs' dtype (tensor-core products, fp32 accumulation).
 On the CPU the kernels run under ``TRITON_INTERPRET=1`` (tests, float32 inputs).
@@ -798,13 +800,14 @@ def _chosen_hit(g, tab_ptr, row, n, per):
 
 
 @triton.jit
-def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, pick_ptr, route_ptr, kvn_ptr, kvi_ptr, fn_ptr,
-                      fi_ptr, NT, n_kt, nq, nk, offset, sinks, window, pick_block, n_pick_rb, n_pick, per_p,
-                      route_block, n_route_rb, n_route, per_r, TILE: tl.constexpr, CAUSAL: tl.constexpr,
-                      PICKS: tl.constexpr, ROUTES: tl.constexpr, BN: tl.constexpr):
+def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, kvn_ptr, kvi_ptr, fn_ptr, fi_ptr, NT, n_kt,
+                      width, nq, nk, offset, sinks, window, pick_block, n_pick_rb, n_pick, per_p, route_block,
+                      n_route_rb, n_route, per_r, TILE: tl.constexpr, CAUSAL: tl.constexpr, PICKS: tl.constexpr,
+                      ROUTES: tl.constexpr, MARKS: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # one (batch·head, query tile); one grid axis: no 65535 limit
     bh, t = pid // NT, pid % NT
-    row = (bh * NT + t) * n_kt
+    row = (bh * NT + t) * n_kt  # this tile's row of the marks
+    lrow = (bh * NT + t) * width  # and of the lists
     c_first = t * TILE + offset
     c_last = tl.minimum((t + 1) * TILE, nq) - 1 + offset
     rp = (t * TILE) // pick_block
@@ -837,7 +840,6 @@ def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, pick_ptr, route
             picked = _chosen_hit(g, picks_ptr, bh * n_pick_rb + rp, n_pick, per_p) & live
             full = full | picked
             partial = partial & ~full
-            tl.store(pick_ptr + row + g, picked.to(tl.int8), mask=live)
         if ROUTES:  # routed blocks: full where every key is eligible for the route block
             routed = _chosen_hit(g, chosen_ptr, bh * n_route_rb + rr, n_route, per_r) & live
             whole = g_hi <= rf - window
@@ -848,58 +850,67 @@ def _own_tiles_kernel(picks_ptr, chosen_ptr, part_ptr, full_ptr, pick_ptr, route
                     whole = live
             full = full | (routed & whole)
             partial = (partial | routed) & ~full
-            tl.store(route_ptr + row + g, routed.to(tl.int8), mask=live)
-        tl.store(part_ptr + row + g, partial.to(tl.int8), mask=live)
-        tl.store(full_ptr + row + g, full.to(tl.int8), mask=live)
+        if MARKS:
+            tl.store(part_ptr + row + g, partial.to(tl.int8), mask=live)
+            tl.store(full_ptr + row + g, full.to(tl.int8), mask=live)
         mp = partial.to(tl.int32)
         mf = full.to(tl.int32)
-        tl.store(kvi_ptr + row + n_part + tl.cumsum(mp, 0) - 1, g.to(tl.int32), mask=live & partial)
-        tl.store(fi_ptr + row + n_full + tl.cumsum(mf, 0) - 1, g.to(tl.int32), mask=live & full)
+        sp = n_part + tl.cumsum(mp, 0) - 1
+        sf = n_full + tl.cumsum(mf, 0) - 1
+        tl.store(kvi_ptr + lrow + sp, g.to(tl.int32), mask=live & partial & (sp < width))
+        tl.store(fi_ptr + lrow + sf, g.to(tl.int32), mask=live & full & (sf < width))
         n_part += tl.sum(mp, 0)
         n_full += tl.sum(mf, 0)
-    for c0 in range(0, n_kt, BN):  # the lists' tails are zeros
+    for c0 in range(0, width, BN):  # the lists' tails are zeros
         g = c0 + tl.arange(0, BN)
-        tl.store(kvi_ptr + row + g, tl.zeros((BN,), tl.int32), mask=(g < n_kt) & (g >= n_part))
-        tl.store(fi_ptr + row + g, tl.zeros((BN,), tl.int32), mask=(g < n_kt) & (g >= n_full))
+        tl.store(kvi_ptr + lrow + g, tl.zeros((BN,), tl.int32), mask=(g < width) & (g >= n_part))
+        tl.store(fi_ptr + lrow + g, tl.zeros((BN,), tl.int32), mask=(g < width) & (g >= n_full))
     tl.store(kvn_ptr + bh * NT + t, n_part.to(tl.int32))
     tl.store(fn_ptr + bh * NT + t, n_full.to(tl.int32))
 
 
 def own_tile_lists(nq, nk, tile, causal, covered, device, picks=None, pick_block=0, chosen=None, route_block=0,
-                   route_key_block=0):
-    """The own-key call's tile marks and their lists in one pass (one program per query tile).
+                   route_key_block=0, width=None, marks=True):
+    """The own-key call's tile lists, and optionally its tile marks, in one pass (one program per
+    query tile).
 
-    Computes what :func:`hyperref.gpu.direct_plan.own_tiles` computes with dense torch
-    operations, and the lists :func:`tile_listing` would make of its partial and full marks.
-    ``tile`` is the square tile size; ``covered = (sinks, window)``; ``picks`` (B, H, row
-    blocks of ``pick_block`` rows, count) and ``chosen`` (B, H, row blocks of
-    ``route_block`` rows, C′) list blocks of ``pick_block`` and ``route_key_block`` keys
-    (−1: none), ``None`` where the part is absent. Returns ``(partial, full, picked, routed,
-    kv_num, kv_idx, full_num, full_idx)``: bool marks (P, Q, NT, NKT) (``picked``,
-    ``routed`` ``None`` without their part) and int32 lists as :func:`tile_listing`; ``(P,
-    Q) = (B, H)`` where a part is given, else (1, 1).
+    Computes the lists :func:`tile_listing` would make of the partial and full marks of
+    :func:`hyperref.gpu.direct_plan.own_tiles` (what that function computes with dense torch
+    operations). ``tile`` is the square tile size; ``covered = (sinks, window)``; ``picks``
+    (B, H, row blocks of ``pick_block`` rows, count) and ``chosen`` (B, H, row blocks of
+    ``route_block`` rows, C′) list blocks of ``pick_block`` and ``route_key_block`` keys (−1:
+    none), ``None`` where the part is absent. ``width``: the lists' last dimension (default
+    NKT), at least the most tiles a query tile lists (:func:`hyperref.gpu.direct_plan.list_width`
+    bounds it; entries past it are not written, and off CUDA a row that lists more is an error).
+    Returns ``(partial, full, kv_num, kv_idx, full_num, full_idx)``: bool marks (P, Q, NT,
+    NKT), ``None`` with ``marks=False`` (the lists need no marks: a forward alone keeps its
+    memory linear in the length), and int32 lists (P, Q, NT, width) as :func:`tile_listing`;
+    ``(P, Q) = (B, H)`` where a part is given, else (1, 1).
     """
     dev = device
     heads = next((tuple(x.shape[:2]) for x in (picks, chosen) if x is not None), (1, 1))
     n_qt, n_kt = -(-nq // tile), -(-max(nk, 1) // tile)
+    width = n_kt if width is None else int(width)
+    if width < 1:
+        raise ValueError(f"the lists' width must be at least 1, got {width}")
     shape = (*heads, n_qt, n_kt)
-    marks = [torch.empty(shape, dtype=torch.bool, device=dev) for _ in range(2)]
-    picked = torch.empty(shape, dtype=torch.bool, device=dev) if picks is not None else None
-    routed = torch.empty(shape, dtype=torch.bool, device=dev) if chosen is not None else None
+    held = [torch.empty(shape, dtype=torch.bool, device=dev) for _ in range(2)] if marks else [None, None]
     kv_num, full_num = (torch.empty(shape[:3], dtype=torch.int32, device=dev) for _ in range(2))
-    kv_idx, full_idx = (torch.empty(shape, dtype=torch.int32, device=dev) for _ in range(2))
+    kv_idx, full_idx = (torch.empty((*shape[:3], width), dtype=torch.int32, device=dev) for _ in range(2))
     if n_qt == 0:
-        return (*marks, picked, routed, kv_num, kv_idx, full_num, full_idx)
+        return (*held, kv_num, kv_idx, full_num, full_idx)
     dummy = kv_num  # an unread pointer where a part is absent
     pk = picks.contiguous() if picks is not None else dummy
     ck = chosen.contiguous() if chosen is not None else dummy
+    mk = [m.view(torch.int8) if m is not None else dummy for m in held]
     _own_tiles_kernel[(heads[0] * heads[1] * n_qt,)](
-        pk, ck, marks[0].view(torch.int8), marks[1].view(torch.int8),
-        picked.view(torch.int8) if picked is not None else marks[0].view(torch.int8),
-        routed.view(torch.int8) if routed is not None else marks[0].view(torch.int8),
-        kv_num, kv_idx, full_num, full_idx, n_qt, n_kt, nq, nk, nk - nq, int(covered[0]), int(covered[1]),
-        max(pick_block, 1), pk.shape[2] if picks is not None else 0, pk.shape[3] if picks is not None else 0,
-        max(pick_block // tile, 1), max(route_block, 1), ck.shape[2] if chosen is not None else 0,
-        ck.shape[3] if chosen is not None else 0, max(route_key_block // tile, 1), TILE=tile, CAUSAL=bool(causal),
-        PICKS=picks is not None, ROUTES=chosen is not None, BN=1024)
-    return (*marks, picked, routed, kv_num, kv_idx, full_num, full_idx)
+        pk, ck, mk[0], mk[1], kv_num, kv_idx, full_num, full_idx, n_qt, n_kt, width, nq, nk, nk - nq,
+        int(covered[0]), int(covered[1]), max(pick_block, 1), pk.shape[2] if picks is not None else 0,
+        pk.shape[3] if picks is not None else 0, max(pick_block // tile, 1), max(route_block, 1),
+        ck.shape[2] if chosen is not None else 0, ck.shape[3] if chosen is not None else 0,
+        max(route_key_block // tile, 1), TILE=tile, CAUSAL=bool(causal), PICKS=picks is not None,
+        ROUTES=chosen is not None, MARKS=bool(marks), BN=1024)
+    # on CUDA the check would hold the host until the kernel ends: the width is a bound there
+    if width < n_kt and not kv_num.is_cuda and int(torch.maximum(kv_num.max(), full_num.max())) > width:
+        raise ValueError(f"a query tile lists more than the lists' width of {width} tiles")
+    return (*held, kv_num, kv_idx, full_num, full_idx)

@@ -3,7 +3,7 @@
 :func:`make_plan` runs the selections of :mod:`hyperref.gpu.direct_select` and lays them out
 as a :class:`DirectPlan`: per query tile the partial and full own-key tiles (and, transposed,
 per key tile the query tiles, for the backward), the gathered slots with their owners and log
-weights, and the tables the masks read (picked and routed tiles, the routed tiles' edges).
+weights, and the tables the masks read (picked and routed blocks, the routed tiles' edges).
 :mod:`hyperref.gpu.direct_flex` makes the two FlexAttention calls from it.
 """
 
@@ -29,16 +29,20 @@ class DirectPlan:
     """Everything the two kernel calls need besides q, k, v (all tensors on the device).
 
     The **own-key call** reads ``kv_num``/``kv_idx`` (partial key tiles per query tile: the sink
-    tiles, the window's edge tiles) and ``full_num``/``full_idx``
-    (full tiles: the window interior, the ``blocktop`` picks); shape ``(B, H, NT, ·)``, or
-    ``(1, 1, NT, ·)`` when no part picks tiles head by head; its backward reads the same lists
-    transposed, per key tile the query tiles (``q_num``/``q_idx``, ``full_q_num``/``full_q_idx``,
-    (·, ·, NKT, ·); ``None`` in a plan made with ``backward=False``). Its mask is index arithmetic and,
-    where a ``blocktop`` part picks tiles, a lookup in ``picked`` (B, H, NT, NKT) bool (``None``
-    without one), where a ``blockkeys`` part routes tiles (:func:`routes_tiles`), a lookup in
-    ``routed`` (B, H, NT, NKT) bool and the eligibility of the key for the row's block of
-    ``route_block`` rows: the mask alone says which entries count, the full tiles only spare its
-    work, so that FlexAttention's unfused path (which reads the mask alone) gives the same answer.
+    tiles, the window's edge tiles) and ``full_num``/``full_idx`` (full tiles: the window
+    interior, the ``blocktop`` picks, the wholly eligible routed blocks); shape ``(B, H, NT, W)``,
+    or ``(1, 1, NT, W)`` when no part picks tiles head by head, ``W`` = :func:`list_width` (the
+    most tiles a query tile can list, so that a forward's plan is linear in the length); its
+    backward reads the same lists transposed, per key tile the query tiles
+    (``q_num``/``q_idx``, ``full_q_num``/``full_q_idx``, (·, ·, NKT, NT); ``None`` in a plan
+    made with ``backward=False``). Its mask is index arithmetic and, where a ``blocktop`` part
+    picks tiles, membership in ``picks`` (B, H, row blocks of ``pick_block`` rows, count; the
+    picked blocks of ``pick_block`` keys, −1 for none; ``None`` without one), where a
+    ``blockkeys`` part routes tiles (:func:`routes_tiles`), membership in ``chosen`` (B, H, row
+    blocks of ``route_block`` rows, C′; blocks of ``route_key_block`` keys) and the eligibility
+    of the key for the row's block: the mask alone says which entries count, the full tiles
+    only spare its work, so that FlexAttention's unfused path (which reads the mask alone)
+    gives the same answer.
 
     The **gathered call** reads ``gpos``/``owner``/``logw`` (B, H, NT, L): per query tile ``L``
     slots, the key position (:data:`NONE` where the slot counts for no row: empty, a sink, a
@@ -62,9 +66,11 @@ class DirectPlan:
     gpos: torch.Tensor
     owner: torch.Tensor | None
     logw: torch.Tensor
-    picked: torch.Tensor | None = None
-    routed: torch.Tensor | None = None
+    picks: torch.Tensor | None = None
+    pick_block: int = 0
+    chosen: torch.Tensor | None = None
     route_block: int = 0
+    route_key_block: int = 0
     edges: torch.Tensor | None = None
 
     @property
@@ -97,17 +103,14 @@ def _listing(marks):
 
 
 def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
-    """Tile marks ``(partial, full, picked, routed, edges)`` of the own-key call.
+    """Tile marks ``(partial, full)`` of the own-key call, (1, 1, NT, NKT) or (B, H, NT, NKT) bool.
 
-    ``partial``, ``full`` (1, 1, NT, NKT) or (B, H, NT, NKT). Sinks and window come from index
-    arithmetic (the same for every head); ``picks`` (B, H, row blocks, count) of ``blocktop``
-    add full tiles head by head (``picked``, else ``None``); ``routes = (chosen, part)``, the
-    chosen key blocks of a ``blockkeys`` part that :func:`routes_tiles`, add their tiles
-    (``routed``, else ``None``): full where every key is eligible for the tile's row block
-    (or a sink), partial where the block straddles the eligible range's end (``edges`` (B, H,
-    NT, 2): whether the tile holding ``c_first − w``, and the one holding ``c_last + w``, is
-    such a tile; ``None`` where no range ends inside a tile, :func:`_ends_inside_tiles`). A short last
-    tile may be full: FlexAttention cuts the positions beyond the sequence.
+    Sinks and window come from index arithmetic (the same for every head); ``picks`` (B, H,
+    row blocks, count) of ``blocktop`` add full tiles head by head; ``routes = (chosen,
+    part)``, the chosen key blocks of a ``blockkeys`` part that :func:`routes_tiles`, add their
+    tiles: full where every key is eligible for the tile's row block (or a sink), partial where
+    the block straddles the eligible range's end (:func:`_route_edges`). A short last tile may
+    be full: FlexAttention cuts the positions beyond the sequence.
     """
     s, w = covered
     offset = nk - nq
@@ -128,37 +131,56 @@ def own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes=None):
             partial = partial | ((g_hi[None, :] > (c_first - w)[:, None]) & (g_lo[None, :] < (c_last + w)[:, None]))
             full = (g_lo[None, :] > (c_last - w)[:, None]) & (g_hi[None, :] < (c_first + w)[:, None])
     partial, full = (partial & ~full)[None, None], full[None, None]
-    picked = None
+    tile_keys = lambda table: (g * KB).expand(*table.shape[:2], n_qt, n_kt)  # a tile by its first key
     if picks is not None:
         # picked blocks are whole key tiles wholly visible to every row of the row block
         # (they end before the window of its first row)
-        bsz, h = picks.shape[:2]
-        per = pick_block // KB
-        row_block = (tq * QB) // pick_block
-        pk = picks[:, :, row_block]  # (B, H, NT, count), block index or −1
-        tiles = (torch.clamp(pk, min=0)[..., None] * per + torch.arange(per, device=device)).flatten(3)
-        tiles = torch.where((pk >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
-        picked = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=device)
-        picked.scatter_(-1, tiles, True)
-        picked = picked[..., :n_kt]
+        picked = _in_blocks(picks, (tq * QB) // pick_block, tile_keys(picks), pick_block)
         full = full | picked
         partial = partial & ~full
-    routed = edges = None
     if routes is not None:
         chosen, part = routes
-        bsz, h = chosen.shape[:2]
-        per = part.key_block // KB
-        row_block = (tq * QB) // part.block
-        ck = chosen[:, :, row_block]  # (B, H, NT, C′), key block or −1
-        tiles = (torch.clamp(ck, min=0)[..., None] * per + torch.arange(per, device=device)).flatten(3)
-        tiles = torch.where((ck >= 0).repeat_interleave(per, dim=-1), torch.clamp(tiles, max=n_kt), n_kt)
-        routed = torch.zeros(bsz, h, n_qt, n_kt + 1, dtype=torch.bool, device=device)
-        routed.scatter_(-1, tiles, True)
-        routed = routed[..., :n_kt]
+        routed = _in_blocks(chosen, (tq * QB) // part.block, tile_keys(chosen), part.key_block)
         full = full | (routed & _route_whole(nq, nk, causal, w, part.block, device))
         partial = (partial | routed) & ~full
-        edges = _route_edges(routed, nq, nk, causal, w, part.block)
-    return partial, full, picked, routed, edges
+    return partial, full
+
+
+def _in_blocks(table, rows, keys, block):
+    """Whether each key (B, H, NT, ·) lies in one of the blocks of ``block`` keys that ``table``
+    (B, H, R, C) lists (−1: none) at the row ``rows[t]`` (NT,) of its query tile; −1 keys: no.
+
+    A binary search in each tile's sorted blocks: memory of the keys' size, no (NT, NKT) table.
+    """
+    tab = table[:, :, rows].long()  # (B, H, NT, C)
+    if tab.shape[-1] == 0:
+        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    tab = torch.sort(torch.where(tab >= 0, tab, torch.iinfo(torch.int64).max), dim=-1).values
+    shape = torch.broadcast_shapes(tab.shape[:3], keys.shape[:3])
+    tab = tab.expand(*shape, tab.shape[-1]).contiguous()
+    kb = torch.where(keys >= 0, keys.long() // block, -1).expand(*shape, keys.shape[-1]).contiguous()
+    at = torch.clamp(torch.searchsorted(tab, kb), max=tab.shape[-1] - 1)
+    return (torch.gather(tab, -1, at) == kb) & (kb >= 0)
+
+
+def list_width(nq, nk, causal, covered, picks=None, pick_block=0, chosen=None, route_key_block=0) -> int:
+    """The most key tiles one query tile's partial or full list can hold (host arithmetic).
+
+    The sink tiles (``⌈s / KB⌉``), the tiles the window's keys of the tile's ``QB`` rows meet
+    (causal: the ``QB − 1 + w`` positions ``(c_first − w, c_last]``; non-causal ``QB + 2w``
+    positions at most; a run of ``r`` positions meets at most ``⌈r / KB⌉ + 1`` tiles), and the
+    tiles of the picked and routed blocks (``count · pick_block / KB``, ``C′ · key_block / KB``);
+    at most the key tiles ``NKT``, at least 1.
+    """
+    s, w = covered
+    n_kt = -(-max(nk, 1) // KB)
+    span = QB - 1 + w if causal else QB + 2 * w
+    width = -(-s // KB) + ((-(-span // KB) + 1) if w else 0)
+    if picks is not None:
+        width += picks.shape[-1] * (pick_block // KB)
+    if chosen is not None:
+        width += chosen.shape[-1] * (route_key_block // KB)
+    return max(1, min(width, n_kt))
 
 
 def _route_rows(nq, nk, block, device):
@@ -170,48 +192,59 @@ def _route_rows(nq, nk, block, device):
 def _route_whole(nq, nk, causal, w, block, device):
     """(NT, NKT) bool: whether every key of tile ``g`` is eligible for query tile ``t``'s route block."""
     n_kt = -(-max(nk, 1) // KB)
-    g = torch.arange(n_kt, device=device)
+    return _whole_at(torch.arange(n_kt, device=device)[None, :], nq, nk, causal, w, block)
+
+
+def _whole_at(g, nq, nk, causal, w, block):
+    """Whether every key of tile ``g`` (NT, ·) is eligible for the route block of its query tile (row ``t``)."""
     g_lo, g_hi = g * KB, torch.clamp((g + 1) * KB, max=nk) - 1
-    rf, rl = _route_rows(nq, nk, block, device)
-    whole = g_hi[None, :] <= (rf - w)[:, None]
+    rf, rl = _route_rows(nq, nk, block, g.device)
+    whole = g_hi <= (rf - w)[:, None]
     if not causal:
-        whole = (whole | (g_lo[None, :] >= (rl + w)[:, None])) if w else torch.ones_like(whole)
+        whole = (whole | (g_lo >= (rl + w)[:, None])) if w else torch.ones_like(whole)
     return whole
 
 
-def _route_edges(routed, nq, nk, causal, w, block):
+def _route_edges(chosen, key_block, nq, nk, causal, w, block):
     """The routed tiles left partial, (B, H, NT, 2) bool: the one holding ``c_first − w`` and (non-causal)
-    the one holding ``c_last + w``, where they straddle; ``None`` where no range ends inside a tile."""
+    the one holding ``c_last + w``, where they straddle; ``None`` where no range ends inside a tile.
+
+    From the chosen blocks (B, H, row blocks of ``block`` rows, C′) alone: two membership tests per
+    query tile.
+    """
     if not _ends_inside_tiles(nq, nk, causal, w, block):
         return None
-    bsz, h, _, n_kt = routed.shape
-    straddle = routed & ~_route_whole(nq, nk, causal, w, block, routed.device)
-    rf, rl = _route_rows(nq, nk, block, routed.device)
-    at = lambda x: torch.clamp(x // KB, 0, n_kt - 1)[None, None, :, None].expand(bsz, h, -1, 1)
+    n_qt, n_kt = -(-nq // QB), -(-max(nk, 1) // KB)
+    rf, rl = _route_rows(nq, nk, block, chosen.device)
     lo, hi = rf - w, rl + w
-    return torch.cat([torch.gather(straddle, -1, at(lo)) & (lo >= 0)[None, None, :, None],
-                      torch.gather(straddle, -1, at(hi)) & (hi < nk)[None, None, :, None]], dim=-1)
+    g = torch.clamp(torch.stack([lo, hi], -1) // KB, 0, n_kt - 1)  # (NT, 2) the tiles holding them
+    rows = (torch.arange(n_qt, device=chosen.device) * QB) // block
+    routed = _in_blocks(chosen, rows, (g * KB).expand(*chosen.shape[:2], n_qt, 2), key_block)
+    inside = torch.stack([lo >= 0, hi < nk], -1)
+    return routed & ~_whole_at(g, nq, nk, causal, w, block) & inside
 
 
-def own_layout(nq, nk, causal, covered, picks, pick_block, device, routes=None):
-    """:func:`own_tiles` and the lists of its partial and full marks: ``(partial, full, picked,
-    routed, edges, (kv_num, kv_idx, full_num, full_idx))``.
+def own_layout(nq, nk, causal, covered, picks, pick_block, device, routes=None, marks=True):
+    """The own-key call's lists, edges and (``marks``) tile marks: ``(partial, full, edges,
+    (kv_num, kv_idx, full_num, full_idx))``, the lists :func:`list_width` wide.
 
-    On CUDA one Triton pass computes the marks and lists them
-    (:func:`hyperref.gpu.direct_kernels.own_tile_lists`); elsewhere the torch form and
-    :func:`_listing`.
+    On CUDA one Triton pass lists the tiles (:func:`hyperref.gpu.direct_kernels.own_tile_lists`),
+    writing the (·, ·, NT, NKT) marks only with ``marks`` (``None`` else: what only a backward
+    reads); elsewhere the torch form :func:`own_tiles` and :func:`_listing`.
     """
+    chosen, part = routes if routes is not None else (None, None)
+    width = list_width(nq, nk, causal, covered, picks, pick_block, chosen, part.key_block if part else 0)
+    edges = None if part is None else _route_edges(chosen, part.key_block, nq, nk, causal, covered[1], part.block)
     if device.type != "cuda":
-        partial, full, picked, routed, edges = own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes)
-        return partial, full, picked, routed, edges, (*_listing(partial), *_listing(full))
+        partial, full = own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes)
+        lists = (*_listing(partial), *_listing(full))
+        lists = tuple(x[..., :width].contiguous() if i % 2 else x for i, x in enumerate(lists))
+        return partial, full, edges, lists
     from . import direct_kernels as kern
 
-    chosen, part = routes if routes is not None else (None, None)
     out = kern.own_tile_lists(nq, nk, KB, causal, covered, device, picks, pick_block, chosen,
-                              part.block if part else 0, part.key_block if part else 0)
-    partial, full, picked, routed = out[:4]
-    edges = None if part is None else _route_edges(routed, nq, nk, causal, covered[1], part.block)
-    return partial, full, picked, routed, edges, out[4:]
+                              part.block if part else 0, part.key_block if part else 0, width=width, marks=marks)
+    return out[0], out[1], edges, out[2:]
 
 
 def _ends_inside_tiles(nq, nk, causal, w, block):
@@ -283,8 +316,8 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
                 routes = (block_key_chosen(part, q, k, scale, causal, covered), part)
             else:
                 bkeys, bkeys_block = block_keys(part, q, k, scale, causal, covered), part.block
-    partial, full, picked, routed, edges, lists = own_layout(nq, nk, causal, covered, picks, pick_block, dev, routes)
-    n_qt = partial.shape[2]
+    partial, full, edges, lists = own_layout(nq, nk, causal, covered, picks, pick_block, dev, routes, marks=backward)
+    n_qt, n_kt = -(-nq // QB), -(-max(nk, 1) // KB)
     tq = torch.arange(n_qt, device=dev)
     # ---- gathered slots: heavy keys, then m samples per query block inside the tile
     m = sample_u.shape[-1]
@@ -333,32 +366,32 @@ def make_plan(q, k, v, *, causal, scale, config: HyperConfig, heavy_rows, sample
     gpos = pad_slots(pos_parts, -1, torch.int64)
     logw = pad_slots(logw_parts, 0.0, work)
     owner = pad_slots(owner_parts, -1, torch.int32) if bq < QB else None
-    if picked is not None and slots:  # keys of the tile's picked blocks are exact: not a gathered term
-        n_kt = picked.shape[-1]
-        tile_of_key = torch.clamp(gpos, min=0) // KB
-        in_pick = torch.gather(picked.to(torch.int8), -1, torch.clamp(tile_of_key, max=n_kt - 1)).bool()
-        gpos = torch.where(in_pick, -1, gpos)
-    if routed is not None and slots:  # nor are the eligible keys of the tile's routed blocks
-        gpos = torch.where(_in_routed(routed, routes[1].block, gpos, nq, nk, causal, covered), -1, gpos)
+    if picks is not None and slots:  # keys of the tile's picked blocks are exact: not a gathered term
+        gpos = torch.where(_in_blocks(picks, (tq * QB) // pick_block, gpos, pick_block), -1, gpos)
+    if routes is not None and slots:  # nor are the eligible keys of the tile's routed blocks
+        gpos = torch.where(_in_routed(routes, gpos, nq, nk, causal, covered), -1, gpos)
     gpos = torch.where(gpos >= 0, gpos, NONE).to(torch.int32)
     kv_num, kv_idx, full_num, full_idx = lists
     q_num = q_idx = full_q_num = full_q_idx = None
     if backward:
         q_num, q_idx = _listing(partial.transpose(-2, -1))
         full_q_num, full_q_idx = _listing(full.transpose(-2, -1))
-    return DirectPlan(nq=nq, nk=nk, nk_pad=partial.shape[-1] * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
+    return DirectPlan(nq=nq, nk=nk, nk_pad=n_kt * KB, slots=slots, kv_num=kv_num, kv_idx=kv_idx,
                       full_num=full_num, full_idx=full_idx, q_num=q_num, q_idx=q_idx, full_q_num=full_q_num,
-                      full_q_idx=full_q_idx, gpos=gpos, owner=owner, logw=logw, picked=picked,
-                      routed=routed, route_block=0 if routes is None else routes[1].block, edges=edges)
+                      full_q_idx=full_q_idx, gpos=gpos, owner=owner, logw=logw, picks=picks,
+                      pick_block=pick_block if picks is not None else 0,
+                      chosen=None if routes is None else routes[0],
+                      route_block=0 if routes is None else routes[1].block,
+                      route_key_block=0 if routes is None else routes[1].key_block, edges=edges)
 
 
-def _in_routed(routed, block, keys, nq, nk, causal, covered):
-    """Whether each key (B, H, NT, ·) of a query tile is an eligible key of a routed tile of it."""
-    n_kt = routed.shape[-1]
-    rf, rl = _route_rows(nq, nk, block, keys.device)
-    tile = torch.clamp(keys, 0, nk - 1) // KB
-    hit = torch.gather(routed.to(torch.int8).expand(*keys.shape[:2], -1, -1), -1,
-                       torch.clamp(tile, max=n_kt - 1)).bool()
+def _in_routed(routes, keys, nq, nk, causal, covered):
+    """Whether each key (B, H, NT, ·) of a query tile is an eligible key of a routed block of it
+    (``routes = (chosen, part)``)."""
+    chosen, part = routes
+    rf, rl = _route_rows(nq, nk, part.block, keys.device)
+    rows = (torch.arange(keys.shape[2], device=keys.device) * QB) // part.block
+    hit = _in_blocks(chosen, rows, keys, part.key_block)
     return hit & (keys >= 0) & (keys < nk) & _eligible_of(keys, rf, rl, *covered, causal)
 
 

@@ -322,7 +322,8 @@ OWN_CASES = [(520, 700, (4, 100), None, None), (300, 300, (0, 0), None, None),
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("nq,nk,covered,picks,routes", OWN_CASES)
 def test_own_tile_lists_are_the_torch_marks_and_lists(causal, nq, nk, covered, picks, routes):
-    """Marks bit for bit (partial, full, picked, routed) and their lists, with the torch form's shapes."""
+    """Marks bit for bit (partial, full) and their lists, full width and :func:`list_width` wide,
+    the narrow lists written without marks; every listed row within the width."""
     from types import SimpleNamespace
 
     pk = pick_block = ck = part = None
@@ -334,12 +335,24 @@ def test_own_tile_lists_are_the_torch_marks_and_lists(causal, nq, nk, covered, p
         ck = _blocks(2, 3, -(-nq // routes[0]), routes[2], -(-nk // routes[1]), seed=nk + 2)
     want = P.own_tiles(nq, nk, causal, covered, pk, pick_block or 128, torch.device("cpu"),
                        None if ck is None else (ck, part))
-    got = K.own_tile_lists(nq, nk, S.KB, causal, covered, torch.device("cpu"), pk, pick_block or 0, ck,
-                           0 if part is None else part.block, 0 if part is None else part.key_block)
-    for name, w, g in zip(("partial", "full", "picked", "routed"), want[:4], got[:4]):
-        if w is None:
-            assert g is None, name
-            continue
+    args = (nq, nk, S.KB, causal, covered, torch.device("cpu"), pk, pick_block or 0, ck,
+            0 if part is None else part.block, 0 if part is None else part.key_block)
+    got = K.own_tile_lists(*args)
+    for name, w, g in zip(("partial", "full"), want, got[:2]):
         assert g.shape == w.shape and torch.equal(g, w), name
-    for w, g in zip((*P._listing(want[0]), *P._listing(want[1])), got[4:]):
+    lists = (*P._listing(want[0]), *P._listing(want[1]))
+    for w, g in zip(lists, got[2:]):
         assert g.shape == w.shape and torch.equal(g, w)
+    width = P.list_width(nq, nk, causal, covered, pk, pick_block or 0, ck, 0 if part is None else part.key_block)
+    assert max(int(want[0].sum(-1).max()), int(want[1].sum(-1).max())) <= width
+    narrow = K.own_tile_lists(*args, width=width, marks=False)
+    assert narrow[0] is None and narrow[1] is None
+    for i, (w, g) in enumerate(zip(lists, narrow[2:])):
+        w = w[..., :width] if i % 2 else w
+        assert g.shape == w.shape and torch.equal(g, w)
+
+
+def test_own_tile_lists_refuse_a_width_too_narrow():
+    """Lists narrower than a row's tiles are an error (off CUDA), never a cut list."""
+    with pytest.raises(ValueError, match="width of 2 tiles"):
+        K.own_tile_lists(520, 700, S.KB, True, (4, 300), torch.device("cpu"), width=2, marks=False)
