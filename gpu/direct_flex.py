@@ -7,10 +7,13 @@ over disjoint key sets whose partials are merged by their log normalizers:
 * **the own keys** — per query tile of ``QB = 128`` rows, the key tiles of
   ``KB = 128`` positions that hold a key of the exact set for some row of the
   tile: the sink tiles, the tiles the causal window crosses, the key blocks a
-  ``blocktop`` part picked. Token-level membership inside a tile is the mask
-  ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked tile)``, index
-  arithmetic and one tile lookup; window tiles that every row of the tile sees
-  whole and picked tiles are *full* (no mask work);
+  ``blocktop`` part picked or a ``blockkeys`` part routed, listed per query tile
+  in lists as wide as the most tiles one can list (a forward's plan is linear in
+  the length). Token-level membership inside a tile is the mask
+  ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked block)``, index
+  arithmetic (the compiled kernel needs no more: it reads the lists); window
+  tiles that every row of the tile sees whole and picked tiles are *full* (no
+  mask work);
 * **the gathered keys** — per query tile, ``L`` slots holding copies of single
   keys: the ``heavykeys`` keys of the head and the ``blockkeys`` keys of the tile's
   row block (weight 1; a key of both once), then, for every query
