@@ -128,7 +128,8 @@ def _plan(name, bq, m, nq, nk, causal, seed=5):
 
 @pytest.mark.parametrize("name,bq,nk", [("sw", 64, 700), ("sw_heavy_top", 32, 700), ("top128", 128, 700),
                                         ("top256", 256, 700), ("sw_route", 64, 700), ("sw_route_aligned", 64, 700),
-                                        ("sw_route_aligned", 64, 648)])
+                                        ("sw_route_aligned", 64, 648), ("top128", 128, 1500),
+                                        ("sw_route", 64, 1500)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_tile_lists_cover_the_mask(name, bq, nk, causal):
     """The own-key call computes exactly the exact set's sinks, window and picked blocks.
@@ -136,7 +137,8 @@ def test_tile_lists_cover_the_mask(name, bq, nk, causal):
     Its entries (the mask function on the listed tiles, full tiles whole) against the
     reference's membership of those parts (:meth:`hyperref.exact_set.ExactSet.member_rows`),
     row by row, head by head; heavy keys go to the gathered call. The aligned window at
-    ``nk − nq = 128`` has no straddling routed tile, so no edge table.
+    ``nk − nq = 128`` has no straddling routed tile, so no edge table. At ``nk = 1500`` the
+    lists are narrower than the key tiles (:func:`~hyperref.gpu.direct_plan.list_width`).
     """
     from hyperref.exact_set import ExactSet, Geometry, HeavyKeys
 
@@ -147,6 +149,8 @@ def test_tile_lists_cover_the_mask(name, bq, nk, causal):
     q, k, _ = _qkv(1, 2, 2, nq, nk, 16, seed=5)
     own_parts = ExactSet(tuple(p for p in cfg.exact_set.parts if not isinstance(p, HeavyKeys)))
     n_qt, n_kt = -(-nq // S.QB), plan.nk_pad // S.KB
+    assert plan.kv_idx.shape[-1] == plan.full_idx.shape[-1] <= n_kt
+    assert plan.kv_idx.shape[-1] < n_kt or nk < 1500
     mask_mod = F._listed_mask(plan, cfg.exact_set, causal)  # what the compiled kernel reads
     full_all = F._dense_full(plan, nq)
     for hh in range(2):
