@@ -10,10 +10,11 @@ over disjoint key sets whose partials are merged by their log normalizers:
   ``blocktop`` part picked or a ``blockkeys`` part routed, listed per query tile
   in lists as wide as the most tiles one can list (a forward's plan is linear in
   the length). Token-level membership inside a tile is the mask
-  ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked block)``, index
-  arithmetic (the compiled kernel needs no more: it reads the lists); window
-  tiles that every row of the tile sees whole and picked tiles are *full* (no
-  mask work);
+  ``j visible ∧ (j < s ∨ j in the window of i ∨ j in a picked or routed block)``;
+  the compiled kernel, which reads the lists, needs index arithmetic and, where a
+  routed block straddles the end of its row block's eligible range, one lookup per
+  row (:func:`_listed_mask`); window tiles that every row of the tile sees whole,
+  picked tiles and wholly eligible routed tiles are *full* (no mask work);
 * **the gathered keys** — per query tile, ``L`` slots holding copies of single
   keys: the ``heavykeys`` keys of the head and the ``blockkeys`` keys of the tile's
   row block (weight 1; a key of both once), then, for every query
@@ -354,7 +355,13 @@ def flex_direct(q, k, v, plan: DirectPlan, *, scale: float, config: HyperConfig,
 
 def own_block_mask(plan: DirectPlan, mask_mod, grad: bool):
     """The own-key call's ``BlockMask`` from the plan's tile lists (the key-to-query lists only
-    where a backward follows)."""
+    where a backward follows).
+
+    The lists are narrower than the key tiles (:func:`~hyperref.gpu.direct_plan.list_width`):
+    FlexAttention's kernels read them up to their counts, but ``BlockMask.to_dense``,
+    ``to_string`` and its printed form size the dense mask by the lists' width and fail on
+    this mask; :func:`_dense_full` and :func:`plan_counts` are the dense views.
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     if grad and plan.q_num is None:

@@ -153,10 +153,10 @@ def _in_blocks(table, rows, keys, block):
     A binary search in each tile's sorted blocks: memory of the keys' size, no (NT, NKT) table.
     """
     tab = table[:, :, rows].long()  # (B, H, NT, C)
-    if tab.shape[-1] == 0:
-        return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
-    tab = torch.sort(torch.where(tab >= 0, tab, torch.iinfo(torch.int64).max), dim=-1).values
     shape = torch.broadcast_shapes(tab.shape[:3], keys.shape[:3])
+    if tab.shape[-1] == 0:
+        return torch.zeros((*shape, keys.shape[-1]), dtype=torch.bool, device=keys.device)
+    tab = torch.sort(torch.where(tab >= 0, tab, torch.iinfo(torch.int64).max), dim=-1).values
     tab = tab.expand(*shape, tab.shape[-1]).contiguous()
     kb = torch.where(keys >= 0, keys.long() // block, -1).expand(*shape, keys.shape[-1]).contiguous()
     at = torch.clamp(torch.searchsorted(tab, kb), max=tab.shape[-1] - 1)
@@ -238,6 +238,9 @@ def own_layout(nq, nk, causal, covered, picks, pick_block, device, routes=None, 
     if device.type != "cuda":
         partial, full = own_tiles(nq, nk, causal, covered, picks, pick_block, device, routes)
         lists = (*_listing(partial), *_listing(full))
+        most = [int(x.max()) if x.numel() else 0 for x in lists[::2]]
+        if max(most) > width:  # list_width bounds them: this would be an error of that bound
+            raise ValueError(f"a query tile lists more than the lists' width of {width} tiles")
         lists = tuple(x[..., :width].contiguous() if i % 2 else x for i, x in enumerate(lists))
         return partial, full, edges, lists
     from . import direct_kernels as kern
