@@ -157,10 +157,9 @@ def _in_blocks(table, rows, keys, block):
     if tab.shape[-1] == 0:
         return torch.zeros((*shape, keys.shape[-1]), dtype=torch.bool, device=keys.device)
     tab = torch.sort(torch.where(tab >= 0, tab, torch.iinfo(torch.int64).max), dim=-1).values
-    tab = tab.expand(*shape, tab.shape[-1]).contiguous()
-    kb = torch.where(keys >= 0, keys.long() // block, -1).expand(*shape, keys.shape[-1]).contiguous()
-    at = torch.clamp(torch.searchsorted(tab, kb), max=tab.shape[-1] - 1)
-    return (torch.gather(tab, -1, at) == kb) & (kb >= 0)
+    kb = torch.where(keys >= 0, keys.long() // block, -1)
+    # the table sorted with its −1s past every block: _holds has no padding left to replace
+    return _holds(tab.expand(*shape, tab.shape[-1]), kb.expand(*shape, kb.shape[-1]), 0)
 
 
 def list_width(nq, nk, causal, covered, picks=None, pick_block=0, chosen=None, route_key_block=0) -> int:
