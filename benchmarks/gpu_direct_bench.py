@@ -20,7 +20,7 @@ the queries point at one key with logit ≈ 12). Prints one JSON line per row an
 Usage::
 
     python benchmarks/gpu_direct_bench.py [--n 16384 32768 65536 131072] [--d 64 128] [--causal both]
-        [--kernel-options '{"bwd_BLOCK_M1": 64, ...}']
+        [--kernel-options '{"bwd_BLOCK_M1": 64, ...}'] [--exact cudnn] [--no-backward]
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--query-block", type=int, default=128)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--no-backward", action="store_true")
+    parser.add_argument("--exact", nargs="+", choices=["flash", "cudnn"], default=["flash", "cudnn"],
+                        help="the exact SDPA backends to time (one exact call at n = 1M takes seconds)")
     parser.add_argument("--kernel-options", type=json.loads, default=None,
                         help="FlexAttention kernel_options of the direct calls, a JSON object")
     parser.add_argument("--json")
@@ -124,6 +126,8 @@ def main():
                 row["plan_ms"] = bench(plan_only)
                 row["sinkwindow_fwd_ms"] = bench(lambda: sw(q, k, v))
                 for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                    if name not in args.exact:
+                        continue
                     def exact(q_, k_, v_, backend=backend):
                         with sdpa_kernel(backend):
                             return sdpa(q_, k_, v_, is_causal=causal)
