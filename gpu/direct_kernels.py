@@ -442,7 +442,7 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     the key axis, merged after); one exponential per logit, taken relative to the key block's
     largest visible logit, so that a block whose eligible keys lie more than 126 (base 2) below
     it counts mass 0. ``launch``: launch parameters (``BR`` rows per program, ``num_warps``,
-    ``num_stages``) over the defaults. ``peaks``: maxima instead of log-sum-exps (the key
+    ``num_stages``, ``split_keys`` keys per split of the key axis) over the defaults. ``peaks``: maxima instead of log-sum-exps (the key
     block's largest eligible logit and the row's largest visible one, base 2, −inf / +inf
     for none), no exponential per logit.
     """
@@ -453,10 +453,18 @@ def block_key_rep_lse(q, k, reps, block, key_block, scale, causal, covered, laun
     return block_lse, lse
 
 
-def _splits(nk, key_block):
-    """The coarse kernel's splits of the key axis, at most 32 of about 4096 keys: (splits, key blocks per split)."""
+#: keys per split of the coarse kernel's key axis (at most 32 splits; ``launch["split_keys"]`` sets it)
+SPLIT_KEYS = 4096
+
+
+def _splits(nk, key_block, launch=None):
+    """The coarse kernel's splits of the key axis, at most 32 of about ``split_keys`` keys (``launch``'s,
+    default :data:`SPLIT_KEYS`): (splits, key blocks per split)."""
+    per = int((launch or {}).get("split_keys", SPLIT_KEYS))
+    if per < 1:
+        raise ValueError(f"split_keys must be at least 1, got {per}")
     n_kb = triton.cdiv(nk, key_block)
-    chunk_blocks = triton.cdiv(n_kb, max(1, min(32, triton.cdiv(nk, 4096))))
+    chunk_blocks = triton.cdiv(n_kb, max(1, min(32, triton.cdiv(nk, per))))
     return triton.cdiv(n_kb, chunk_blocks), chunk_blocks
 
 
@@ -476,7 +484,8 @@ def _coarse_pass(q, k, reps, block, key_block, scale, causal, covered, launch, p
     strides = (*q.stride()[:3], *k.stride()[:3])
     # 128 rows per program for the peaks rule, 64 for the mass rule (probes/results/coarse_launch.md)
     opts = {"BR": 128 if peaks else 64, "num_warps": 4, "num_stages": 3, **(launch or {})}
-    n_split, chunk_blocks = _splits(nk, key_block)
+    n_split, chunk_blocks = _splits(nk, key_block, opts)
+    opts.pop("split_keys", None)
     parts = torch.empty(bsz, h, n_split, n_rows, dtype=torch.float32, device=q.device)
     tv, ti = tops if tops is not None else (parts, parts)
     _block_key_rep_kernel[(bsz * h, triton.cdiv(n_rows, opts["BR"]), n_split)](
@@ -518,7 +527,7 @@ def block_key_peak_top(q, k, reps, block, key_block, count, scale, causal, cover
     nk = k.shape[2]
     n_t, r = reps.shape
     cnt = triton.next_power_of_2(count)
-    n_split, _ = _splits(nk, key_block)
+    n_split, _ = _splits(nk, key_block, launch)
     shape = (bsz, h, n_split, n_t * r, cnt)
     tops = (torch.empty(shape, dtype=torch.float32, device=q.device),
             torch.empty(shape, dtype=torch.int32, device=q.device))

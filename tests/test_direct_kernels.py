@@ -165,7 +165,9 @@ def test_block_key_top_is_the_candidates_of_the_masses(causal, nq, nk, covered, 
 
 
 PEAK_TOP_CASES = [(*c, None) for c in TOP_CASES + SPLIT_CASES if S.coarse_count(c[4], c[2]) <= K.PEAK_TOP_MAX] + [
-    (*c, {"BR": 16}) for c in UNMASKED_CASES]
+    (*c, {"BR": 16}) for c in UNMASKED_CASES] + [
+    # other splits of the key axis: one split, and splits that are not multiples of the default
+    (*c, {"split_keys": keys}) for c in SPLIT_CASES[:1] + UNMASKED_CASES[:1] for keys in (1 << 20, 1000, 128)]
 
 
 @pytest.mark.parametrize("causal,nq,nk,covered,part,launch", PEAK_TOP_CASES)

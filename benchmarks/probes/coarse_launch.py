@@ -8,9 +8,15 @@ the mass and the peaks rule and for 2 and 4 representatives per row block. Every
 candidate's normalizers are compared with the default launch's (largest absolute
 difference over the finite entries, and whether the −inf pattern is the same).
 
+``--splits``: instead, the choice the engine runs with the peaks rule,
+:func:`hyperref.gpu.direct_kernels.block_key_peak_top` (the coarse kernel with running lists,
+the split merge, the selection), at each ``split_keys`` (keys per split of the key axis, at
+most 32 splits), eight blocks per row block; every choice compared with the default's (equal
+or not).
+
 Usage::
 
-    python benchmarks/probes/coarse_launch.py [--n 131072] [--json F]
+    python benchmarks/probes/coarse_launch.py [--n 131072] [--splits] [--json F]
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ def main():
     parser.add_argument("--n", type=int, nargs="+", default=[131072])
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--window", type=int, default=513)
+    parser.add_argument("--splits", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.splits:
+        return splits(args)
     launches = [{"BR": br, "num_warps": w, "num_stages": st}
                 for br, w, st in itertools.product([64, 128], [4, 8], [2, 3, 4])]
     rows = []
@@ -78,6 +87,44 @@ def main():
         ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")
         print(f"| {r['n']} | {r['reps']} | {r['peaks']} | {r['launch']} | {ms} | {r.get('max_diff', '')} | "
               f"{r.get('same_inf', '')} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+SPLIT_KEYS = [2048, 4096, 8192, 16384, 32768, 1 << 30]
+
+
+def splits(args):
+    rows = []
+    for n in args.n:
+        q, k, _ = gaussian(n, 64, args.heads, n)
+        for reps in (2, 4):
+            part = BlockKeys(block=128, keep=1024, reps=reps, candidates=1024, key_block=128, peaks=True)
+            rr = _rep_rows(part, n, q.device)
+            cov = (4, args.window)
+
+            def run(launch):
+                return K.block_key_peak_top(q, k, rr, 128, 128, 8, 64 ** -0.5, True, cov, launch=launch)
+            ref = run(None)
+            for keys in SPLIT_KEYS:
+                launch = {"split_keys": keys}
+                row = {"n": n, "reps": reps, "split_keys": keys, "splits": K._splits(n, 128, launch)[0]}
+                row["same_choice"] = bool(torch.equal(run(launch), ref))
+                row["ms"] = bench(lambda: run(launch))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            del ref
+            torch.cuda.empty_cache()
+    import datetime
+
+    import triton
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"{datetime.date.today().isoformat()}; B = 1, H = {args.heads}, bf16, d = 64, causal, W {args.window}\n")
+    print("| n | reps | split_keys | splits | ms | same choice as the default |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']} | {r['reps']} | {r['split_keys']} | {r['splits']} | {r['ms']:.3f} | {r['same_choice']} |")
     if args.json:
         with open(args.json, "w") as f:
             for r in rows:
