@@ -25,6 +25,13 @@ BACKENDS = ("triton", "dense")
 
 
 def _check(q, k, v, config, backend):
+    # what the configuration asks for comes first: no tensor on any device can serve it
+    if config.mode != "recursive":
+        raise InputError("the GPU kernels implement the paper's mode (mode='recursive'); for "
+                         "mode='direct' use hyperref.gpu.direct.direct_attention (its torch twin)")
+    if config.estimator != "masked" or config.normalizer != "self":
+        raise InputError("the GPU path implements estimator='masked' with normalizer='self'; "
+                         "use hyperref (the NumPy reference) for the others")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -62,12 +69,6 @@ def _check(q, k, v, config, backend):
         raise InputError(f"head dims must be one of {HEAD_DIMS} for the Triton kernels, got d={d}, dv={dv}")
     if nk == 0 and nq > 0:
         raise InputError("k and v are empty: attention needs at least one key")
-    if config.mode != "recursive":
-        raise InputError("the GPU kernels implement the paper's mode (mode='recursive'); for "
-                         "mode='direct' use hyperref.gpu.direct.direct_attention (its torch twin)")
-    if config.estimator != "masked" or config.normalizer != "self":
-        raise InputError("the GPU path implements estimator='masked' with normalizer='self'; "
-                         "use hyperref (the NumPy reference) for the others")
 
 
 def _holds_nonfinite(t):
