@@ -14,6 +14,7 @@ from hyperref.config import HyperConfig
 from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
 
+from .finite import OVERFLOW, holds_nonfinite, nonfinite_inputs, raise_if_flagged, with_flag
 from .function import Plan, pieces_attention, pieces_attention_dense
 from .options import KernelOptions, as_kernel_options
 from .structure import (Layout, kv_heads, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes,
@@ -71,22 +72,6 @@ def _check(q, k, v, config, backend):
         raise InputError("k and v are empty: attention needs at least one key")
 
 
-def _holds_nonfinite(t):
-    """A device bool: whether the nonempty tensor ``t`` holds NaN/Inf (amax/amin propagate NaN
-    and show ±Inf; read later, so the GPU never waits for the host)."""
-    return (~torch.isfinite(torch.stack(torch.aminmax(t.detach())))).any()
-
-
-def _nonfinite_by_reduction(q, k, v):
-    """Names of the nonempty inputs and a pending device answer: int per input, nonzero if it
-    holds NaN/Inf (``None`` if all are empty); read (one device sync) by _raise_if_nonfinite
-    after the kernels are queued."""
-    tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
-    if not tensors:
-        return None
-    return [name for name, _ in tensors], torch.stack([_holds_nonfinite(t) for _, t in tensors]).int()
-
-
 def _gaps(ranges, n):
     """The parts of ``[0, n)`` outside the union of the half-open ``ranges``."""
     gaps, end = [], 0
@@ -103,35 +88,17 @@ def _flag_unhashed_rows(q, k, flags, levels):
     nodes = [n for level in levels for n in level]
     for i, (x, ranges) in enumerate(((q, [(n.q0, n.q1) for n in nodes]), (k, [(n.k0, n.k1) for n in nodes]))):
         for a, b in _gaps(ranges, x.shape[2]):
-            flags[i:i + 1] |= _holds_nonfinite(x[:, :, a:b]).int()
-
-
-def _raise_if_nonfinite(pending):
-    """Raise for NaN/Inf inputs found by :func:`_nonfinite_by_reduction` or flagged by the
-    kernels (nothing computed is returned)."""
-    if pending is None:
-        return
-    names, bad = pending  # int per input: nonzero if it holds NaN/Inf
-    for name, flagged in zip(names, bad.tolist()):
-        if flagged and name == "overflow":
-            raise InputError("the logits or the weighted values exceed the range of the kernels' float32 "
-                             "arithmetic (|q|·|k|, |scale|·|q|·|k| or |v| too large): rescale q, k or v (or the "
-                             "scale); hyperref.hyper_attention computes such inputs in float64")
-        if flagged:
-            raise InputError(f"{name} contains NaN or Inf")
+            flags[i:i + 1] |= holds_nonfinite(x[:, :, a:b]).int()
 
 
 def _with_overflow_flag(pending, out, lse, nq, nk, causal):
-    """``pending`` with one more device flag, ``overflow``, read in the same sync: finite inputs
-    gave a non-finite output, or a row that sees keys got ``lse`` −inf or NaN (every logit
-    overflowed): the answer would be a wrong number."""
+    """``pending`` with one more device flag, ``overflow``: finite inputs gave a non-finite
+    output, or a row that sees keys got ``lse`` −inf or NaN (every logit overflowed; in the
+    paper's mode every such row has exact keys): the answer would be a wrong number."""
     out, lse = out.detach(), lse.detach().reshape(-1, nq)
     first = max(0, nq - nk) if causal else 0  # causal rows i < nq − nk see no key: lse −inf, out 0
-    bad = (~torch.isfinite(out)).any() | torch.isnan(lse).any() | torch.isneginf(lse[:, first:]).any()
-    if pending is None:
-        pending = ([], torch.zeros(0, dtype=torch.int32, device=out.device))
-    names, flags = pending
-    return names + ["overflow"], torch.cat([flags.reshape(-1).int(), bad.reshape(1).int()])
+    bad = holds_nonfinite(out) | torch.isnan(lse).any() | torch.isneginf(lse[:, first:]).any()
+    return with_flag(pending, OVERFLOW, bad)
 
 
 def _device_draws(config, b, h, d, device, generator):
@@ -273,9 +240,9 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             _flag_unhashed_rows(q, k, flags, levels)
         pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
     else:
-        flags, pending = None, _nonfinite_by_reduction(q, k, v)
+        flags, pending = None, nonfinite_inputs(q, k, v)
     if b * h * nq == 0:  # no query rows: an empty answer (the nonempty k, v are still checked)
-        _raise_if_nonfinite(pending)
+        raise_if_flagged(pending)
         out, lse = q.new_zeros((b, h, nq, dv)), q.new_zeros((b, h, nq), dtype=torch.float32)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             # in the graph, so that a backward through it gives zero gradients (sums of no entries)
@@ -313,7 +280,7 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out, lse = pieces_attention(qf, kf, vf, pieces, scale, options)
     else:
         out, lse = pieces_attention_dense(qf, kf, vf, pieces, scale)
-    _raise_if_nonfinite(_with_overflow_flag(pending, out, lse, nq, nk, causal))
+    raise_if_flagged(_with_overflow_flag(pending, out, lse, nq, nk, causal))
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
     return (out, lse) if return_lse else out

@@ -276,6 +276,44 @@ def test_refusals():
         F.direct_flex_attention(q, q, q, config=cfg, draws=wrong)
 
 
+@pytest.mark.parametrize("n", [300, 6])  # the block-sparse engine; exact attention (n <= min_seq_len)
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_nonfinite_inputs_are_refused(name, n):
+    # as the reference: NaN/Inf anywhere in an input is an error, whether or not a row attends it
+    cfg = _config("sw_route_peaks", 64, 8)
+    clean = dict(zip("qkv", (torch.tensor(x, dtype=torch.float32) for x in _qkv(1, 2, 1, n, n, 16, seed=6))))
+    for value, where in ((float("nan"), (0, 0, n - 1, 3)), (float("inf"), (0, 0, n // 2, 0)),
+                         (float("-inf"), (0, 0, 0, 15))):
+        xs = dict(clean)
+        xs[name] = xs[name].clone()
+        xs[name][where] = value
+        for causal in (True, False):
+            with pytest.raises(InputError, match=f"{name} contains NaN or Inf"):
+                F.direct_flex_attention(xs["q"], xs["k"], xs["v"], causal=causal, config=cfg)
+    F.direct_flex_attention(clean["q"], clean["k"], clean["v"], causal=True, config=cfg)
+
+
+def test_logits_beyond_the_range_are_refused_and_large_ones_computed():
+    cfg = _config("sw_route_peaks", 64, 8)
+    q, k, v = (torch.tensor(x, dtype=torch.float32) for x in _qkv(1, 2, 1, 300, 300, 16, seed=7))
+    # |q|·|k| ≈ 1e38·D: float32 logits (and their partial sums) would overflow
+    with pytest.raises(InputError, match="range"):
+        F.direct_flex_attention(q * 1e19, k * 1e19, v, causal=True, config=cfg)
+    # every logit −4e38, −inf in float32: the rows would come out as if they saw no key (0)
+    # where the answer is the mean of the values; only the bound on the inputs can tell
+    ones = torch.ones_like(k)
+    with pytest.raises(InputError, match="range"):
+        F.direct_flex_attention(-1e19 * torch.ones_like(q), 1e19 * ones, v, causal=True, config=cfg)
+    # 1e9 · 1e9 · D: large logits, within range: the reference's answer (one key per row wins)
+    draws = make_draws(cfg, 300, 300, 16, causal=True, batch_shape=(1, 2), rng=3)
+    qb, kb = q.double() * 1e9, k.double() * 1e9
+    want = hyper_attention(qb.numpy(), kb.numpy(), v.double().numpy(), causal=True, config=cfg, draws=draws,
+                           engine="numpy")
+    got = F.direct_flex_attention(qb.float(), kb.float(), v, causal=True, config=cfg, draws=draws)
+    assert torch.isfinite(got).all()
+    np.testing.assert_allclose(got.double().numpy(), want, atol=1e-5, rtol=0)
+
+
 
 @pytest.mark.parametrize("options, message", [
     ([("BLOCK_M", 64)], "must be a dict"),

@@ -637,3 +637,14 @@ def test_kernel_options_reach_the_kernels(monkeypatch):
     assert all(calls[name] for name in names)
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_finite_inputs_whose_output_overflows_are_refused(causal, sign):
+    # every value at 3e38: a weighted average of them is 3e38, but the kernels' float32 sums
+    # pass the float32 maximum, so the output holds ±Inf: a range error, not a wrong number
+    q, k, v = (x.to(DEVICE, torch.float32) for x in _inputs(1, 2, 1, N, N, D_LIST[0], 3, torch.float64))
+    v = torch.full_like(v, sign * 3e38)
+    with pytest.raises(ValueError, match="range"):
+        gpu.hyper_attention(q, k, v, causal=causal, config=CFG)
