@@ -14,7 +14,7 @@ from hyperref.config import HyperConfig
 from hyperref.draws import Draws
 from hyperref.plan import OffDiagonal, causal_nodes
 
-from .finite import OVERFLOW, holds_nonfinite, nonfinite_inputs, raise_if_flagged, with_flag
+from .finite import holds_nonfinite, input_magnitudes, nonfinite_inputs, raise_if_flagged, result_flag
 from .function import Plan, pieces_attention, pieces_attention_dense
 from .options import KernelOptions, as_kernel_options
 from .structure import (Layout, kv_heads, layout_arrays, leaf_intervals, row_sq_norms, sample_nodes,
@@ -89,16 +89,6 @@ def _flag_unhashed_rows(q, k, flags, levels):
     for i, (x, ranges) in enumerate(((q, [(n.q0, n.q1) for n in nodes]), (k, [(n.k0, n.k1) for n in nodes]))):
         for a, b in _gaps(ranges, x.shape[2]):
             flags[i:i + 1] |= holds_nonfinite(x[:, :, a:b]).int()
-
-
-def _with_overflow_flag(pending, out, lse, nq, nk, causal):
-    """``pending`` with one more device flag, ``overflow``: finite inputs gave a non-finite
-    output, or a row that sees keys got ``lse`` −inf or NaN (every logit overflowed; in the
-    paper's mode every such row has exact keys): the answer would be a wrong number."""
-    out, lse = out.detach(), lse.detach().reshape(-1, nq)
-    first = max(0, nq - nk) if causal else 0  # causal rows i < nq − nk see no key: lse −inf, out 0
-    bad = holds_nonfinite(out) | torch.isnan(lse).any() | torch.isneginf(lse[:, first:]).any()
-    return with_flag(pending, OVERFLOW, bad)
 
 
 def _device_draws(config, b, h, d, device, generator):
@@ -240,7 +230,7 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             _flag_unhashed_rows(q, k, flags, levels)
         pending = (["q", "k", "v"], flags)  # 0 where finite; read after the kernels ran
     else:
-        flags, pending = None, nonfinite_inputs(q, k, v)
+        flags, pending = None, nonfinite_inputs(input_magnitudes(q, k, v))
     if b * h * nq == 0:  # no query rows: an empty answer (the nonempty k, v are still checked)
         raise_if_flagged(pending)
         out, lse = q.new_zeros((b, h, nq, dv)), q.new_zeros((b, h, nq), dtype=torch.float32)
@@ -280,7 +270,10 @@ def hyper_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         out, lse = pieces_attention(qf, kf, vf, pieces, scale, options)
     else:
         out, lse = pieces_attention_dense(qf, kf, vf, pieces, scale)
-    raise_if_flagged(_with_overflow_flag(pending, out, lse, nq, nk, causal))
+    # causal rows i < nq − nk see no key (lse −inf, out 0); in the paper's mode every other
+    # row has exact keys, so −inf there means every logit overflowed
+    first = max(0, nq - nk) if causal else 0
+    raise_if_flagged(result_flag(pending, out, lse.reshape(-1, nq), first))
     out = out.reshape(b, h, nq, dv)
     lse = lse.reshape(b, h, nq)
     return (out, lse) if return_lse else out

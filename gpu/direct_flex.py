@@ -59,7 +59,7 @@ from hyperref.exact_set import BlockKeys, BlockTop, ExactSet, HeavyKeys, Sinks, 
 
 from .direct_plan import NONE, DirectPlan, make_plan
 from .direct_select import GB, KB, QB
-from .finite import OVERFLOW, holds_nonfinite, largest_magnitude, raise_if_flagged, with_flag
+from .finite import OVERFLOW, input_magnitudes, nonfinite_inputs, raise_if_flagged, result_flag, with_flag
 from .options import flex_kernel_options
 
 SUPPORTED = (Sinks, Window, BlockTop, BlockKeys, HeavyKeys)
@@ -502,7 +502,7 @@ def direct_flex_attention(q, k, v, *, causal: bool = True, scale=None, config: H
             counts = plan_counts(plan, exact_set, bq, causal) if return_counts else None
         out, lse = flex_direct(q, k, v, plan, scale=scale, config=config, causal=causal,
                                kernel_options=kernel_options)
-    raise_if_flagged(_result_flag(pending, out, lse))
+    raise_if_flagged(result_flag(pending, out, lse))  # lse −inf: a row with no key, output 0
     extras = ((lse,) if return_lse else ()) + ((counts,) if return_counts else ())
     return (out, *extras) if extras else out
 
@@ -512,27 +512,13 @@ def _input_flags(q, k, v, scale):
     ``overflow`` where a logit or a partial dot product could leave the range of the arithmetic
     (``max(|scale|, 1)·D·max|q|·max|k|`` at least half its largest number), read after the
     kernels."""
-    tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
-    if not tensors:
-        return None
-    work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    big = {name: largest_magnitude(t).to(work) for name, t in tensors}
-    pending = ([name for name, _ in tensors], torch.stack([~torch.isfinite(x) for x in big.values()]).int())
+    big = input_magnitudes(q, k, v)
+    pending = nonfinite_inputs(big)
     if "q" in big and "k" in big:
-        bound = max(abs(scale), 1.0) * q.shape[3] * big["q"] * big["k"]
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        bound = max(abs(scale), 1.0) * q.shape[3] * big["q"].to(work) * big["k"].to(work)
         pending = with_flag(pending, OVERFLOW, bound >= torch.finfo(work).max / 2)
     return pending
-
-
-def _result_flag(pending, out, lse):
-    """``pending`` with ``overflow`` also set where finite inputs gave a non-finite output or a
-    NaN/+Inf ``lse`` (the weighted values passed the range of the arithmetic). ``lse`` −inf
-    is a row with no key (its output 0), a possible answer of the direct mode."""
-    if not out.numel():
-        return pending
-    lse = lse.detach()
-    bad = holds_nonfinite(out) | torch.isnan(lse).any() | torch.isposinf(lse).any()
-    return with_flag(pending, OVERFLOW, bad)
 
 
 def _exact(q, k, v, scale, causal):

@@ -36,13 +36,18 @@ def holds_nonfinite(t):
     return ~torch.isfinite(largest_magnitude(t))
 
 
-def nonfinite_inputs(q, k, v):
-    """Pending flags of the nonempty inputs among ``q, k, v``: nonzero if it holds NaN/Inf
+def input_magnitudes(q, k, v):
+    """``{name: max |t|}`` (device scalars, :func:`largest_magnitude`) of the nonempty inputs
+    among ``q, k, v``."""
+    return {name: largest_magnitude(t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()}
+
+
+def nonfinite_inputs(magnitudes):
+    """Pending flags of the inputs of :func:`input_magnitudes`: nonzero where one holds NaN/Inf
     (``None`` if all are empty)."""
-    tensors = [(name, t) for name, t in (("q", q), ("k", k), ("v", v)) if t.numel()]
-    if not tensors:
+    if not magnitudes:
         return None
-    return [name for name, _ in tensors], torch.stack([holds_nonfinite(t) for _, t in tensors]).int()
+    return list(magnitudes), torch.stack([~torch.isfinite(m) for m in magnitudes.values()]).int()
 
 
 def with_flag(pending, name, flag):
@@ -51,6 +56,24 @@ def with_flag(pending, name, flag):
         pending = ([], torch.zeros(0, dtype=torch.int32, device=flag.device))
     names, flags = pending
     return names + [name], torch.cat([flags.reshape(-1).int(), flag.reshape(1).int()])
+
+
+def result_flag(pending, out, lse, first_with_keys=None):
+    """``pending`` with one more check, ``overflow``: finite inputs gave a non-finite output, a
+    NaN or +Inf ``lse``, or ``lse`` −inf in a row that sees keys — the arithmetic's range was
+    passed and the answer would be a wrong number.
+
+    ``lse`` −inf with output 0 is a row with no key; ``first_with_keys`` (an int) says that every
+    row from that one on (of each ``(B·H)`` head, ``lse`` of shape ``(B·H, nq)``) has keys, so
+    −inf there is flagged too. ``None``: −inf is a possible answer everywhere.
+    """
+    if not out.numel():
+        return pending
+    lse = lse.detach()
+    bad = holds_nonfinite(out) | torch.isnan(lse).any() | torch.isposinf(lse).any()
+    if first_with_keys is not None:
+        bad = bad | torch.isneginf(lse[:, first_with_keys:]).any()
+    return with_flag(pending, OVERFLOW, bad)
 
 
 def raise_if_flagged(pending):
